@@ -1,0 +1,703 @@
+//! The prefix index: which (worker, dp rank) holds which prefix, per storage tier, fed by KV events.
+//!
+//! Layout, chosen for memory at 1,000 workers x 16,384 blocks and for cheap queries:
+//! - `nodes`: one entry per distinct prefix, keyed by the router's chained [`SeqHash`], holding a
+//!   sorted, inline-first list of holders (`member << 2 | tier` in a `u32`). A prefix shared by
+//!   many workers is stored once.
+//! - per member (an interned (worker, dp rank)): one map per tier from the engine's
+//!   [`ExternalHash`] to the node's `SeqHash`, so `Removed` events (which name engine hashes) and
+//!   `Stored` parents resolve in O(1).
+//!
+//! A query walks the request's chained hashes from the root, intersecting holder lists; a
+//! holder's score in a tier is the number of leading blocks it holds there.
+//!
+//! Events may arrive out of order (a child before its parent): such `Stored` events are parked,
+//! bounded, until the parent appears. Duplicates are idempotent. Unknown removals are counted
+//! and ignored.
+
+use crate::events::{KvEvent, KvEventData, StoredBlock};
+use crate::fasthash::FastMap;
+use crate::hashing::seq_hash_after;
+use crate::ids::{ExternalHash, LocalHash, SeqHash, StorageTier, WorkerId, WorkerRank};
+use smallvec::SmallVec;
+use std::collections::VecDeque;
+
+/// `member << 2 | tier`.
+type Holder = u32;
+
+const TIERS: usize = 4;
+
+/// The most members (interned (worker, dp rank) pairs) an index can hold at once.
+pub const MAX_MEMBERS: usize = 1 << 30;
+
+/// Default bound on blocks parked while waiting for an unknown parent.
+pub const DEFAULT_ORPHAN_CAPACITY: usize = 65_536;
+
+#[derive(Clone, Debug)]
+struct Node {
+    local: LocalHash,
+    parent: Option<SeqHash>,
+    holders: SmallVec<[Holder; 4]>,
+}
+
+#[derive(Debug, Default)]
+struct Member {
+    key: Option<WorkerRank>,
+    blocks: [FastMap<ExternalHash, SeqHash>; TIERS],
+    last_event_id: Option<u64>,
+}
+
+#[derive(Clone, Debug)]
+struct Orphan {
+    tier: StorageTier,
+    blocks: Vec<StoredBlock>,
+}
+
+/// Counters of what the index did with the events it was given (never reset).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IndexStats {
+    pub events_applied: u64,
+    pub blocks_stored: u64,
+    pub blocks_removed: u64,
+    /// `Stored` blocks that named a block already held with the same content.
+    pub duplicate_blocks: u64,
+    /// `Removed` hashes the member did not hold.
+    pub unknown_removals: u64,
+    /// Blocks parked because their parent was unknown when they arrived.
+    pub orphans_parked: u64,
+    /// Parked blocks applied once their parent arrived.
+    pub orphans_adopted: u64,
+    /// Parked blocks dropped (capacity exceeded, removed while parked, or owner cleared).
+    pub orphans_dropped: u64,
+    pub clears: u64,
+}
+
+/// Per-tier count of leading request blocks that one (worker, dp rank) holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TierOverlap(pub [u32; TIERS]);
+
+impl TierOverlap {
+    pub fn get(&self, tier: StorageTier) -> u32 {
+        self.0[tier.index()]
+    }
+    pub fn device(&self) -> u32 {
+        self.0[0]
+    }
+}
+
+/// The answer to "how many leading blocks of this request does each worker hold?".
+/// Workers that hold nothing are absent.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OverlapScores {
+    pub scores: FastMap<WorkerRank, TierOverlap>,
+}
+
+impl OverlapScores {
+    pub fn get(&self, worker: &WorkerRank) -> TierOverlap {
+        self.scores.get(worker).copied().unwrap_or_default()
+    }
+    pub fn device(&self, worker: &WorkerRank) -> u32 {
+        self.get(worker).device()
+    }
+    pub fn max_device(&self) -> u32 {
+        self.scores.values().map(|o| o.device()).max().unwrap_or(0)
+    }
+}
+
+#[derive(Debug)]
+pub struct PrefixIndex {
+    nodes: FastMap<SeqHash, Node>,
+    members: Vec<Member>,
+    member_ids: FastMap<WorkerRank, u32>,
+    free_members: Vec<u32>,
+    orphans: FastMap<(u32, ExternalHash), Vec<Orphan>>,
+    orphan_order: VecDeque<(u32, ExternalHash)>,
+    orphan_blocks: usize,
+    orphan_capacity: usize,
+    stats: IndexStats,
+}
+
+impl Default for PrefixIndex {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PrefixIndex {
+    pub fn new() -> Self {
+        Self::with_orphan_capacity(DEFAULT_ORPHAN_CAPACITY)
+    }
+
+    pub fn with_orphan_capacity(orphan_capacity: usize) -> Self {
+        Self {
+            nodes: FastMap::default(),
+            members: Vec::new(),
+            member_ids: FastMap::default(),
+            free_members: Vec::new(),
+            orphans: FastMap::default(),
+            orphan_order: VecDeque::new(),
+            orphan_blocks: 0,
+            orphan_capacity,
+            stats: IndexStats::default(),
+        }
+    }
+
+    pub fn stats(&self) -> IndexStats {
+        self.stats
+    }
+
+    /// Distinct prefixes (nodes) held by anyone.
+    pub fn num_nodes(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Blocks held by one (worker, dp rank) in one tier.
+    pub fn num_blocks(&self, worker: WorkerRank, tier: StorageTier) -> usize {
+        self.member(worker)
+            .map_or(0, |m| m.blocks[tier.index()].len())
+    }
+
+    /// (worker, dp rank) pairs that hold at least one block or have sent an event.
+    pub fn workers(&self) -> Vec<WorkerRank> {
+        let mut v: Vec<WorkerRank> = self.member_ids.keys().copied().collect();
+        v.sort_unstable();
+        v
+    }
+
+    pub fn last_event_id(&self, worker: WorkerRank) -> Option<u64> {
+        self.member(worker).and_then(|m| m.last_event_id)
+    }
+
+    /// Blocks parked while waiting for their parent.
+    pub fn num_orphan_blocks(&self) -> usize {
+        self.orphan_blocks
+    }
+
+    fn member(&self, worker: WorkerRank) -> Option<&Member> {
+        self.member_ids
+            .get(&worker)
+            .map(|&id| &self.members[id as usize])
+    }
+
+    fn intern(&mut self, worker: WorkerRank) -> u32 {
+        if let Some(&id) = self.member_ids.get(&worker) {
+            return id;
+        }
+        let id = match self.free_members.pop() {
+            Some(id) => id,
+            None => {
+                let id = self.members.len();
+                assert!(id < MAX_MEMBERS, "prefix index member limit reached");
+                self.members.push(Member::default());
+                id as u32
+            }
+        };
+        self.members[id as usize].key = Some(worker);
+        self.member_ids.insert(worker, id);
+        id
+    }
+
+    /// Applies one event. Never fails: anything inconsistent is counted in [`IndexStats`].
+    pub fn apply(&mut self, event: &KvEvent) {
+        let m = self.intern(event.source);
+        let member = &mut self.members[m as usize];
+        member.last_event_id = Some(
+            member
+                .last_event_id
+                .map_or(event.event_id, |l| l.max(event.event_id)),
+        );
+        self.stats.events_applied += 1;
+        match &event.data {
+            KvEventData::Stored { parent, blocks } => {
+                self.apply_stored(m, event.tier, *parent, blocks.clone())
+            }
+            KvEventData::Removed { blocks } => {
+                for &h in blocks {
+                    self.remove_block(m, event.tier, h);
+                }
+            }
+            KvEventData::Cleared => {
+                self.stats.clears += 1;
+                self.clear_member(m);
+            }
+        }
+    }
+
+    fn lookup(&self, m: u32, tier: StorageTier, hash: ExternalHash) -> Option<SeqHash> {
+        let member = &self.members[m as usize];
+        // The parent usually lives in the same tier; after an offload it may live in another.
+        if let Some(&s) = member.blocks[tier.index()].get(&hash) {
+            return Some(s);
+        }
+        member.blocks.iter().find_map(|b| b.get(&hash).copied())
+    }
+
+    fn apply_stored(
+        &mut self,
+        m: u32,
+        tier: StorageTier,
+        parent: Option<ExternalHash>,
+        blocks: Vec<StoredBlock>,
+    ) {
+        if blocks.is_empty() {
+            return;
+        }
+        let mut prev = match parent {
+            None => None,
+            Some(p) => match self.lookup(m, tier, p) {
+                Some(s) => Some(s),
+                None => {
+                    self.park(m, p, Orphan { tier, blocks });
+                    return;
+                }
+            },
+        };
+        let mut adopted = Vec::new();
+        for b in &blocks {
+            let seq = seq_hash_after(prev, b.local);
+            self.insert_block(m, tier, b.hash, seq, b.local, prev);
+            prev = Some(seq);
+            if !self.orphans.is_empty()
+                && let Some(waiting) = self.orphans.remove(&(m, b.hash))
+            {
+                adopted.extend(waiting.into_iter().map(|o| (b.hash, o)));
+            }
+        }
+        // Children that arrived before this chain: apply them now (iteratively, no recursion).
+        while let Some((parent_hash, orphan)) = adopted.pop() {
+            let n = orphan.blocks.len();
+            self.orphan_blocks -= n;
+            self.stats.orphans_adopted += n as u64;
+            let Some(mut prev) = self.lookup(m, orphan.tier, parent_hash).map(Some) else {
+                // The parent was removed again in the meantime.
+                self.stats.orphans_dropped += n as u64;
+                continue;
+            };
+            for b in &orphan.blocks {
+                let seq = seq_hash_after(prev, b.local);
+                self.insert_block(m, orphan.tier, b.hash, seq, b.local, prev);
+                prev = Some(seq);
+                if let Some(waiting) = self.orphans.remove(&(m, b.hash)) {
+                    adopted.extend(waiting.into_iter().map(|o| (b.hash, o)));
+                }
+            }
+        }
+    }
+
+    fn park(&mut self, m: u32, parent: ExternalHash, orphan: Orphan) {
+        let n = orphan.blocks.len();
+        self.stats.orphans_parked += n as u64;
+        if n > self.orphan_capacity {
+            self.stats.orphans_dropped += n as u64;
+            return;
+        }
+        // Oldest first out: a parent that has not come for this long is probably lost.
+        while self.orphan_blocks + n > self.orphan_capacity {
+            let Some(key) = self.orphan_order.pop_front() else {
+                break;
+            };
+            if let Some(evicted) = self.orphans.remove(&key) {
+                let k: usize = evicted.iter().map(|o| o.blocks.len()).sum();
+                self.orphan_blocks -= k;
+                self.stats.orphans_dropped += k as u64;
+            }
+        }
+        self.orphan_blocks += n;
+        let list = self.orphans.entry((m, parent)).or_default();
+        if list.is_empty() {
+            self.orphan_order.push_back((m, parent));
+        }
+        list.push(orphan);
+        // Keep the FIFO from growing without bound with keys adopted long ago.
+        if self.orphan_order.len() > 2 * self.orphans.len() + 64 {
+            let orphans = &self.orphans;
+            self.orphan_order.retain(|k| orphans.contains_key(k));
+        }
+    }
+
+    fn insert_block(
+        &mut self,
+        m: u32,
+        tier: StorageTier,
+        hash: ExternalHash,
+        seq: SeqHash,
+        local: LocalHash,
+        parent: Option<SeqHash>,
+    ) {
+        let holder = (m << 2) | tier.index() as u32;
+        let old = self.members[m as usize].blocks[tier.index()].insert(hash, seq);
+        match old {
+            Some(old) if old == seq => {
+                self.stats.duplicate_blocks += 1;
+                return;
+            }
+            // The engine reused a hash for other content: forget the old placement.
+            Some(old) => self.remove_holder(old, holder),
+            None => {}
+        }
+        self.stats.blocks_stored += 1;
+        let node = self.nodes.entry(seq).or_insert_with(|| Node {
+            local,
+            parent,
+            holders: SmallVec::new(),
+        });
+        if let Err(pos) = node.holders.binary_search(&holder) {
+            node.holders.insert(pos, holder);
+        }
+    }
+
+    fn remove_holder(&mut self, seq: SeqHash, holder: Holder) {
+        if let Some(node) = self.nodes.get_mut(&seq) {
+            if let Ok(pos) = node.holders.binary_search(&holder) {
+                node.holders.remove(pos);
+            }
+            if node.holders.is_empty() {
+                self.nodes.remove(&seq);
+            } else if node.holders.spilled() && node.holders.len() <= 4 {
+                node.holders.shrink_to_fit();
+            }
+        }
+    }
+
+    fn remove_block(&mut self, m: u32, tier: StorageTier, hash: ExternalHash) {
+        match self.members[m as usize].blocks[tier.index()].remove(&hash) {
+            Some(seq) => {
+                self.stats.blocks_removed += 1;
+                self.remove_holder(seq, (m << 2) | tier.index() as u32);
+            }
+            None => {
+                self.stats.unknown_removals += 1;
+                self.unpark(m, tier, hash);
+            }
+        }
+    }
+
+    /// A parked block was removed before its parent came: drop it from the parking lot,
+    /// splitting its chain (the blocks after it now wait for it, and it will never come back
+    /// unless stored again).
+    fn unpark(&mut self, m: u32, tier: StorageTier, hash: ExternalHash) {
+        if self.orphan_blocks == 0 {
+            return;
+        }
+        let keys: Vec<(u32, ExternalHash)> = self
+            .orphans
+            .iter()
+            .filter(|(k, list)| {
+                k.0 == m
+                    && list
+                        .iter()
+                        .any(|o| o.tier == tier && o.blocks.iter().any(|b| b.hash == hash))
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        for key in keys {
+            let Some(list) = self.orphans.remove(&key) else {
+                continue;
+            };
+            let mut keep = Vec::new();
+            let mut tails = Vec::new();
+            for mut o in list {
+                let pos = (o.tier == tier)
+                    .then(|| o.blocks.iter().position(|b| b.hash == hash))
+                    .flatten();
+                if let Some(pos) = pos {
+                    let tail: Vec<StoredBlock> = o.blocks.split_off(pos + 1);
+                    o.blocks.pop();
+                    self.orphan_blocks -= 1;
+                    self.stats.orphans_dropped += 1;
+                    if !tail.is_empty() {
+                        tails.push(Orphan {
+                            tier: o.tier,
+                            blocks: tail,
+                        });
+                    }
+                }
+                if !o.blocks.is_empty() {
+                    keep.push(o);
+                }
+            }
+            if !keep.is_empty() {
+                self.orphans.insert(key, keep);
+            }
+            if !tails.is_empty() {
+                let list = self.orphans.entry((m, hash)).or_default();
+                if list.is_empty() {
+                    self.orphan_order.push_back((m, hash));
+                }
+                list.extend(tails);
+            }
+        }
+    }
+
+    fn clear_member(&mut self, m: u32) {
+        for tier in 0..TIERS {
+            let blocks = std::mem::take(&mut self.members[m as usize].blocks[tier]);
+            let holder = (m << 2) | tier as u32;
+            self.stats.blocks_removed += blocks.len() as u64;
+            for (_, seq) in blocks {
+                self.remove_holder(seq, holder);
+            }
+        }
+        if self.orphan_blocks > 0 {
+            let mut dropped = 0;
+            self.orphans.retain(|k, list| {
+                if k.0 == m {
+                    dropped += list.iter().map(|o| o.blocks.len()).sum::<usize>();
+                    false
+                } else {
+                    true
+                }
+            });
+            self.orphan_blocks -= dropped;
+            self.stats.orphans_dropped += dropped as u64;
+        }
+    }
+
+    /// Forgets every dp rank of a worker (it left discovery): blocks, parked events, identity.
+    pub fn remove_worker(&mut self, worker: WorkerId) {
+        let ranks: Vec<WorkerRank> = self
+            .member_ids
+            .keys()
+            .filter(|k| k.worker == worker)
+            .copied()
+            .collect();
+        for rank in ranks {
+            self.remove_worker_rank(rank);
+        }
+    }
+
+    /// Forgets one (worker, dp rank).
+    pub fn remove_worker_rank(&mut self, worker: WorkerRank) {
+        if let Some(m) = self.member_ids.remove(&worker) {
+            self.clear_member(m);
+            let member = &mut self.members[m as usize];
+            member.key = None;
+            member.last_event_id = None;
+            for b in &mut member.blocks {
+                b.shrink_to_fit();
+            }
+            self.free_members.push(m);
+        }
+    }
+
+    /// For each (worker, dp rank), how many leading blocks of `seqs` it holds, per tier.
+    pub fn find_matches(&self, seqs: &[SeqHash]) -> OverlapScores {
+        let mut out = OverlapScores::default();
+        let Some(first) = seqs.first().and_then(|s| self.nodes.get(s)) else {
+            return out;
+        };
+        let mut cur: Vec<Holder> = first.holders.to_vec();
+        let mut next: Vec<Holder> = Vec::with_capacity(cur.len());
+        let record = |holder: Holder, depth: usize, out: &mut OverlapScores| {
+            let member = &self.members[(holder >> 2) as usize];
+            if let Some(key) = member.key {
+                let e = out.scores.entry(key).or_default();
+                e.0[(holder & 3) as usize] = depth as u32;
+            }
+        };
+        let mut depth = 1;
+        while depth < seqs.len() {
+            let Some(node) = self.nodes.get(&seqs[depth]) else {
+                break;
+            };
+            let holders = node.holders.as_slice();
+            if holders == cur.as_slice() {
+                depth += 1;
+                continue;
+            }
+            // Sorted-merge intersection; those that drop out score `depth`.
+            next.clear();
+            let (mut i, mut j) = (0, 0);
+            while i < cur.len() {
+                if j >= holders.len() || cur[i] < holders[j] {
+                    record(cur[i], depth, &mut out);
+                    i += 1;
+                } else if cur[i] > holders[j] {
+                    j += 1;
+                } else {
+                    next.push(cur[i]);
+                    i += 1;
+                    j += 1;
+                }
+            }
+            std::mem::swap(&mut cur, &mut next);
+            if cur.is_empty() {
+                return out;
+            }
+            depth += 1;
+        }
+        for &h in &cur {
+            record(h, depth, &mut out);
+        }
+        out
+    }
+
+    /// Every block held, as (worker, tier, engine hash, chained hash), sorted. For tests and debugging.
+    pub fn blocks(&self) -> Vec<(WorkerRank, StorageTier, ExternalHash, SeqHash)> {
+        let mut out = Vec::new();
+        for member in &self.members {
+            let Some(key) = member.key else { continue };
+            for (t, map) in member.blocks.iter().enumerate() {
+                for (&h, &s) in map {
+                    out.push((key, StorageTier::from_index(t), h, s));
+                }
+            }
+        }
+        out.sort_unstable();
+        out
+    }
+
+    /// Blocks whose whole prefix the holder also holds (in any tier): the only blocks that can
+    /// ever contribute to a match. Sorted.
+    pub fn reachable_blocks(&self) -> Vec<(WorkerRank, StorageTier, ExternalHash, SeqHash)> {
+        let mut out = Vec::new();
+        for member in &self.members {
+            let Some(key) = member.key else { continue };
+            let held: crate::fasthash::FastSet<SeqHash> = member
+                .blocks
+                .iter()
+                .flat_map(|b| b.values().copied())
+                .collect();
+            let mut reachable: FastMap<SeqHash, bool> = FastMap::default();
+            for (t, map) in member.blocks.iter().enumerate() {
+                for (&h, &s) in map {
+                    if self.is_reachable(s, &held, &mut reachable) {
+                        out.push((key, StorageTier::from_index(t), h, s));
+                    }
+                }
+            }
+        }
+        out.sort_unstable();
+        out
+    }
+
+    fn is_reachable(
+        &self,
+        seq: SeqHash,
+        held: &crate::fasthash::FastSet<SeqHash>,
+        memo: &mut FastMap<SeqHash, bool>,
+    ) -> bool {
+        // Walk up to the first ancestor with a known answer, then fill the memo on the way back.
+        let mut path = Vec::new();
+        let mut cur = Some(seq);
+        let mut answer = true;
+        while let Some(s) = cur {
+            if let Some(&known) = memo.get(&s) {
+                answer = known;
+                break;
+            }
+            if !held.contains(&s) {
+                answer = false;
+                break;
+            }
+            path.push(s);
+            cur = self.nodes.get(&s).and_then(|n| n.parent);
+        }
+        for s in path {
+            memo.insert(s, answer);
+        }
+        answer
+    }
+
+    /// The index's full matchable state as `Stored` events, parents before children, one event per
+    /// (worker, tier, parent). Restoring them into an empty index reproduces every answer of
+    /// [`find_matches`](Self::find_matches). Blocks whose prefix is no longer held are left out:
+    /// they cannot match. Each event carries the member's last applied event id.
+    pub fn dump_events(&self) -> Vec<KvEvent> {
+        let mut events = Vec::new();
+        for member in &self.members {
+            let Some(key) = member.key else { continue };
+            // The engine hash by which this member names each chained hash it holds.
+            let mut ext_of: FastMap<SeqHash, ExternalHash> = FastMap::default();
+            for map in member.blocks.iter().rev() {
+                for (&h, &s) in map {
+                    ext_of.insert(s, h);
+                }
+            }
+            let held: crate::fasthash::FastSet<SeqHash> = ext_of.keys().copied().collect();
+            let mut memo = FastMap::default();
+            let mut depths: FastMap<SeqHash, usize> = FastMap::default();
+            for (t, map) in member.blocks.iter().enumerate() {
+                // Depth orders parents before children.
+                let mut rows: Vec<(usize, Option<ExternalHash>, StoredBlock)> = Vec::new();
+                for (&h, &s) in map {
+                    if !self.is_reachable(s, &held, &mut memo) {
+                        continue;
+                    }
+                    let Some(node) = self.nodes.get(&s) else {
+                        continue;
+                    };
+                    let depth = self.depth_of(s, &mut depths);
+                    let parent_ext = node.parent.and_then(|ps| ext_of.get(&ps).copied());
+                    rows.push((
+                        depth,
+                        parent_ext,
+                        StoredBlock {
+                            hash: h,
+                            local: node.local,
+                        },
+                    ));
+                }
+                rows.sort_unstable_by_key(|r| (r.0, r.1, r.2.hash));
+                for (_, parent, block) in rows {
+                    events.push(KvEvent {
+                        source: key,
+                        event_id: member.last_event_id.unwrap_or(0),
+                        tier: StorageTier::from_index(t),
+                        data: KvEventData::Stored {
+                            parent,
+                            blocks: vec![block],
+                        },
+                    });
+                }
+            }
+        }
+        events
+    }
+
+    /// Distance from the root, memoised so that dumping is linear in the number of blocks.
+    fn depth_of(&self, seq: SeqHash, memo: &mut FastMap<SeqHash, usize>) -> usize {
+        let mut path = Vec::new();
+        let mut cur = Some(seq);
+        let mut base = 0;
+        while let Some(s) = cur {
+            if let Some(&d) = memo.get(&s) {
+                base = d + 1;
+                break;
+            }
+            path.push(s);
+            cur = self.nodes.get(&s).and_then(|n| n.parent);
+        }
+        let mut d = base;
+        for s in path.into_iter().rev() {
+            memo.insert(s, d);
+            d += 1;
+        }
+        memo.get(&seq).copied().unwrap_or(0)
+    }
+
+    /// Approximate heap bytes used by the index's own structures (for memory benchmarks).
+    pub fn approx_heap_bytes(&self) -> usize {
+        fn map_bytes<K, V, S>(m: &std::collections::HashMap<K, V, S>) -> usize {
+            // hashbrown: buckets of (K, V) plus one control byte each (+ a group of padding).
+            let buckets = if m.capacity() == 0 {
+                0
+            } else {
+                (m.capacity() * 8 / 7).next_power_of_two()
+            };
+            buckets * (std::mem::size_of::<(K, V)>() + 1)
+        }
+        let mut total = map_bytes(&self.nodes);
+        for node in self.nodes.values() {
+            if node.holders.spilled() {
+                total += node.holders.capacity() * std::mem::size_of::<Holder>();
+            }
+        }
+        total += self.members.capacity() * std::mem::size_of::<Member>();
+        for m in &self.members {
+            total += m.blocks.iter().map(map_bytes).sum::<usize>();
+        }
+        total += map_bytes(&self.member_ids);
+        total
+    }
+}

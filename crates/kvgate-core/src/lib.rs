@@ -1,0 +1,27 @@
+//! kvgate's routing core, free of I/O: no async runtime, no sockets, no clock reads (time is a
+//! parameter), no global state. Adapters (ext_proc, HTTP, NATS, ZMQ, Kubernetes) wrap it.
+//!
+//! - [`hashing`]: tokens to block hashes, identical to Dynamo and vLLM-compatible engines.
+//! - [`index`]: the prefix index fed by KV events; [`sequencer`] orders those events.
+//! - [`load`]: in-flight requests per worker (prefill tokens, active blocks, output blocks).
+//! - [`predicted`]: the approximate index used without KV events (routing decisions with a TTL).
+//! - [`scheduler`]: the cost function, selection, temperature, admission and explanations.
+//! - [`router`]: all of the above behind one type that books and frees requests.
+//! - [`config`]: the router's knobs, validated, with Dynamo's names and defaults.
+
+// pub mod config;
+pub mod events;
+pub mod fasthash;
+pub mod hashing;
+pub mod ids;
+pub mod index;
+// pub mod load;
+// pub mod predicted;
+pub mod random;
+// pub mod router;
+// pub mod scheduler;
+pub mod sequencer;
+pub mod worker_id;
+
+pub use events::{KvEvent, KvEventData, StoredBlock};
+pub use ids::{DpRank, ExternalHash, LocalHash, RequestId, SeqHash, StorageTier, WorkerId, WorkerRank};

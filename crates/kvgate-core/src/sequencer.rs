@@ -1,0 +1,230 @@
+//! Per-publisher ordering of KV events by `event_id`: reorders within a window, drops duplicates,
+//! reports gaps (lost events: the caller must recover, e.g. replay or rebuild that worker) and
+//! publisher restarts (ids jumping far backwards: the engine's cache started empty again).
+//!
+//! Sans-IO: time is passed in, so a gap that is not filled within `max_wait` is declared by
+//! [`EventSequencer::poll_gaps`].
+
+use crate::events::KvEvent;
+use crate::fasthash::FastMap;
+use crate::ids::WorkerRank;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Gap {
+    pub source: WorkerRank,
+    /// First missing event id.
+    pub first_missing: u64,
+    /// Number of consecutive ids that never arrived.
+    pub missing: u64,
+}
+
+/// What to do after offering one event.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Sequenced {
+    /// Events now ready, in id order, to apply to the index.
+    pub ready: Vec<KvEvent>,
+    /// Ids skipped for good: the worker's indexed state may have drifted.
+    pub gap: Option<Gap>,
+    /// The event was already seen and was dropped.
+    pub duplicate: bool,
+    /// The publisher restarted (its ids went back): clear its blocks before applying `ready`.
+    pub restarted: bool,
+}
+
+#[derive(Debug, Default)]
+struct Publisher {
+    next: Option<u64>,
+    pending: BTreeMap<u64, (KvEvent, Instant)>,
+}
+
+#[derive(Debug)]
+pub struct EventSequencer {
+    window: usize,
+    max_wait: Duration,
+    publishers: FastMap<WorkerRank, Publisher>,
+}
+
+impl EventSequencer {
+    /// `window`: how many out-of-order events to hold per publisher before declaring a gap;
+    /// `max_wait`: how long to wait for a missing event.
+    pub fn new(window: usize, max_wait: Duration) -> Self {
+        Self {
+            window: window.max(1),
+            max_wait,
+            publishers: FastMap::default(),
+        }
+    }
+
+    pub fn offer(&mut self, event: KvEvent, now: Instant) -> Sequenced {
+        let window = self.window as u64;
+        let p = self.publishers.entry(event.source).or_default();
+        let mut out = Sequenced::default();
+        let id = event.event_id;
+        let Some(next) = p.next else {
+            p.next = Some(id.wrapping_add(1));
+            out.ready.push(event);
+            return out;
+        };
+        if id < next {
+            if next - id > window.saturating_mul(4).max(1024) {
+                // Far behind what we have seen: the publisher started counting again.
+                p.pending.clear();
+                p.next = Some(id.wrapping_add(1));
+                out.restarted = true;
+                out.ready.push(event);
+            } else {
+                out.duplicate = true;
+            }
+            return out;
+        }
+        if id == next {
+            out.ready.push(event);
+            p.next = Some(id.wrapping_add(1));
+        } else if p.pending.contains_key(&id) {
+            out.duplicate = true;
+            return out;
+        } else {
+            p.pending.insert(id, (event, now));
+            if p.pending.len() > self.window {
+                out.gap = Self::skip_to_first_pending(event_source(p), p);
+            }
+        }
+        Self::drain(p, &mut out.ready);
+        out
+    }
+
+    /// Declares gaps whose oldest waiting event has waited longer than `max_wait`.
+    pub fn poll_gaps(&mut self, now: Instant) -> Vec<Sequenced> {
+        let mut outs = Vec::new();
+        for p in self.publishers.values_mut() {
+            let Some((_, (_, since))) = p.pending.first_key_value() else {
+                continue;
+            };
+            if now.saturating_duration_since(*since) < self.max_wait {
+                continue;
+            }
+            let mut out = Sequenced {
+                gap: Self::skip_to_first_pending(event_source(p), p),
+                ..Default::default()
+            };
+            Self::drain(p, &mut out.ready);
+            outs.push(out);
+        }
+        outs
+    }
+
+    /// Forgets a publisher (removed worker, or recovery that rebuilt its state).
+    pub fn reset(&mut self, source: WorkerRank) {
+        self.publishers.remove(&source);
+    }
+
+    /// The id the publisher's next event should carry, if any event was seen.
+    pub fn expected(&self, source: WorkerRank) -> Option<u64> {
+        self.publishers.get(&source).and_then(|p| p.next)
+    }
+
+    fn skip_to_first_pending(source: Option<WorkerRank>, p: &mut Publisher) -> Option<Gap> {
+        let first = *p.pending.keys().next()?;
+        let next = p.next?;
+        p.next = Some(first);
+        Some(Gap {
+            source: source?,
+            first_missing: next,
+            missing: first - next,
+        })
+    }
+
+    fn drain(p: &mut Publisher, ready: &mut Vec<KvEvent>) {
+        while let Some(next) = p.next {
+            match p.pending.remove(&next) {
+                Some((e, _)) => {
+                    ready.push(e);
+                    p.next = Some(next.wrapping_add(1));
+                }
+                None => break,
+            }
+        }
+    }
+}
+
+fn event_source(p: &Publisher) -> Option<WorkerRank> {
+    p.pending.values().next().map(|(e, _)| e.source)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::KvEventData;
+    use crate::ids::StorageTier;
+
+    fn ev(id: u64) -> KvEvent {
+        KvEvent {
+            source: WorkerRank::new(1, 0),
+            event_id: id,
+            tier: StorageTier::Device,
+            data: KvEventData::Cleared,
+        }
+    }
+
+    fn ids(s: &Sequenced) -> Vec<u64> {
+        s.ready.iter().map(|e| e.event_id).collect()
+    }
+
+    #[test]
+    fn reorders_within_window_and_drops_duplicates() {
+        let t = Instant::now();
+        let mut s = EventSequencer::new(8, Duration::from_secs(1));
+        assert_eq!(ids(&s.offer(ev(10), t)), vec![10]);
+        assert!(ids(&s.offer(ev(12), t)).is_empty());
+        assert!(s.offer(ev(12), t).duplicate);
+        assert_eq!(ids(&s.offer(ev(11), t)), vec![11, 12]);
+        assert!(s.offer(ev(11), t).duplicate);
+        assert!(s.offer(ev(10), t).duplicate);
+        assert_eq!(s.expected(WorkerRank::new(1, 0)), Some(13));
+    }
+
+    #[test]
+    fn window_overflow_declares_gap() {
+        let t = Instant::now();
+        let mut s = EventSequencer::new(2, Duration::from_secs(60));
+        s.offer(ev(1), t);
+        assert!(s.offer(ev(4), t).gap.is_none());
+        assert!(s.offer(ev(5), t).gap.is_none());
+        let out = s.offer(ev(6), t);
+        assert_eq!(
+            out.gap,
+            Some(Gap {
+                source: WorkerRank::new(1, 0),
+                first_missing: 2,
+                missing: 2
+            })
+        );
+        assert_eq!(ids(&out), vec![4, 5, 6]);
+    }
+
+    #[test]
+    fn timeout_declares_gap() {
+        let t = Instant::now();
+        let mut s = EventSequencer::new(100, Duration::from_millis(500));
+        s.offer(ev(1), t);
+        s.offer(ev(3), t);
+        assert!(s.poll_gaps(t + Duration::from_millis(100)).is_empty());
+        let outs = s.poll_gaps(t + Duration::from_millis(600));
+        assert_eq!(outs.len(), 1);
+        assert_eq!(outs[0].gap.map(|g| (g.first_missing, g.missing)), Some((2, 1)));
+        assert_eq!(ids(&outs[0]), vec![3]);
+    }
+
+    #[test]
+    fn ids_going_far_back_mean_restart() {
+        let t = Instant::now();
+        let mut s = EventSequencer::new(8, Duration::from_secs(1));
+        s.offer(ev(100_000), t);
+        let out = s.offer(ev(0), t);
+        assert!(out.restarted);
+        assert_eq!(ids(&out), vec![0]);
+        assert_eq!(ids(&s.offer(ev(1), t)), vec![1]);
+    }
+}
