@@ -19,7 +19,7 @@ use crate::events::{KvEvent, KvEventData, StoredBlock};
 use crate::fasthash::FastMap;
 use crate::hashing::seq_hash_after;
 use crate::ids::{ExternalHash, LocalHash, SeqHash, StorageTier, WorkerId, WorkerRank};
-use smallvec::SmallVec;
+use crate::holders::Holders;
 use std::collections::VecDeque;
 
 /// `member << 2 | tier`.
@@ -36,8 +36,16 @@ pub const DEFAULT_ORPHAN_CAPACITY: usize = 65_536;
 #[derive(Clone, Debug)]
 struct Node {
     local: LocalHash,
-    parent: Option<SeqHash>,
-    holders: SmallVec<[Holder; 4]>,
+    /// The parent prefix; a root names itself (a prefix cannot be its own parent), which saves
+    /// the 8 bytes an `Option` would cost on every node.
+    parent: SeqHash,
+    holders: Holders,
+}
+
+impl Node {
+    fn parent(&self, me: SeqHash) -> Option<SeqHash> {
+        (self.parent != me).then_some(self.parent)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -336,26 +344,23 @@ impl PrefixIndex {
             None => {}
         }
         self.stats.blocks_stored += 1;
-        let node = self.nodes.entry(seq).or_insert_with(|| Node {
-            local,
-            parent,
-            holders: SmallVec::new(),
-        });
-        if let Err(pos) = node.holders.binary_search(&holder) {
-            node.holders.insert(pos, holder);
+        match self.nodes.entry(seq) {
+            std::collections::hash_map::Entry::Occupied(mut e) => e.get_mut().holders.insert(holder),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(Node {
+                    local,
+                    parent: parent.unwrap_or(seq),
+                    holders: Holders::one(holder),
+                });
+            }
         }
     }
 
     fn remove_holder(&mut self, seq: SeqHash, holder: Holder) {
-        if let Some(node) = self.nodes.get_mut(&seq) {
-            if let Ok(pos) = node.holders.binary_search(&holder) {
-                node.holders.remove(pos);
-            }
-            if node.holders.is_empty() {
-                self.nodes.remove(&seq);
-            } else if node.holders.spilled() && node.holders.len() <= 4 {
-                node.holders.shrink_to_fit();
-            }
+        if let Some(node) = self.nodes.get_mut(&seq)
+            && node.holders.remove(holder)
+        {
+            self.nodes.remove(&seq);
         }
     }
 
@@ -486,7 +491,7 @@ impl PrefixIndex {
         let Some(first) = seqs.first().and_then(|s| self.nodes.get(s)) else {
             return out;
         };
-        let mut cur: Vec<Holder> = first.holders.to_vec();
+        let mut cur: Vec<Holder> = first.holders.as_slice().to_vec();
         let mut next: Vec<Holder> = Vec::with_capacity(cur.len());
         let record = |holder: Holder, depth: usize, out: &mut OverlapScores| {
             let member = &self.members[(holder >> 2) as usize];
@@ -591,7 +596,7 @@ impl PrefixIndex {
                 break;
             }
             path.push(s);
-            cur = self.nodes.get(&s).and_then(|n| n.parent);
+            cur = self.nodes.get(&s).and_then(|n| n.parent(s));
         }
         for s in path {
             memo.insert(s, answer);
@@ -628,7 +633,7 @@ impl PrefixIndex {
                         continue;
                     };
                     let depth = self.depth_of(s, &mut depths);
-                    let parent_ext = node.parent.and_then(|ps| ext_of.get(&ps).copied());
+                    let parent_ext = node.parent(s).and_then(|ps| ext_of.get(&ps).copied());
                     rows.push((
                         depth,
                         parent_ext,
@@ -666,7 +671,7 @@ impl PrefixIndex {
                 break;
             }
             path.push(s);
-            cur = self.nodes.get(&s).and_then(|n| n.parent);
+            cur = self.nodes.get(&s).and_then(|n| n.parent(s));
         }
         let mut d = base;
         for s in path.into_iter().rev() {
@@ -688,11 +693,7 @@ impl PrefixIndex {
             buckets * (std::mem::size_of::<(K, V)>() + 1)
         }
         let mut total = map_bytes(&self.nodes);
-        for node in self.nodes.values() {
-            if node.holders.spilled() {
-                total += node.holders.capacity() * std::mem::size_of::<Holder>();
-            }
-        }
+        total += self.nodes.values().map(|n| n.holders.heap_bytes()).sum::<usize>();
         total += self.members.capacity() * std::mem::size_of::<Member>();
         for m in &self.members {
             total += m.blocks.iter().map(map_bytes).sum::<usize>();

@@ -9,10 +9,11 @@
 //! - [`router`]: all of the above behind one type that books and frees requests.
 //! - [`config`]: the router's knobs, validated, with Dynamo's names and defaults.
 
-// pub mod config;
+pub mod config;
 pub mod events;
 pub mod fasthash;
 pub mod hashing;
+mod holders;
 pub mod ids;
 pub mod index;
 // pub mod load;

@@ -1,1 +1,18 @@
-fn main() {}
+//! `kvgate`: one binary, one subcommand per role.
+
+mod cli;
+mod router_args;
+
+use clap::Parser;
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    match cli::run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kvgate: error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}

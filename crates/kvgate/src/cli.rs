@@ -1,0 +1,105 @@
+//! Command-line interface: subcommands and their small handlers.
+
+use crate::router_args::RouterArgs;
+use clap::{Parser, Subcommand};
+use kvgate_core::hashing::{BlockHashes, HashSeed};
+use kvgate_core::worker_id::worker_id_for_pod;
+use std::fmt;
+
+#[derive(Parser, Debug)]
+#[command(name = "kvgate", version, about = "KV-cache-aware request router for LLM inference")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Print the block hashes of a token sequence, as Dynamo and the engines compute them.
+    ///
+    /// Output: one JSON object {"local":[...],"sequence":[...]} of decimal u64s, one entry per
+    /// complete block (a trailing partial block has no hash).
+    Hash(HashArgs),
+    /// Print the Dynamo worker instance id derived from a Kubernetes pod name.
+    WorkerId {
+        /// The pod name.
+        name: String,
+    },
+    /// Validate the router configuration (env vars and flags) and print it with every knob.
+    Config(RouterArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct HashArgs {
+    /// Tokens per KV block (must equal the engines' block size).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
+    pub block_size: u32,
+    /// LoRA adapter name, mixed into the seed (empty = none).
+    #[arg(long)]
+    pub lora: Option<String>,
+    /// Cache salt / namespace, mixed into the seed (empty = none).
+    #[arg(long)]
+    pub salt: Option<String>,
+    /// Comma-separated u32 token ids, e.g. `1,2,3,4`.
+    #[arg(long, value_parser = parse_tokens, allow_hyphen_values = true)]
+    pub tokens: Tokens,
+}
+
+#[derive(Clone, Debug)]
+pub struct Tokens(pub Vec<u32>);
+
+fn parse_tokens(s: &str) -> Result<Tokens, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Ok(Tokens(Vec::new()));
+    }
+    s.split(',')
+        .enumerate()
+        .map(|(i, t)| {
+            let t = t.trim();
+            t.parse::<u32>().map_err(|_| {
+                format!("token #{} ({t:?}) is not an integer in 0..=4294967295", i + 1)
+            })
+        })
+        .collect::<Result<Vec<u32>, String>>()
+        .map(Tokens)
+}
+
+#[derive(Debug)]
+pub struct CliError(String);
+
+impl fmt::Display for CliError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for CliError {}
+
+pub fn run(cli: Cli) -> Result<(), CliError> {
+    match cli.command {
+        Command::Hash(args) => {
+            println!("{}", hash_json(&args));
+            Ok(())
+        }
+        Command::WorkerId { name } => {
+            println!("{}", worker_id_for_pod(&name).0);
+            Ok(())
+        }
+        Command::Config(args) => {
+            let config = args.to_config().map_err(|e| CliError(e.to_string()))?;
+            println!("{}", crate::router_args::describe(&config));
+            Ok(())
+        }
+    }
+}
+
+pub fn hash_json(args: &HashArgs) -> String {
+    let seed = HashSeed::new(args.lora.as_deref(), args.salt.as_deref());
+    let h = BlockHashes::from_tokens(&args.tokens.0, args.block_size as usize, seed);
+    serde_json::json!({
+        "local": h.locals().iter().map(|l| l.0).collect::<Vec<u64>>(),
+        "sequence": h.seqs().iter().map(|s| s.0).collect::<Vec<u64>>(),
+    })
+    .to_string()
+}

@@ -1,0 +1,76 @@
+//! The `kvgate` binary's debugging utilities, run as a user would.
+
+use std::process::Command;
+
+fn kvgate(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_kvgate"))
+        .args(args)
+        .env_remove("DYN_ROUTER_TEMPERATURE")
+        .output()
+        .expect("run kvgate");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn hash_prints_dynamo_hashes_as_json() {
+    let tokens: Vec<String> = (0..64).map(|t: u32| t.to_string()).collect();
+    let (ok, out, err) = kvgate(&["hash", "--block-size", "16", "--tokens", &tokens.join(",")]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["local"][0].as_u64(), Some(15310707395893867146));
+    assert_eq!(v["sequence"][2].as_u64(), Some(11879827756109914528));
+    assert_eq!(v["sequence"].as_array().unwrap().len(), 4);
+    // decimal numbers, exactly as printed by Dynamo's vectors
+    assert!(out.contains("15310707395893867146"));
+}
+
+#[test]
+fn hash_with_lora_and_salt() {
+    let (ok, out, _) = kvgate(&[
+        "hash", "--block-size", "4", "--lora", "my-lora", "--salt", "tenant-a", "--tokens", "1,2,3,4,5,6,7,8",
+    ]);
+    assert!(ok);
+    assert_eq!(
+        out.trim(),
+        r#"{"local":[6157910915076630503,3256431856703716508],"sequence":[6157910915076630503,9770935122131878621]}"#
+    );
+}
+
+#[test]
+fn hash_rejects_bad_tokens_clearly() {
+    let (ok, _, err) = kvgate(&["hash", "--block-size", "4", "--tokens", "1,2,x"]);
+    assert!(!ok);
+    assert!(err.contains("token #3"), "{err}");
+    let (ok, _, err) = kvgate(&["hash", "--block-size", "0", "--tokens", "1"]);
+    assert!(!ok);
+    assert!(err.contains("block-size"), "{err}");
+    let (ok, _, err) = kvgate(&["hash", "--block-size", "4", "--tokens", "-1"]);
+    assert!(!ok);
+    assert!(err.contains("token #1"), "{err}");
+}
+
+#[test]
+fn worker_id_for_pod_name() {
+    let (ok, out, _) = kvgate(&["worker-id", "vllm-worker-0"]);
+    assert!(ok);
+    assert_eq!(out.trim(), "3637812819037538");
+}
+
+#[test]
+fn config_refuses_bad_env_naming_it() {
+    let out = Command::new(env!("CARGO_BIN_EXE_kvgate"))
+        .arg("config")
+        .env("DYN_ROUTER_TEMPERATURE", "-1")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("DYN_ROUTER_TEMPERATURE") && err.contains("[0, +inf)"), "{err}");
+    let (ok, out, _) = kvgate(&["config", "--router-temperature", "0.25"]);
+    assert!(ok);
+    assert!(out.contains("DYN_ROUTER_TEMPERATURE") && out.contains("0.25"), "{out}");
+}
