@@ -16,11 +16,11 @@ pub mod hashing;
 mod holders;
 pub mod ids;
 pub mod index;
-// pub mod load;
-// pub mod predicted;
+pub mod load;
+pub mod predicted;
 pub mod random;
-// pub mod router;
-// pub mod scheduler;
+pub mod router;
+pub mod scheduler;
 pub mod sequencer;
 pub mod worker_id;
 

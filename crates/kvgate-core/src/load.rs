@@ -1,0 +1,485 @@
+//! In-flight load per (worker, dp rank): what the router has sent and not yet seen finish.
+//!
+//! A [`Booking`] is made when a request is routed and lives until it is freed:
+//! - **prefill tokens**: the prompt tokens the worker must still compute (`isl - cached`), counted
+//!   until prefill completes (first response byte);
+//! - **active blocks**: the prompt's complete blocks, deduplicated per worker by chained hash, so
+//!   requests sharing a prefix count it once (a refcount per block);
+//! - **output blocks** (optional): `ceil(expected_output_tokens / block_size)` predicted blocks,
+//!   weighted by `1 - progress` as the request generates toward its expected length.
+//!
+//! Lifecycle: [`LoadTracker::book`] -> [`LoadTracker::prefill_complete`] -> [`LoadTracker::free`].
+//! Freeing twice, completing an unknown id or freeing an unknown id is harmless (reported as
+//! [`Change::NoChange`]). Bookings older than a stale timeout are swept.
+
+use crate::fasthash::FastMap;
+use crate::ids::{RequestId, SeqHash, WorkerRank};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+/// Dynamo's default lifetime of a booking before it is considered leaked.
+pub const DEFAULT_STALE_AFTER: Duration = Duration::from_secs(300);
+
+#[derive(Clone, Debug)]
+pub struct Booking {
+    pub worker: WorkerRank,
+    pub seqs: Vec<SeqHash>,
+    pub prefill_tokens: u64,
+    pub prefill_done: bool,
+    pub expected_output_tokens: Option<u32>,
+    pub output_tokens: u32,
+    pub booked_at: Instant,
+}
+
+impl Booking {
+    /// Predicted output blocks still to come, weighted by remaining progress.
+    fn output_blocks(&self, block_size: usize) -> f64 {
+        match self.expected_output_tokens {
+            Some(expected) if expected > 0 && block_size > 0 => {
+                let blocks = (expected as usize).div_ceil(block_size) as f64;
+                let progress = (f64::from(self.output_tokens) / f64::from(expected)).min(1.0);
+                blocks * (1.0 - progress)
+            }
+            _ => 0.0,
+        }
+    }
+}
+
+/// Load of one (worker, dp rank).
+#[derive(Clone, Debug, Default)]
+pub struct WorkerLoad {
+    pub prefill_tokens: u64,
+    /// Refcount of each active block.
+    blocks: FastMap<SeqHash, u32>,
+    /// Sum of the bookings' weighted predicted output blocks.
+    pub output_blocks: f64,
+    pub requests: usize,
+}
+
+impl WorkerLoad {
+    pub fn active_blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Active blocks plus predicted output blocks: the decode-side load.
+    pub fn decode_blocks(&self) -> f64 {
+        self.blocks.len() as f64 + self.output_blocks
+    }
+
+    /// Blocks of `seqs` this worker does not already hold active. Bookings always cover whole
+    /// prefix chains, so presence is monotone along `seqs` and a binary search finds the cut.
+    pub fn new_blocks(&self, seqs: &[SeqHash]) -> usize {
+        let (mut lo, mut hi) = (0usize, seqs.len());
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            if self.blocks.contains_key(&seqs[mid]) {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        seqs.len() - lo
+    }
+}
+
+/// What a lifecycle call changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Change {
+    Applied,
+    NoChange,
+}
+
+#[derive(Debug)]
+pub struct LoadTracker {
+    block_size: usize,
+    workers: FastMap<WorkerRank, WorkerLoad>,
+    bookings: HashMap<RequestId, Booking>,
+}
+
+/// A booking request: what the router decided to send where.
+#[derive(Clone, Debug)]
+pub struct NewBooking<'a> {
+    pub request: RequestId,
+    pub worker: WorkerRank,
+    pub seqs: &'a [SeqHash],
+    /// Prompt tokens the worker must compute (prompt minus what it already caches).
+    pub prefill_tokens: u64,
+    pub expected_output_tokens: Option<u32>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BookError {
+    /// The id is already booked; the existing booking is kept.
+    Duplicate,
+}
+
+impl LoadTracker {
+    pub fn new(block_size: usize) -> Self {
+        Self {
+            block_size,
+            workers: FastMap::default(),
+            bookings: HashMap::new(),
+        }
+    }
+
+    pub fn load(&self, worker: &WorkerRank) -> Option<&WorkerLoad> {
+        self.workers.get(worker)
+    }
+
+    pub fn booking(&self, request: &RequestId) -> Option<&Booking> {
+        self.bookings.get(request)
+    }
+
+    pub fn num_bookings(&self) -> usize {
+        self.bookings.len()
+    }
+
+    pub fn workers(&self) -> impl Iterator<Item = (&WorkerRank, &WorkerLoad)> {
+        self.workers.iter()
+    }
+
+    pub fn book(&mut self, b: NewBooking<'_>, now: Instant) -> Result<(), BookError> {
+        if self.bookings.contains_key(&b.request) {
+            return Err(BookError::Duplicate);
+        }
+        let booking = Booking {
+            worker: b.worker,
+            seqs: b.seqs.to_vec(),
+            prefill_tokens: b.prefill_tokens,
+            prefill_done: false,
+            expected_output_tokens: b.expected_output_tokens,
+            output_tokens: 0,
+            booked_at: now,
+        };
+        let load = self.workers.entry(b.worker).or_default();
+        load.prefill_tokens += booking.prefill_tokens;
+        for &s in &booking.seqs {
+            *load.blocks.entry(s).or_insert(0) += 1;
+        }
+        load.output_blocks += booking.output_blocks(self.block_size);
+        load.requests += 1;
+        self.bookings.insert(b.request, booking);
+        Ok(())
+    }
+
+    /// The first response byte arrived: the prompt is computed.
+    pub fn prefill_complete(&mut self, request: &RequestId) -> Change {
+        let Some(b) = self.bookings.get_mut(request) else {
+            return Change::NoChange;
+        };
+        if b.prefill_done {
+            return Change::NoChange;
+        }
+        b.prefill_done = true;
+        if let Some(load) = self.workers.get_mut(&b.worker) {
+            load.prefill_tokens = load.prefill_tokens.saturating_sub(b.prefill_tokens);
+        }
+        Change::Applied
+    }
+
+    /// The request has generated `total_output_tokens` so far (moves predicted output load).
+    pub fn record_output(&mut self, request: &RequestId, total_output_tokens: u32) -> Change {
+        let Some(b) = self.bookings.get_mut(request) else {
+            return Change::NoChange;
+        };
+        let before = b.output_blocks(self.block_size);
+        b.output_tokens = total_output_tokens;
+        let after = b.output_blocks(self.block_size);
+        if let Some(load) = self.workers.get_mut(&b.worker) {
+            load.output_blocks = (load.output_blocks - before + after).max(0.0);
+        }
+        Change::Applied
+    }
+
+    /// Moves a booking to another worker (the gateway served it elsewhere than booked).
+    pub fn rebook(&mut self, request: &RequestId, to: WorkerRank) -> Change {
+        let Some(b) = self.bookings.get(request) else {
+            return Change::NoChange;
+        };
+        if b.worker == to {
+            return Change::NoChange;
+        }
+        let Some(b) = self.remove_booking(request) else {
+            return Change::NoChange;
+        };
+        let prefill = if b.prefill_done { 0 } else { b.prefill_tokens };
+        let load = self.workers.entry(to).or_default();
+        load.prefill_tokens += prefill;
+        for &s in &b.seqs {
+            *load.blocks.entry(s).or_insert(0) += 1;
+        }
+        let moved = Booking { worker: to, ..b };
+        load.output_blocks += moved.output_blocks(self.block_size);
+        load.requests += 1;
+        self.bookings.insert(request.clone(), moved);
+        Change::Applied
+    }
+
+    /// The request ended (completed, failed or aborted).
+    pub fn free(&mut self, request: &RequestId) -> Change {
+        match self.remove_booking(request) {
+            Some(_) => Change::Applied,
+            None => Change::NoChange,
+        }
+    }
+
+    fn remove_booking(&mut self, request: &RequestId) -> Option<Booking> {
+        let b = self.bookings.remove(request)?;
+        let empty = if let Some(load) = self.workers.get_mut(&b.worker) {
+            if !b.prefill_done {
+                load.prefill_tokens = load.prefill_tokens.saturating_sub(b.prefill_tokens);
+            }
+            for s in &b.seqs {
+                if let Some(c) = load.blocks.get_mut(s) {
+                    *c -= 1;
+                    if *c == 0 {
+                        load.blocks.remove(s);
+                    }
+                }
+            }
+            load.output_blocks = (load.output_blocks - b.output_blocks(self.block_size)).max(0.0);
+            load.requests = load.requests.saturating_sub(1);
+            if load.requests == 0 {
+                // Clear float dust so that an idle worker is exactly idle.
+                load.output_blocks = 0.0;
+            }
+            load.requests == 0 && load.blocks.is_empty() && load.prefill_tokens == 0
+        } else {
+            false
+        };
+        if empty {
+            self.workers.remove(&b.worker);
+        }
+        Some(b)
+    }
+
+    /// Frees bookings older than `max_age` (leaked by a lost end-of-stream); returns their ids.
+    pub fn sweep_stale(&mut self, now: Instant, max_age: Duration) -> Vec<RequestId> {
+        let stale: Vec<RequestId> = self
+            .bookings
+            .iter()
+            .filter(|(_, b)| now.saturating_duration_since(b.booked_at) > max_age)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &stale {
+            self.remove_booking(id);
+        }
+        stale
+    }
+
+    /// Drops every booking on a worker (it left discovery); returns their ids.
+    pub fn remove_worker(&mut self, worker: crate::ids::WorkerId) -> Vec<RequestId> {
+        let ids: Vec<RequestId> = self
+            .bookings
+            .iter()
+            .filter(|(_, b)| b.worker.worker == worker)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &ids {
+            self.remove_booking(id);
+        }
+        self.workers.retain(|k, _| k.worker != worker);
+        ids
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    const W: WorkerRank = WorkerRank::new(1, 0);
+    const W2: WorkerRank = WorkerRank::new(2, 0);
+
+    fn seqs(ids: &[u64]) -> Vec<SeqHash> {
+        ids.iter().map(|&i| SeqHash(i)).collect()
+    }
+
+    fn book(t: &mut LoadTracker, id: &str, w: WorkerRank, s: &[SeqHash], prefill: u64) {
+        t.book(
+            NewBooking {
+                request: id.into(),
+                worker: w,
+                seqs: s,
+                prefill_tokens: prefill,
+                expected_output_tokens: None,
+            },
+            Instant::now(),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn lifecycle_and_shared_prefix_dedup() {
+        let mut t = LoadTracker::new(16);
+        book(&mut t, "a", W, &seqs(&[1, 2, 3]), 48);
+        book(&mut t, "b", W, &seqs(&[1, 2, 4, 5]), 40);
+        let l = t.load(&W).unwrap();
+        assert_eq!(l.active_blocks(), 5);
+        assert_eq!(l.prefill_tokens, 88);
+        assert_eq!(l.requests, 2);
+        assert_eq!(l.new_blocks(&seqs(&[1, 2, 3, 9])), 1);
+        assert_eq!(l.new_blocks(&seqs(&[7, 8])), 2);
+        assert_eq!(t.prefill_complete(&"a".into()), Change::Applied);
+        assert_eq!(t.prefill_complete(&"a".into()), Change::NoChange);
+        assert_eq!(t.load(&W).unwrap().prefill_tokens, 40);
+        assert_eq!(t.free(&"a".into()), Change::Applied);
+        assert_eq!(t.free(&"a".into()), Change::NoChange);
+        assert_eq!(t.free(&"nope".into()), Change::NoChange);
+        assert_eq!(t.prefill_complete(&"nope".into()), Change::NoChange);
+        let l = t.load(&W).unwrap();
+        assert_eq!(l.active_blocks(), 4);
+        assert_eq!(l.prefill_tokens, 40);
+        t.free(&"b".into());
+        assert!(t.load(&W).is_none());
+    }
+
+    #[test]
+    fn duplicate_booking_is_refused_and_keeps_the_first() {
+        let mut t = LoadTracker::new(16);
+        book(&mut t, "a", W, &seqs(&[1]), 16);
+        let again = t.book(
+            NewBooking {
+                request: "a".into(),
+                worker: W2,
+                seqs: &seqs(&[2]),
+                prefill_tokens: 1,
+                expected_output_tokens: None,
+            },
+            Instant::now(),
+        );
+        assert_eq!(again, Err(BookError::Duplicate));
+        assert_eq!(t.booking(&"a".into()).unwrap().worker, W);
+    }
+
+    #[test]
+    fn output_blocks_decay_with_progress() {
+        let mut t = LoadTracker::new(16);
+        t.book(
+            NewBooking {
+                request: "a".into(),
+                worker: W,
+                seqs: &seqs(&[1]),
+                prefill_tokens: 16,
+                expected_output_tokens: Some(160),
+            },
+            Instant::now(),
+        )
+        .unwrap();
+        assert_eq!(t.load(&W).unwrap().output_blocks, 10.0);
+        assert_eq!(t.load(&W).unwrap().decode_blocks(), 11.0);
+        t.record_output(&"a".into(), 80);
+        assert_eq!(t.load(&W).unwrap().output_blocks, 5.0);
+        t.record_output(&"a".into(), 400);
+        assert_eq!(t.load(&W).unwrap().output_blocks, 0.0);
+    }
+
+    #[test]
+    fn rebook_moves_everything() {
+        let mut t = LoadTracker::new(16);
+        book(&mut t, "a", W, &seqs(&[1, 2]), 32);
+        assert_eq!(t.rebook(&"a".into(), W2), Change::Applied);
+        assert!(t.load(&W).is_none());
+        assert_eq!(t.load(&W2).unwrap().active_blocks(), 2);
+        assert_eq!(t.load(&W2).unwrap().prefill_tokens, 32);
+        assert_eq!(t.rebook(&"a".into(), W2), Change::NoChange);
+        t.free(&"a".into());
+        assert!(t.load(&W2).is_none());
+    }
+
+    #[test]
+    fn stale_bookings_are_swept() {
+        let mut t = LoadTracker::new(16);
+        let t0 = Instant::now();
+        t.book(
+            NewBooking {
+                request: "old".into(),
+                worker: W,
+                seqs: &seqs(&[1]),
+                prefill_tokens: 16,
+                expected_output_tokens: None,
+            },
+            t0,
+        )
+        .unwrap();
+        t.book(
+            NewBooking {
+                request: "new".into(),
+                worker: W,
+                seqs: &seqs(&[2]),
+                prefill_tokens: 16,
+                expected_output_tokens: None,
+            },
+            t0 + Duration::from_secs(200),
+        )
+        .unwrap();
+        let swept = t.sweep_stale(t0 + Duration::from_secs(301), DEFAULT_STALE_AFTER);
+        assert_eq!(swept, vec![RequestId::from("old")]);
+        assert_eq!(t.load(&W).unwrap().requests, 1);
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Book(u8, u8, u8, u8),
+        Prefill(u8),
+        Free(u8),
+        Rebook(u8, u8),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0u8..12, 0u8..3, 0u8..4, 1u8..6).prop_map(|(r, w, p, n)| Op::Book(r, w, p, n)),
+            2 => (0u8..12).prop_map(Op::Prefill),
+            3 => (0u8..12).prop_map(Op::Free),
+            1 => (0u8..12, 0u8..3).prop_map(|(r, w)| Op::Rebook(r, w)),
+        ]
+    }
+
+    proptest! {
+        /// Whatever the order of book / complete / free / rebook, each worker's load equals what
+        /// its live bookings imply, and freeing everything leaves nothing behind.
+        #[test]
+        fn load_equals_live_bookings(ops in proptest::collection::vec(op(), 1..80)) {
+            let mut t = LoadTracker::new(4);
+            let now = Instant::now();
+            let chain = |p: u8, n: u8| -> Vec<SeqHash> {
+                (0..n).map(|i| SeqHash(u64::from(p) * 100 + u64::from(i))).collect()
+            };
+            for op in ops {
+                match op {
+                    Op::Book(r, w, p, n) => {
+                        let _ = t.book(NewBooking {
+                            request: format!("r{r}").into(),
+                            worker: WorkerRank::new(u64::from(w), 0),
+                            seqs: &chain(p, n),
+                            prefill_tokens: u64::from(n) * 4,
+                            expected_output_tokens: Some(u32::from(n) * 3),
+                        }, now);
+                    }
+                    Op::Prefill(r) => { t.prefill_complete(&format!("r{r}").into()); }
+                    Op::Free(r) => { t.free(&format!("r{r}").into()); }
+                    Op::Rebook(r, w) => { t.rebook(&format!("r{r}").into(), WorkerRank::new(u64::from(w), 0)); }
+                }
+                // expected per worker from live bookings
+                let mut want: BTreeMap<WorkerRank, (u64, std::collections::BTreeSet<SeqHash>, usize)> = BTreeMap::new();
+                for b in t.bookings.values() {
+                    let e = want.entry(b.worker).or_default();
+                    if !b.prefill_done { e.0 += b.prefill_tokens; }
+                    e.1.extend(b.seqs.iter().copied());
+                    e.2 += 1;
+                }
+                for (w, (prefill, blocks, n)) in &want {
+                    let l = t.load(w).unwrap();
+                    prop_assert_eq!(l.prefill_tokens, *prefill);
+                    prop_assert_eq!(l.active_blocks(), blocks.len());
+                    prop_assert_eq!(l.requests, *n);
+                }
+                prop_assert_eq!(t.workers.len(), want.len());
+            }
+            let ids: Vec<RequestId> = t.bookings.keys().cloned().collect();
+            for id in ids { t.free(&id); }
+            prop_assert!(t.workers.is_empty());
+        }
+    }
+}

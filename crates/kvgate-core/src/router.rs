@@ -1,0 +1,332 @@
+//! The routing core behind one type: workers, the event-fed prefix index, the predicted index,
+//! in-flight load and the scheduler. Adapters own one `Router` (behind whatever lock or actor
+//! they like), feed it events and worker changes, and call [`Router::route`] /
+//! [`Router::prefill_complete`] / [`Router::free`] as requests progress.
+
+use crate::config::RouterConfig;
+use crate::events::KvEvent;
+use crate::fasthash::FastMap;
+use crate::hashing::BlockHashes;
+use crate::ids::{RequestId, WorkerId, WorkerRank};
+use crate::index::{OverlapScores, PrefixIndex};
+use crate::load::{BookError, Change, LoadTracker, NewBooking};
+use crate::predicted::PredictedIndex;
+use crate::random::RandomSource;
+use crate::scheduler::{
+    CandidateInput, CostWeights, Explanation, Outcome, ScoreRequest, WorkerCapacity, schedule,
+};
+use serde::Serialize;
+use std::time::{Duration, Instant};
+
+/// What a worker does in a disaggregated deployment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkerRole {
+    #[default]
+    Aggregated,
+    Prefill,
+    Decode,
+}
+
+/// A worker as discovery knows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WorkerInfo {
+    pub id: WorkerId,
+    pub dp_size: u32,
+    pub role: WorkerRole,
+    pub capacity: WorkerCapacity,
+}
+
+/// One routing question.
+#[derive(Clone, Copy, Debug)]
+pub struct RouteRequest<'a> {
+    pub request: &'a RequestId,
+    pub hashes: &'a BlockHashes,
+    pub expected_output_tokens: Option<u32>,
+    /// Only these targets may be chosen (a gateway's subset hint); `None` = all.
+    pub allowed: Option<&'a [WorkerRank]>,
+    /// Book the request's load on the chosen worker (false: just answer, e.g. a dry run).
+    pub book: bool,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Decision {
+    pub worker: WorkerRank,
+    /// Every eligible target by increasing cost; `ranked[0] == worker`.
+    pub ranked: Vec<WorkerRank>,
+    /// Device blocks of the prompt the chosen worker is believed to cache.
+    pub overlap_blocks: u32,
+    /// Prompt tokens the router predicts the worker will not recompute.
+    pub predicted_cached_tokens: u64,
+    pub explanation: Explanation,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum RouteError {
+    /// No worker (of the needed role, inside the allowed subset) exists.
+    NoWorkers,
+    /// Every candidate is busy under admission control.
+    Overloaded(Box<Explanation>),
+    /// The request id is already booked.
+    DuplicateRequest,
+}
+
+impl std::fmt::Display for RouteError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RouteError::NoWorkers => f.write_str("no worker is available for this request"),
+            RouteError::Overloaded(e) => write!(
+                f,
+                "all {} workers are busy (admission control)",
+                e.candidates.len()
+            ),
+            RouteError::DuplicateRequest => f.write_str("request id is already in flight"),
+        }
+    }
+}
+
+impl std::error::Error for RouteError {}
+
+#[derive(Debug)]
+pub struct Router {
+    config: RouterConfig,
+    block_size: usize,
+    workers: FastMap<WorkerId, WorkerInfo>,
+    index: PrefixIndex,
+    predicted: Option<PredictedIndex>,
+    load: LoadTracker,
+}
+
+impl Router {
+    /// `block_size` must equal the workers' KV block size.
+    pub fn new(config: RouterConfig, block_size: usize) -> Self {
+        let predicted = if !config.use_kv_events {
+            Some(PredictedIndex::new(config.approx_ttl, config.approx_max_blocks))
+        } else {
+            config
+                .predicted_ttl
+                .map(|ttl| PredictedIndex::new(ttl, config.approx_max_blocks))
+        };
+        Self {
+            block_size,
+            workers: FastMap::default(),
+            index: PrefixIndex::new(),
+            predicted,
+            load: LoadTracker::new(block_size),
+            config,
+        }
+    }
+
+    pub fn config(&self) -> &RouterConfig {
+        &self.config
+    }
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+    pub fn index(&self) -> &PrefixIndex {
+        &self.index
+    }
+    pub fn load(&self) -> &LoadTracker {
+        &self.load
+    }
+    pub fn predicted(&self) -> Option<&PredictedIndex> {
+        self.predicted.as_ref()
+    }
+
+    /// Adds or updates a worker.
+    pub fn upsert_worker(&mut self, info: WorkerInfo) {
+        let old = self.workers.insert(info.id, info);
+        // Ranks that disappeared lose their cache entries.
+        if let Some(old) = old {
+            for r in info.dp_size..old.dp_size {
+                self.index
+                    .remove_worker_rank(WorkerRank { worker: info.id, dp_rank: crate::DpRank(r) });
+            }
+        }
+    }
+
+    /// Forgets a worker: blocks, predictions and bookings. Returns the bookings dropped.
+    pub fn remove_worker(&mut self, id: WorkerId) -> Vec<RequestId> {
+        self.workers.remove(&id);
+        self.index.remove_worker(id);
+        if let Some(p) = &mut self.predicted {
+            p.remove_worker(id);
+        }
+        self.load.remove_worker(id)
+    }
+
+    pub fn workers(&self) -> impl Iterator<Item = &WorkerInfo> {
+        self.workers.values()
+    }
+
+    /// Every (worker, dp rank) target of the given roles, sorted.
+    pub fn targets(&self, roles: &[WorkerRole]) -> Vec<WorkerRank> {
+        let mut v: Vec<WorkerRank> = self
+            .workers
+            .values()
+            .filter(|w| roles.contains(&w.role))
+            .flat_map(|w| {
+                (0..w.dp_size.max(1)).map(move |r| WorkerRank {
+                    worker: w.id,
+                    dp_rank: crate::DpRank(r),
+                })
+            })
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Applies a KV event (ignored in approximate mode, where only decisions count).
+    pub fn apply_event(&mut self, event: &KvEvent) {
+        if self.config.use_kv_events {
+            self.index.apply(event);
+        }
+    }
+
+    /// Overlap as routing sees it: the event index, raised by predictions where enabled.
+    pub fn overlaps(&mut self, hashes: &BlockHashes, now: Instant) -> OverlapScores {
+        let mut scores = if self.config.use_kv_events {
+            self.index.find_matches(hashes.seqs())
+        } else {
+            OverlapScores::default()
+        };
+        if let Some(p) = &mut self.predicted {
+            p.expire(now);
+            for (w, o) in p.find_matches(hashes.seqs()).scores {
+                let e = scores.scores.entry(w).or_default();
+                e.0[0] = e.0[0].max(o.device());
+            }
+        }
+        scores
+    }
+
+    /// Chooses a target for an aggregated request (among aggregated and decode workers) and,
+    /// with `book`, books its load there.
+    pub fn route(
+        &mut self,
+        req: RouteRequest<'_>,
+        now: Instant,
+        rng: &mut dyn RandomSource,
+    ) -> Result<Decision, RouteError> {
+        self.route_among(
+            req,
+            &[WorkerRole::Aggregated, WorkerRole::Decode],
+            CostWeights::from(&self.config),
+            now,
+            rng,
+        )
+    }
+
+    /// Like [`route`](Self::route), over the given roles and with explicit cost weights (a
+    /// decode leg routes with overlap credit off, a prefill leg among prefill workers).
+    pub fn route_among(
+        &mut self,
+        req: RouteRequest<'_>,
+        roles: &[WorkerRole],
+        weights: CostWeights,
+        now: Instant,
+        rng: &mut dyn RandomSource,
+    ) -> Result<Decision, RouteError> {
+        if req.book && self.load.booking(req.request).is_some() {
+            return Err(RouteError::DuplicateRequest);
+        }
+        let mut targets = self.targets(roles);
+        if let Some(allowed) = req.allowed {
+            targets.retain(|t| allowed.contains(t));
+        }
+        if targets.is_empty() {
+            return Err(RouteError::NoWorkers);
+        }
+        let overlaps = self.overlaps(req.hashes, now);
+        let seqs = req.hashes.seqs();
+        let candidates: Vec<CandidateInput> = targets
+            .iter()
+            .map(|&t| {
+                let load = self.load.load(&t);
+                CandidateInput {
+                    worker: t,
+                    overlap: overlaps.get(&t),
+                    active_prefill_tokens: load.map_or(0, |l| l.prefill_tokens),
+                    active_blocks: load.map_or(0, |l| l.active_blocks()),
+                    output_blocks: if self.config.track_output_blocks {
+                        load.map_or(0.0, |l| l.output_blocks)
+                    } else {
+                        0.0
+                    },
+                    new_blocks: load.map_or(seqs.len(), |l| l.new_blocks(seqs)),
+                    capacity: self.workers.get(&t.worker).map(|w| w.capacity).unwrap_or_default(),
+                }
+            })
+            .collect();
+        let isl = req.hashes.num_tokens();
+        let (outcome, explanation) = schedule(
+            &weights,
+            &self.config.admission,
+            ScoreRequest { isl_tokens: isl, block_size: self.block_size },
+            &candidates,
+            rng,
+        );
+        let ranked = match outcome {
+            Outcome::Chosen { ranked } => ranked,
+            Outcome::Overloaded => return Err(RouteError::Overloaded(Box::new(explanation))),
+            Outcome::NoCandidates => return Err(RouteError::NoWorkers),
+        };
+        let worker = ranked[0];
+        let overlap_blocks = overlaps.device(&worker);
+        let cached = (u64::from(overlap_blocks) * self.block_size as u64).min(isl as u64);
+        if req.book {
+            let booked = self.load.book(
+                NewBooking {
+                    request: req.request.clone(),
+                    worker,
+                    seqs,
+                    prefill_tokens: isl as u64 - cached,
+                    expected_output_tokens: if self.config.track_output_blocks {
+                        req.expected_output_tokens
+                    } else {
+                        None
+                    },
+                },
+                now,
+            );
+            if booked == Err(BookError::Duplicate) {
+                return Err(RouteError::DuplicateRequest);
+            }
+            if let Some(p) = &mut self.predicted {
+                p.insert(worker, req.hashes.locals(), seqs, now);
+            }
+        }
+        Ok(Decision {
+            worker,
+            ranked,
+            overlap_blocks,
+            predicted_cached_tokens: cached,
+            explanation,
+        })
+    }
+
+    pub fn prefill_complete(&mut self, request: &RequestId) -> Change {
+        self.load.prefill_complete(request)
+    }
+
+    pub fn record_output(&mut self, request: &RequestId, total_output_tokens: u32) -> Change {
+        self.load.record_output(request, total_output_tokens)
+    }
+
+    /// The gateway served the request elsewhere than booked: move the booking.
+    pub fn rebook(&mut self, request: &RequestId, to: WorkerRank) -> Change {
+        self.load.rebook(request, to)
+    }
+
+    pub fn free(&mut self, request: &RequestId) -> Change {
+        self.load.free(request)
+    }
+
+    /// Periodic housekeeping: expire predictions, free leaked bookings. Returns the freed ids.
+    pub fn sweep(&mut self, now: Instant, stale_after: Duration) -> Vec<RequestId> {
+        if let Some(p) = &mut self.predicted {
+            p.expire(now);
+        }
+        self.load.sweep_stale(now, stale_after)
+    }
+}

@@ -1,0 +1,330 @@
+//! Worker selection: admission, the cost function, temperature sampling, and the explanation.
+//!
+//! Cost per candidate, in blocks (lower wins), as Dynamo's router defines it:
+//!
+//! ```text
+//! prefill_tokens = active_prefill_tokens + isl_tokens           (0 when track_prefill_tokens = false)
+//! decay          = 1 / (1 + credit_decay * ((active_prefill - min_active_prefill) / block_size) / request_blocks)
+//! credit_blocks  = credit * decay * device_overlap_blocks
+//! decode_blocks  = active_blocks (+ predicted output blocks) + new_blocks   (0 when track_active_blocks = false)
+//! cost           = prefill_load_scale * max(prefill_tokens / block_size - credit_blocks, 0) + decode_blocks
+//! ```
+//!
+//! `min_active_prefill` is taken over the eligible candidates; `new_blocks` are the request's blocks
+//! the worker does not already hold in its *active* requests. Temperature 0 picks the minimum,
+//! ties broken uniformly at random; temperature `T > 0` samples with
+//! `p_i ∝ exp(-(c_i - c_min) / ((c_max - c_min) * T))`, uniform when all costs are equal.
+//!
+//! Admission (`token-capacity`) first removes busy workers (strict `>` on each threshold); when
+//! every candidate is busy the outcome is [`Outcome::Overloaded`], distinct from "no workers".
+
+use crate::config::{AdmissionConfig, RouterConfig};
+use crate::ids::WorkerRank;
+use crate::index::TierOverlap;
+use crate::random::RandomSource;
+use serde::Serialize;
+
+/// The cost function's weights (normally the config's; a decode leg may override the credit).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CostWeights {
+    pub overlap_score_credit: f64,
+    pub overlap_score_credit_decay: f64,
+    pub prefill_load_scale: f64,
+    pub track_prefill_tokens: bool,
+    pub track_active_blocks: bool,
+    pub temperature: f64,
+}
+
+impl From<&RouterConfig> for CostWeights {
+    fn from(c: &RouterConfig) -> Self {
+        Self {
+            overlap_score_credit: c.overlap_score_credit,
+            overlap_score_credit_decay: c.overlap_score_credit_decay,
+            prefill_load_scale: c.prefill_load_scale,
+            track_prefill_tokens: c.track_prefill_tokens,
+            track_active_blocks: c.track_active_blocks,
+            temperature: c.temperature,
+        }
+    }
+}
+
+/// What a worker can hold, when known (from discovery or the workers file).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct WorkerCapacity {
+    pub total_kv_blocks: Option<u64>,
+    pub max_num_batched_tokens: Option<u64>,
+}
+
+/// One candidate's state at decision time, gathered by the caller.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CandidateInput {
+    pub worker: WorkerRank,
+    pub overlap: TierOverlap,
+    pub active_prefill_tokens: u64,
+    /// Deduplicated active blocks.
+    pub active_blocks: usize,
+    /// Predicted (weighted) output blocks.
+    pub output_blocks: f64,
+    /// Request blocks not already active on this worker.
+    pub new_blocks: usize,
+    pub capacity: WorkerCapacity,
+}
+
+/// Why admission control skipped a worker.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[serde(tag = "reason", rename_all = "snake_case")]
+pub enum Busy {
+    /// `active_blocks / total_kv_blocks > threshold`.
+    DecodeBlocks { active_blocks: usize, total_kv_blocks: u64, threshold: f64 },
+    /// `active_prefill_tokens > threshold`.
+    PrefillTokens { active_prefill_tokens: u64, threshold: u64 },
+    /// `active_prefill_tokens > frac * max_num_batched_tokens`.
+    PrefillTokensFrac { active_prefill_tokens: u64, limit: f64 },
+}
+
+/// One candidate's line in the explanation.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct CandidateScore {
+    pub worker: WorkerRank,
+    pub overlap_blocks: u32,
+    pub host_overlap_blocks: u32,
+    pub disk_overlap_blocks: u32,
+    pub active_prefill_tokens: u64,
+    pub active_blocks: usize,
+    pub output_blocks: f64,
+    pub new_blocks: usize,
+    pub prefill_blocks: f64,
+    pub decay: f64,
+    pub credit_blocks: f64,
+    pub decode_blocks: f64,
+    pub cost: f64,
+    /// Selection probability (temperature > 0 only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probability: Option<f64>,
+    /// Set when admission control excluded the worker.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub busy: Option<Busy>,
+}
+
+/// Everything that went into one decision, for debugging and the EPP's debug endpoint.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Explanation {
+    pub isl_tokens: usize,
+    pub request_blocks: usize,
+    pub block_size: usize,
+    pub temperature: f64,
+    pub min_active_prefill_tokens: u64,
+    pub candidates: Vec<CandidateScore>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chosen: Option<WorkerRank>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    /// `ranked[0]` is the choice; the rest are eligible fallbacks by increasing cost.
+    Chosen { ranked: Vec<WorkerRank> },
+    /// Every candidate is busy under admission control.
+    Overloaded,
+    /// There was no candidate at all.
+    NoCandidates,
+}
+
+/// The request side of a decision.
+#[derive(Clone, Copy, Debug)]
+pub struct ScoreRequest {
+    pub isl_tokens: usize,
+    pub block_size: usize,
+}
+
+impl ScoreRequest {
+    pub fn request_blocks(&self) -> usize {
+        if self.block_size == 0 {
+            0
+        } else {
+            self.isl_tokens.div_ceil(self.block_size)
+        }
+    }
+}
+
+/// Admission check of one worker; `None` means it may take work.
+pub fn busy(a: &AdmissionConfig, c: &CandidateInput) -> Option<Busy> {
+    if !a.enabled() {
+        return None;
+    }
+    if let (Some(threshold), Some(total)) = (a.active_decode_blocks_threshold, c.capacity.total_kv_blocks)
+        && total > 0
+        && c.active_blocks as f64 / total as f64 > threshold
+    {
+        return Some(Busy::DecodeBlocks {
+            active_blocks: c.active_blocks,
+            total_kv_blocks: total,
+            threshold,
+        });
+    }
+    if let Some(threshold) = a.active_prefill_tokens_threshold
+        && c.active_prefill_tokens > threshold
+    {
+        return Some(Busy::PrefillTokens {
+            active_prefill_tokens: c.active_prefill_tokens,
+            threshold,
+        });
+    }
+    if let (Some(frac), Some(max)) = (a.active_prefill_tokens_threshold_frac, c.capacity.max_num_batched_tokens) {
+        let limit = frac * max as f64;
+        if c.active_prefill_tokens as f64 > limit {
+            return Some(Busy::PrefillTokensFrac {
+                active_prefill_tokens: c.active_prefill_tokens,
+                limit,
+            });
+        }
+    }
+    None
+}
+
+/// Scores every candidate (busy ones too, for the explanation) and selects one.
+pub fn schedule(
+    weights: &CostWeights,
+    admission: &AdmissionConfig,
+    req: ScoreRequest,
+    candidates: &[CandidateInput],
+    rng: &mut dyn RandomSource,
+) -> (Outcome, Explanation) {
+    let bs = req.block_size.max(1) as f64;
+    let request_blocks = req.request_blocks().max(1) as f64;
+    let busy: Vec<Option<Busy>> = candidates.iter().map(|c| busy(admission, c)).collect();
+    let min_active_prefill = candidates
+        .iter()
+        .zip(&busy)
+        .filter(|(_, b)| b.is_none())
+        .map(|(c, _)| c.active_prefill_tokens)
+        .min()
+        .unwrap_or(0);
+
+    let mut scores: Vec<CandidateScore> = candidates
+        .iter()
+        .zip(&busy)
+        .map(|(c, b)| {
+            let decay = if weights.track_prefill_tokens && weights.overlap_score_credit_decay > 0.0 {
+                let excess = c.active_prefill_tokens.saturating_sub(min_active_prefill) as f64 / bs;
+                1.0 / (1.0 + weights.overlap_score_credit_decay * excess / request_blocks)
+            } else {
+                1.0
+            };
+            let overlap = c.overlap.device();
+            let credit_blocks = weights.overlap_score_credit * decay * f64::from(overlap);
+            let prefill_blocks = if weights.track_prefill_tokens {
+                (c.active_prefill_tokens as f64 + req.isl_tokens as f64) / bs
+            } else {
+                0.0
+            };
+            let decode_blocks = if weights.track_active_blocks {
+                c.active_blocks as f64 + c.output_blocks + c.new_blocks as f64
+            } else {
+                0.0
+            };
+            let cost =
+                weights.prefill_load_scale * (prefill_blocks - credit_blocks).max(0.0) + decode_blocks;
+            CandidateScore {
+                worker: c.worker,
+                overlap_blocks: overlap,
+                host_overlap_blocks: c.overlap.get(crate::ids::StorageTier::HostPinned),
+                disk_overlap_blocks: c.overlap.get(crate::ids::StorageTier::Disk),
+                active_prefill_tokens: c.active_prefill_tokens,
+                active_blocks: c.active_blocks,
+                output_blocks: c.output_blocks,
+                new_blocks: c.new_blocks,
+                prefill_blocks,
+                decay,
+                credit_blocks,
+                decode_blocks,
+                cost,
+                probability: None,
+                busy: *b,
+            }
+        })
+        .collect();
+
+    let mut explanation = Explanation {
+        isl_tokens: req.isl_tokens,
+        request_blocks: req.request_blocks(),
+        block_size: req.block_size,
+        temperature: weights.temperature,
+        min_active_prefill_tokens: min_active_prefill,
+        candidates: Vec::new(),
+        chosen: None,
+    };
+    if candidates.is_empty() {
+        return (Outcome::NoCandidates, explanation);
+    }
+    let eligible: Vec<usize> = (0..scores.len()).filter(|&i| scores[i].busy.is_none()).collect();
+    if eligible.is_empty() {
+        explanation.candidates = scores;
+        return (Outcome::Overloaded, explanation);
+    }
+
+    let chosen = if weights.temperature > 0.0 {
+        sample_softmax(&mut scores, &eligible, weights.temperature, rng)
+    } else {
+        argmin_random_ties(&scores, &eligible, rng)
+    };
+
+    // Fallbacks: the other eligible candidates by cost, ties by worker for stable output.
+    let mut rest: Vec<usize> = eligible.iter().copied().filter(|&i| i != chosen).collect();
+    rest.sort_by(|&a, &b| {
+        scores[a]
+            .cost
+            .total_cmp(&scores[b].cost)
+            .then(scores[a].worker.cmp(&scores[b].worker))
+    });
+    let mut ranked = Vec::with_capacity(eligible.len());
+    ranked.push(scores[chosen].worker);
+    ranked.extend(rest.iter().map(|&i| scores[i].worker));
+    explanation.chosen = Some(scores[chosen].worker);
+    explanation.candidates = scores;
+    (Outcome::Chosen { ranked }, explanation)
+}
+
+fn argmin_random_ties(scores: &[CandidateScore], eligible: &[usize], rng: &mut dyn RandomSource) -> usize {
+    let min = eligible
+        .iter()
+        .map(|&i| scores[i].cost)
+        .fold(f64::INFINITY, f64::min);
+    let ties: Vec<usize> = eligible.iter().copied().filter(|&i| scores[i].cost == min).collect();
+    if ties.len() == 1 {
+        ties[0]
+    } else {
+        ties[rng.below(ties.len())]
+    }
+}
+
+fn sample_softmax(
+    scores: &mut [CandidateScore],
+    eligible: &[usize],
+    temperature: f64,
+    rng: &mut dyn RandomSource,
+) -> usize {
+    let (min, max) = eligible.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &i| {
+        (lo.min(scores[i].cost), hi.max(scores[i].cost))
+    });
+    let range = max - min;
+    let weights: Vec<f64> = if range > 0.0 && range.is_finite() {
+        eligible
+            .iter()
+            .map(|&i| (-(scores[i].cost - min) / (range * temperature)).exp())
+            .collect()
+    } else {
+        vec![1.0; eligible.len()]
+    };
+    let total: f64 = weights.iter().sum();
+    for (k, &i) in eligible.iter().enumerate() {
+        scores[i].probability = Some(weights[k] / total);
+    }
+    let mut u = rng.next_f64() * total;
+    for (k, &i) in eligible.iter().enumerate() {
+        u -= weights[k];
+        if u < 0.0 {
+            return i;
+        }
+    }
+    eligible[eligible.len() - 1]
+}

@@ -1,0 +1,478 @@
+//! Every router knob's effect on decisions, checked through the scheduler and the `Router`.
+
+use kvgate_core::config::{AdmissionConfig, AdmissionMode, RouterConfig};
+use kvgate_core::hashing::{BlockHashes, HashSeed};
+use kvgate_core::index::TierOverlap;
+use kvgate_core::random::SplitMix64;
+use kvgate_core::router::{RouteError, RouteRequest, Router, WorkerInfo, WorkerRole};
+use kvgate_core::scheduler::{
+    Busy, CandidateInput, CostWeights, Outcome, ScoreRequest, WorkerCapacity, schedule,
+};
+use kvgate_core::{
+    ExternalHash, KvEvent, KvEventData, RequestId, StorageTier, StoredBlock, WorkerId, WorkerRank,
+};
+use proptest::prelude::*;
+use std::time::{Duration, Instant};
+
+const BS: usize = 16;
+const A: WorkerRank = WorkerRank::new(1, 0);
+const B: WorkerRank = WorkerRank::new(2, 0);
+const C: WorkerRank = WorkerRank::new(3, 0);
+
+fn cand(worker: WorkerRank, overlap: u32, prefill: u64, active: usize, new: usize) -> CandidateInput {
+    CandidateInput {
+        worker,
+        overlap: TierOverlap([overlap, 0, 0, 0]),
+        active_prefill_tokens: prefill,
+        active_blocks: active,
+        output_blocks: 0.0,
+        new_blocks: new,
+        capacity: WorkerCapacity { total_kv_blocks: Some(1000), max_num_batched_tokens: Some(8192) },
+    }
+}
+
+fn weights(f: impl FnOnce(&mut RouterConfig)) -> CostWeights {
+    let mut c = RouterConfig::default();
+    f(&mut c);
+    CostWeights::from(&c)
+}
+
+fn req(isl: usize) -> ScoreRequest {
+    ScoreRequest { isl_tokens: isl, block_size: BS }
+}
+
+fn run(w: &CostWeights, cands: &[CandidateInput], isl: usize) -> (Outcome, kvgate_core::scheduler::Explanation) {
+    schedule(w, &AdmissionConfig::default(), req(isl), cands, &mut SplitMix64::new(1))
+}
+
+fn chosen(o: &Outcome) -> WorkerRank {
+    match o {
+        Outcome::Chosen { ranked } => ranked[0],
+        other => panic!("expected a choice, got {other:?}"),
+    }
+}
+
+fn cost_of(e: &kvgate_core::scheduler::Explanation, w: WorkerRank) -> f64 {
+    e.candidates.iter().find(|c| c.worker == w).unwrap().cost
+}
+
+#[test]
+fn cost_matches_the_documented_formula() {
+    // A: 10 overlap blocks, 320 active prefill tokens, 40 active blocks, 22 new.
+    let (_, e) = run(&weights(|_| {}), &[cand(A, 10, 320, 40, 22), cand(B, 0, 0, 0, 32)], 512);
+    // prefill = (320 + 512) / 16 = 52 blocks, credit 10, decode = 40 + 22
+    assert_eq!(cost_of(&e, A), (52.0 - 10.0) + 62.0);
+    assert_eq!(cost_of(&e, B), 32.0 + 32.0);
+    assert_eq!(e.request_blocks, 32);
+}
+
+#[test]
+fn overlap_wins_by_default_and_credit_zero_ignores_it() {
+    let cands = [cand(A, 20, 0, 0, 12), cand(B, 0, 0, 0, 32)];
+    let (o, _) = run(&weights(|_| {}), &cands, 512);
+    assert_eq!(chosen(&o), A);
+    let (_, e) = run(&weights(|c| c.overlap_score_credit = 0.0), &[cand(A, 20, 0, 0, 32), cand(B, 0, 0, 0, 32)], 512);
+    assert_eq!(cost_of(&e, A), cost_of(&e, B), "credit 0: overlap changes nothing");
+    // credit above 1 amplifies the overlap
+    let (_, e2) = run(&weights(|c| c.overlap_score_credit = 2.0), &cands, 512);
+    assert_eq!(cost_of(&e2, A), (32.0 - 40.0f64).max(0.0) + 12.0);
+}
+
+#[test]
+fn credit_decay_shrinks_credit_for_loaded_workers() {
+    // A caches 16 blocks but has 512 prefill tokens queued (32 blocks above B).
+    let cands = [cand(A, 16, 512, 0, 16), cand(B, 0, 0, 0, 32)];
+    let (_, e0) = run(&weights(|_| {}), &cands, 512);
+    let a0 = e0.candidates.iter().find(|c| c.worker == A).unwrap();
+    assert_eq!(a0.decay, 1.0);
+    assert_eq!(a0.credit_blocks, 16.0);
+    let (o, e) = run(&weights(|c| c.overlap_score_credit_decay = 1.0), &cands, 512);
+    let a = e.candidates.iter().find(|c| c.worker == A).unwrap();
+    // decay = 1 / (1 + 1.0 * (512/16) / 32) = 0.5
+    assert_eq!(a.decay, 0.5);
+    assert_eq!(a.credit_blocks, 8.0);
+    assert_eq!(e.candidates.iter().find(|c| c.worker == B).unwrap().decay, 1.0);
+    assert_eq!(e.min_active_prefill_tokens, 0);
+    assert!(cost_of(&e, A) > cost_of(&e0, A));
+    assert_eq!(chosen(&o), B);
+}
+
+#[test]
+fn prefill_scale_zero_ignores_prompt_load() {
+    // A has a huge prefill queue but fewer decode blocks: with scale 0 only decode load counts.
+    let cands = [cand(A, 0, 100_000, 10, 32), cand(B, 0, 0, 50, 32)];
+    let (o, _) = run(&weights(|_| {}), &cands, 512);
+    assert_eq!(chosen(&o), B);
+    let (o, e) = run(&weights(|c| c.prefill_load_scale = 0.0), &cands, 512);
+    assert_eq!(chosen(&o), A);
+    assert_eq!(cost_of(&e, A), 42.0);
+    // and scale 2 doubles the prompt side
+    let (_, e2) = run(&weights(|c| c.prefill_load_scale = 2.0), &[cand(A, 4, 0, 0, 28)], 512);
+    assert_eq!(cost_of(&e2, A), 2.0 * (32.0 - 4.0) + 28.0);
+}
+
+#[test]
+fn track_prefill_tokens_off_drops_the_prompt_term() {
+    let cands = [cand(A, 0, 100_000, 10, 32), cand(B, 30, 0, 50, 2)];
+    let (_, e) = run(&weights(|c| c.track_prefill_tokens = false), &cands, 512);
+    assert_eq!(cost_of(&e, A), 42.0);
+    assert_eq!(cost_of(&e, B), 52.0);
+    assert!(e.candidates.iter().all(|c| c.prefill_blocks == 0.0));
+}
+
+#[test]
+fn track_active_blocks_off_drops_the_decode_term() {
+    let cands = [cand(A, 0, 0, 900, 32), cand(B, 0, 16, 0, 32)];
+    let (o, _) = run(&weights(|_| {}), &cands, 512);
+    assert_eq!(chosen(&o), B);
+    let (o, e) = run(&weights(|c| c.track_active_blocks = false), &cands, 512);
+    assert_eq!(chosen(&o), A);
+    assert!(e.candidates.iter().all(|c| c.decode_blocks == 0.0));
+}
+
+#[test]
+fn temperature_zero_breaks_ties_uniformly() {
+    let cands = [cand(A, 0, 0, 0, 32), cand(B, 0, 0, 0, 32), cand(C, 0, 0, 0, 32)];
+    let w = weights(|_| {});
+    let mut rng = SplitMix64::new(9);
+    let mut counts = [0usize; 3];
+    let n = 30_000;
+    for _ in 0..n {
+        let (o, _) = schedule(&w, &AdmissionConfig::default(), req(512), &cands, &mut rng);
+        counts[(chosen(&o).worker.0 - 1) as usize] += 1;
+    }
+    for c in counts {
+        let f = c as f64 / n as f64;
+        assert!((f - 1.0 / 3.0).abs() < 0.015, "{counts:?}");
+    }
+}
+
+#[test]
+fn temperature_spreads_choices_by_the_formula() {
+    // costs 64, 48, 32 (no overlap, different decode loads)
+    let cands = [cand(A, 0, 0, 32, 0), cand(B, 0, 0, 16, 0), cand(C, 0, 0, 0, 0)];
+    for t in [0.5, 1.0, 4.0] {
+        let w = weights(|c| c.temperature = t);
+        let costs = [64.0f64, 48.0, 32.0];
+        let z: f64 = costs.iter().map(|c| (-(c - 32.0) / (32.0 * t)).exp()).sum();
+        let want: Vec<f64> = costs.iter().map(|c| (-(c - 32.0) / (32.0 * t)).exp() / z).collect();
+        let mut rng = SplitMix64::new(5);
+        let mut counts = [0usize; 3];
+        let n = 40_000;
+        let mut reported = None;
+        for _ in 0..n {
+            let (o, e) = schedule(&w, &AdmissionConfig::default(), req(0), &cands, &mut rng);
+            counts[(chosen(&o).worker.0 - 1) as usize] += 1;
+            reported.get_or_insert_with(|| e.candidates.iter().map(|c| c.probability.unwrap()).collect::<Vec<_>>());
+        }
+        let reported = reported.unwrap();
+        for i in 0..3 {
+            assert!((reported[i] - want[i]).abs() < 1e-12);
+            let f = counts[i] as f64 / n as f64;
+            assert!((f - want[i]).abs() < 0.012, "T={t} i={i}: {f} vs {}", want[i]);
+        }
+    }
+    // all costs equal: uniform even at T > 0
+    let eq = [cand(A, 0, 0, 0, 0), cand(B, 0, 0, 0, 0)];
+    let (_, e) = schedule(&weights(|c| c.temperature = 1.0), &AdmissionConfig::default(), req(0), &eq, &mut SplitMix64::new(1));
+    assert!(e.candidates.iter().all(|c| c.probability == Some(0.5)));
+}
+
+fn admission(f: impl FnOnce(&mut AdmissionConfig)) -> AdmissionConfig {
+    let mut a = AdmissionConfig { mode: AdmissionMode::TokenCapacity, ..Default::default() };
+    f(&mut a);
+    a
+}
+
+#[test]
+fn admission_thresholds_exclude_the_right_workers() {
+    let w = weights(|_| {});
+    let mut rng = SplitMix64::new(1);
+    // A: 901/1000 blocks active (busy above 0.9), B: 900 exactly (not busy: strict >), C idle.
+    let cands = [cand(A, 0, 0, 901, 0), cand(B, 0, 0, 900, 0), cand(C, 0, 5000, 0, 0)];
+    let (o, e) = schedule(&w, &admission(|a| a.active_decode_blocks_threshold = Some(0.9)), req(16), &cands, &mut rng);
+    assert!(matches!(e.candidates[0].busy, Some(Busy::DecodeBlocks { .. })));
+    assert!(e.candidates[1].busy.is_none());
+    assert!(!matches!(&o, Outcome::Chosen { ranked } if ranked.contains(&A)));
+    // absolute prefill threshold
+    let (o, e) = schedule(&w, &admission(|a| a.active_prefill_tokens_threshold = Some(4096)), req(16), &cands, &mut rng);
+    assert!(matches!(e.candidates[2].busy, Some(Busy::PrefillTokens { active_prefill_tokens: 5000, threshold: 4096 })));
+    assert!(matches!(&o, Outcome::Chosen { ranked } if !ranked.contains(&C) && ranked.len() == 2));
+    // fractional prefill threshold: 0.5 * 8192 = 4096
+    let (_, e) = schedule(&w, &admission(|a| a.active_prefill_tokens_threshold_frac = Some(0.5)), req(16), &cands, &mut rng);
+    assert!(matches!(e.candidates[2].busy, Some(Busy::PrefillTokensFrac { .. })));
+    // admission off: nobody is busy whatever the load
+    let (_, e) = schedule(&w, &AdmissionConfig::default(), req(16), &cands, &mut rng);
+    assert!(e.candidates.iter().all(|c| c.busy.is_none()));
+    // the decode threshold alone enables token-capacity
+    let implicit = AdmissionConfig { active_decode_blocks_threshold: Some(0.9), ..Default::default() };
+    let (_, e) = schedule(&w, &implicit, req(16), &cands, &mut rng);
+    assert!(e.candidates[0].busy.is_some());
+}
+
+#[test]
+fn all_busy_is_overloaded_and_distinct_from_no_workers() {
+    let w = weights(|_| {});
+    let a = admission(|a| a.active_prefill_tokens_threshold = Some(100));
+    let cands = [cand(A, 0, 101, 0, 0), cand(B, 0, 500, 0, 0)];
+    let (o, e) = schedule(&w, &a, req(16), &cands, &mut SplitMix64::new(1));
+    assert_eq!(o, Outcome::Overloaded);
+    assert_eq!(e.candidates.len(), 2);
+    let (o, _) = schedule(&w, &a, req(16), &[], &mut SplitMix64::new(1));
+    assert_eq!(o, Outcome::NoCandidates);
+}
+
+#[test]
+fn ranked_fallbacks_are_by_cost() {
+    let cands = [cand(A, 0, 0, 30, 0), cand(B, 0, 0, 10, 0), cand(C, 0, 0, 20, 0)];
+    let (o, _) = run(&weights(|_| {}), &cands, 16);
+    assert_eq!(o, Outcome::Chosen { ranked: vec![B, C, A] });
+}
+
+// ---------------- property tests ----------------
+
+fn arb_cand(i: u64) -> impl Strategy<Value = CandidateInput> {
+    (0u32..64, 0u64..20_000, 0usize..1000, 0usize..64, 0u32..4).prop_map(move |(o, p, a, n, out)| CandidateInput {
+        worker: WorkerRank::new(i, 0),
+        overlap: TierOverlap([o, 0, 0, 0]),
+        active_prefill_tokens: p,
+        active_blocks: a,
+        output_blocks: f64::from(out),
+        new_blocks: n,
+        capacity: WorkerCapacity { total_kv_blocks: Some(1000), max_num_batched_tokens: Some(8192) },
+    })
+}
+
+fn arb_weights() -> impl Strategy<Value = CostWeights> {
+    (0.0f64..3.0, 0.0f64..2.0, 0.0f64..3.0, any::<bool>(), any::<bool>()).prop_map(|(c, d, s, tp, ta)| CostWeights {
+        overlap_score_credit: c,
+        overlap_score_credit_decay: d,
+        prefill_load_scale: s,
+        track_prefill_tokens: tp,
+        track_active_blocks: ta,
+        temperature: 0.0,
+    })
+}
+
+proptest! {
+    #[test]
+    fn choice_is_a_cheapest_eligible_worker(
+        w in arb_weights(),
+        cands in (0u64..8).prop_flat_map(|n| (0..n.max(1)).map(arb_cand).collect::<Vec<_>>()),
+        threshold in prop_oneof![Just(None), (0u64..20_000).prop_map(Some)],
+        isl in 0usize..4096,
+        seed in any::<u64>(),
+    ) {
+        let a = AdmissionConfig { mode: AdmissionMode::TokenCapacity, active_prefill_tokens_threshold: threshold.filter(|&t| t > 0), ..Default::default() };
+        let (o, e) = schedule(&w, &a, req(isl), &cands, &mut SplitMix64::new(seed));
+        let eligible: Vec<_> = e.candidates.iter().filter(|c| c.busy.is_none()).collect();
+        match o {
+            Outcome::Chosen { ranked } => {
+                let min = eligible.iter().map(|c| c.cost).fold(f64::INFINITY, f64::min);
+                let best = e.candidates.iter().find(|c| c.worker == ranked[0]).unwrap();
+                prop_assert!(best.busy.is_none());
+                prop_assert_eq!(best.cost, min);
+                prop_assert_eq!(ranked.len(), eligible.len());
+                for pair in ranked[1..].windows(2) {
+                    let c0 = e.candidates.iter().find(|c| c.worker == pair[0]).unwrap().cost;
+                    let c1 = e.candidates.iter().find(|c| c.worker == pair[1]).unwrap().cost;
+                    prop_assert!(c0 <= c1);
+                }
+                for c in &e.candidates {
+                    prop_assert!(c.cost.is_finite() && c.cost >= 0.0);
+                }
+            }
+            Outcome::Overloaded => prop_assert!(eligible.is_empty() && !cands.is_empty()),
+            Outcome::NoCandidates => prop_assert!(cands.is_empty()),
+        }
+    }
+
+    #[test]
+    fn more_overlap_never_costs_more(w in arb_weights(), c in arb_cand(1), extra in 1u32..32, isl in 0usize..4096) {
+        let mut more = c;
+        more.overlap = TierOverlap([c.overlap.device() + extra, 0, 0, 0]);
+        let (_, e1) = schedule(&w, &AdmissionConfig::default(), req(isl), &[c], &mut SplitMix64::new(0));
+        let (_, e2) = schedule(&w, &AdmissionConfig::default(), req(isl), &[more], &mut SplitMix64::new(0));
+        prop_assert!(e2.candidates[0].cost <= e1.candidates[0].cost);
+    }
+}
+
+// ---------------- through the Router ----------------
+
+fn router(f: impl FnOnce(&mut RouterConfig)) -> Router {
+    let mut c = RouterConfig::default();
+    f(&mut c);
+    c.validate().unwrap();
+    let mut r = Router::new(c, BS);
+    for id in [1, 2] {
+        r.upsert_worker(WorkerInfo {
+            id: WorkerId(id),
+            dp_size: 1,
+            role: WorkerRole::Aggregated,
+            capacity: WorkerCapacity { total_kv_blocks: Some(1000), max_num_batched_tokens: Some(8192) },
+        });
+    }
+    r
+}
+
+fn prompt(tag: u32, blocks: usize) -> BlockHashes {
+    let toks: Vec<u32> = (0..(blocks * BS) as u32).map(|i| i ^ (tag << 20)).collect();
+    BlockHashes::from_tokens(&toks, BS, HashSeed::default())
+}
+
+fn stored_event(w: WorkerRank, h: &BlockHashes) -> KvEvent {
+    KvEvent {
+        source: w,
+        event_id: 1,
+        tier: StorageTier::Device,
+        data: KvEventData::Stored {
+            parent: None,
+            blocks: h
+                .locals()
+                .iter()
+                .zip(h.seqs())
+                .map(|(&local, s)| StoredBlock { hash: ExternalHash(s.0 ^ 1), local })
+                .collect(),
+        },
+    }
+}
+
+fn route(r: &mut Router, id: &str, h: &BlockHashes, now: Instant) -> Result<kvgate_core::router::Decision, RouteError> {
+    r.route(
+        RouteRequest { request: &RequestId::from(id), hashes: h, expected_output_tokens: Some(256), allowed: None, book: true },
+        now,
+        &mut SplitMix64::new(3),
+    )
+}
+
+#[test]
+fn events_steer_requests_to_the_cache() {
+    let mut r = router(|_| {});
+    let h = prompt(1, 8);
+    r.apply_event(&stored_event(B, &h));
+    let d = route(&mut r, "x", &h, Instant::now()).unwrap();
+    assert_eq!(d.worker, B);
+    assert_eq!(d.overlap_blocks, 8);
+    assert_eq!(d.predicted_cached_tokens, 128);
+    assert_eq!(r.load().load(&B).unwrap().prefill_tokens, 0);
+    assert_eq!(r.load().load(&B).unwrap().active_blocks(), 8);
+    r.prefill_complete(&"x".into());
+    r.free(&"x".into());
+    assert!(r.load().load(&B).is_none());
+    assert_eq!(route(&mut r, "x", &h, Instant::now()).unwrap().worker, B);
+    assert_eq!(route(&mut r, "x", &h, Instant::now()), Err(RouteError::DuplicateRequest));
+}
+
+#[test]
+fn approximate_mode_follows_decisions_until_ttl() {
+    let mut r = router(|c| {
+        c.use_kv_events = false;
+        c.approx_ttl = Duration::from_secs(120);
+    });
+    let t0 = Instant::now();
+    let h = prompt(2, 8);
+    // events are ignored in approximate mode
+    r.apply_event(&stored_event(B, &h));
+    assert_eq!(r.index().num_nodes(), 0);
+    let first = route(&mut r, "a", &h, t0).unwrap().worker;
+    r.free(&"a".into());
+    let d = route(&mut r, "b", &h, t0 + Duration::from_secs(1)).unwrap();
+    assert_eq!(d.worker, first);
+    assert_eq!(d.overlap_blocks, 8);
+    r.free(&"b".into());
+    // after the TTL the prediction is gone
+    let d = route(&mut r, "c", &h, t0 + Duration::from_secs(200)).unwrap();
+    assert_eq!(d.overlap_blocks, 0);
+}
+
+#[test]
+fn predicted_ttl_covers_the_gap_before_events() {
+    let t0 = Instant::now();
+    let h = prompt(3, 8);
+    // without predicted TTL: the second request sees no overlap until events arrive
+    let mut plain = router(|_| {});
+    route(&mut plain, "a", &h, t0).unwrap();
+    assert_eq!(route(&mut plain, "b", &h, t0).unwrap().overlap_blocks, 0);
+    let mut r = router(|c| c.predicted_ttl = Some(Duration::from_secs(5)));
+    let w = route(&mut r, "a", &h, t0).unwrap().worker;
+    r.free(&"a".into());
+    let d = route(&mut r, "b", &h, t0 + Duration::from_secs(1)).unwrap();
+    assert_eq!((d.worker, d.overlap_blocks), (w, 8));
+    r.free(&"b".into());
+    assert_eq!(route(&mut r, "c", &h, t0 + Duration::from_secs(10)).unwrap().overlap_blocks, 0);
+}
+
+#[test]
+fn track_output_blocks_adds_predicted_decode_load() {
+    let t0 = Instant::now();
+    let mut on = router(|c| c.track_output_blocks = true);
+    let h = prompt(4, 4);
+    let d = route(&mut on, "a", &h, t0).unwrap();
+    // 256 expected output tokens = 16 blocks predicted
+    assert_eq!(on.load().load(&d.worker).unwrap().output_blocks, 16.0);
+    on.record_output(&"a".into(), 128);
+    assert_eq!(on.load().load(&d.worker).unwrap().output_blocks, 8.0);
+    let mut off = router(|_| {});
+    let d = route(&mut off, "a", &h, t0).unwrap();
+    assert_eq!(off.load().load(&d.worker).unwrap().output_blocks, 0.0);
+}
+
+#[test]
+fn subset_hint_and_worker_removal() {
+    let mut r = router(|_| {});
+    let h = prompt(5, 4);
+    r.apply_event(&stored_event(B, &h));
+    let allowed = [A];
+    let d = r
+        .route(
+            RouteRequest { request: &"s".into(), hashes: &h, expected_output_tokens: None, allowed: Some(&allowed), book: true },
+            Instant::now(),
+            &mut SplitMix64::new(1),
+        )
+        .unwrap();
+    assert_eq!(d.worker, A);
+    let none: [WorkerRank; 0] = [];
+    let e = r.route(
+        RouteRequest { request: &"t".into(), hashes: &h, expected_output_tokens: None, allowed: Some(&none), book: true },
+        Instant::now(),
+        &mut SplitMix64::new(1),
+    );
+    assert_eq!(e, Err(RouteError::NoWorkers));
+    let dropped = r.remove_worker(WorkerId(1));
+    assert_eq!(dropped, vec![RequestId::from("s")]);
+    r.remove_worker(WorkerId(2));
+    assert_eq!(r.index().num_nodes(), 0);
+    assert_eq!(route(&mut r, "u", &h, Instant::now()), Err(RouteError::NoWorkers));
+}
+
+#[test]
+fn overloaded_router_refuses_with_explanation() {
+    let mut r = router(|c| c.admission = AdmissionConfig { active_prefill_tokens_threshold: Some(100), mode: AdmissionMode::TokenCapacity, ..Default::default() });
+    let t0 = Instant::now();
+    route(&mut r, "a", &prompt(6, 8), t0).unwrap();
+    route(&mut r, "b", &prompt(7, 8), t0).unwrap();
+    match route(&mut r, "c", &prompt(8, 8), t0) {
+        Err(RouteError::Overloaded(e)) => assert!(e.candidates.iter().all(|c| c.busy.is_some())),
+        other => panic!("{other:?}"),
+    }
+    // prefill completion frees the prefill budget
+    r.prefill_complete(&"a".into());
+    assert!(route(&mut r, "c", &prompt(8, 8), t0).is_ok());
+}
+
+#[test]
+fn dp_ranks_are_candidates() {
+    let mut r = Router::new(RouterConfig::default(), BS);
+    r.upsert_worker(WorkerInfo { id: WorkerId(9), dp_size: 2, role: WorkerRole::Aggregated, capacity: WorkerCapacity::default() });
+    let h = prompt(9, 4);
+    r.apply_event(&stored_event(WorkerRank::new(9, 1), &h));
+    let d = route(&mut r, "a", &h, Instant::now()).unwrap();
+    assert_eq!(d.worker, WorkerRank::new(9, 1));
+    assert_eq!(d.ranked, vec![WorkerRank::new(9, 1), WorkerRank::new(9, 0)]);
+    // prefill-only workers are not candidates for aggregated routing
+    r.upsert_worker(WorkerInfo { id: WorkerId(10), dp_size: 1, role: WorkerRole::Prefill, capacity: WorkerCapacity::default() });
+    assert_eq!(r.targets(&[WorkerRole::Aggregated, WorkerRole::Decode]).len(), 2);
+    // shrinking dp_size drops the vanished rank's cache
+    r.upsert_worker(WorkerInfo { id: WorkerId(9), dp_size: 1, role: WorkerRole::Aggregated, capacity: WorkerCapacity::default() });
+    assert_eq!(r.index().num_blocks(WorkerRank::new(9, 1), StorageTier::Device), 0);
+}
