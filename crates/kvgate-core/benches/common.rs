@@ -1,5 +1,6 @@
 //! Synthetic cluster workloads shared by the benches.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 #![allow(dead_code)]
 
 use kvgate_core::hashing::{next_seq_hash, seq_hash_after};
@@ -12,7 +13,11 @@ use kvgate_core::{
 /// Local hash of the `j`-th block of conversation `conv` (conversations share a system prompt
 /// of `shared` blocks drawn from a few templates).
 pub fn block_local(conv: u64, j: usize, shared: usize) -> LocalHash {
-    let owner = if j < shared { conv % 16 } else { conv + 1_000_000 };
+    let owner = if j < shared {
+        conv % 16
+    } else {
+        conv + 1_000_000
+    };
     LocalHash(
         (owner ^ ((j as u64) << 40))
             .wrapping_mul(0x9E37_79B9_7F4A_7C15)
@@ -65,7 +70,10 @@ pub fn worker_events(
                 blocks: locals
                     .iter()
                     .zip(&seqs)
-                    .map(|(&local, &s)| StoredBlock { hash: ext_of(s), local })
+                    .map(|(&local, &s)| StoredBlock {
+                        hash: ext_of(s),
+                        local,
+                    })
                     .collect(),
             },
         });
@@ -82,7 +90,16 @@ pub fn cluster_events(
 ) -> Vec<KvEvent> {
     let mut rng = SplitMix64::new(rng_seed);
     (0..workers)
-        .flat_map(|w| worker_events(w, workers, convs_per_worker, blocks_per_conv, shared, &mut rng))
+        .flat_map(|w| {
+            worker_events(
+                w,
+                workers,
+                convs_per_worker,
+                blocks_per_conv,
+                shared,
+                &mut rng,
+            )
+        })
         .collect()
 }
 

@@ -1,18 +1,26 @@
 //! Memory and build time of the prefix index at cluster scale (default 1,000 workers x 16,384
 //! blocks each), printed as figures. `cargo bench -p kvgate-core --bench index_memory [-- WORKERS BLOCKS]`
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::*;
 use std::time::Instant;
 
 fn main() {
-    let args: Vec<u64> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let args: Vec<u64> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
     let workers = args.first().copied().unwrap_or(1000);
     let blocks_per_worker = args.get(1).copied().unwrap_or(16_384);
     let blocks_per_conv = 256usize;
     let convs = blocks_per_worker / blocks_per_conv as u64;
-    for (label, shared) in [("system-prompt-shared (8 blocks)", 8usize), ("no sharing", 0)] {
+    for (label, shared) in [
+        ("system-prompt-shared (8 blocks)", 8usize),
+        ("no sharing", 0),
+    ] {
         let mut idx = kvgate_core::index::PrefixIndex::new();
         let t = Instant::now();
         let mut pairs = 0u64;

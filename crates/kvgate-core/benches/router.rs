@@ -2,6 +2,8 @@
 //!
 //! `cargo bench -p kvgate-core --bench router`
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::*;
@@ -11,7 +13,9 @@ use std::hint::black_box;
 
 fn hashing(c: &mut Criterion) {
     let mut g = c.benchmark_group("hash");
-    let tokens: Vec<u32> = (0..8192u32).map(|i| i.wrapping_mul(2_654_435_761) % 151_936).collect();
+    let tokens: Vec<u32> = (0..8192u32)
+        .map(|i| i.wrapping_mul(2_654_435_761) % 151_936)
+        .collect();
     for bs in [16usize, 64] {
         g.throughput(Throughput::Elements(tokens.len() as u64));
         g.bench_with_input(BenchmarkId::new("8k_tokens_block", bs), &bs, |b, &bs| {
@@ -28,7 +32,9 @@ fn events(c: &mut Criterion) {
     let blocks: u64 = 64 * 32 * 64;
     g.throughput(Throughput::Elements(evs.len() as u64));
     g.sample_size(20);
-    g.bench_function("stored_events_64_blocks_each", |b| b.iter(|| build_index(black_box(&evs))));
+    g.bench_function("stored_events_64_blocks_each", |b| {
+        b.iter(|| build_index(black_box(&evs)))
+    });
     g.throughput(Throughput::Elements(blocks));
     g.bench_function("stored_then_removed_blocks", |b| {
         b.iter_batched(
@@ -71,5 +77,73 @@ fn matches(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, hashing, events, matches);
+fn decision(c: &mut Criterion) {
+    use kvgate_core::config::RouterConfig;
+    use kvgate_core::random::SplitMix64;
+    use kvgate_core::router::{RouteRequest, Router, WorkerInfo, WorkerRole};
+    use kvgate_core::scheduler::WorkerCapacity;
+    use kvgate_core::{RequestId, WorkerId};
+    use std::time::Instant;
+
+    let mut g = c.benchmark_group("route_decision_8k_prompt");
+    for workers in [16u64, 100, 1000] {
+        let mut router = Router::new(RouterConfig::default(), 16);
+        for w in 0..workers {
+            router.upsert_worker(WorkerInfo {
+                id: WorkerId(w),
+                dp_size: 1,
+                role: WorkerRole::Aggregated,
+                capacity: WorkerCapacity {
+                    total_kv_blocks: Some(16_384),
+                    max_num_batched_tokens: Some(8192),
+                },
+            });
+        }
+        for e in cluster_events(workers, 16, 256, 8, 3) {
+            router.apply_event(&e);
+        }
+        // 8,192-token prompt = 512 blocks; book some load so every term is exercised.
+        let tokens: Vec<u32> = (0..8192u32)
+            .map(|i| i.wrapping_mul(2_654_435_761) % 151_936)
+            .collect();
+        let hashes = BlockHashes::from_tokens(&tokens, 16, HashSeed::default());
+        let mut rng = SplitMix64::new(1);
+        let now = Instant::now();
+        for i in 0..workers * 2 {
+            let id = RequestId::from(format!("warm-{i}"));
+            let _ = router.route(
+                RouteRequest {
+                    request: &id,
+                    hashes: &hashes,
+                    expected_output_tokens: None,
+                    allowed: None,
+                    book: true,
+                },
+                now,
+                &mut rng,
+            );
+        }
+        let id = RequestId::from("probe");
+        g.bench_with_input(BenchmarkId::new("workers", workers), &workers, |b, _| {
+            b.iter(|| {
+                router
+                    .route(
+                        RouteRequest {
+                            request: &id,
+                            hashes: black_box(&hashes),
+                            expected_output_tokens: None,
+                            allowed: None,
+                            book: false,
+                        },
+                        now,
+                        &mut rng,
+                    )
+                    .map(|d| d.worker)
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, hashing, events, matches, decision);
 criterion_main!(benches);

@@ -194,11 +194,7 @@ fn fraction(knob: &Knob, v: f64) -> Result<(), ConfigError> {
     if v.is_finite() && v > 0.0 && v <= 1.0 {
         Ok(())
     } else {
-        Err(ConfigError::new(
-            knob,
-            v,
-            "must be a fraction in (0, 1]",
-        ))
+        Err(ConfigError::new(knob, v, "must be a fraction in (0, 1]"))
     }
 }
 
@@ -212,14 +208,14 @@ impl RouterConfig {
         if let Some(v) = self.admission.active_decode_blocks_threshold {
             fraction(&ACTIVE_DECODE_BLOCKS_THRESHOLD, v)?;
         }
-        if let Some(v) = self.admission.active_prefill_tokens_threshold_frac {
-            if !(v.is_finite() && v > 0.0) {
-                return Err(ConfigError::new(
-                    &ACTIVE_PREFILL_TOKENS_THRESHOLD_FRAC,
-                    v,
-                    "must be a finite number > 0 (a fraction of max_num_batched_tokens; above 1 allows queueing)",
-                ));
-            }
+        if let Some(v) = self.admission.active_prefill_tokens_threshold_frac
+            && !(v.is_finite() && v > 0.0)
+        {
+            return Err(ConfigError::new(
+                &ACTIVE_PREFILL_TOKENS_THRESHOLD_FRAC,
+                v,
+                "must be a finite number > 0 (a fraction of max_num_batched_tokens; above 1 allows queueing)",
+            ));
         }
         if self.admission.active_prefill_tokens_threshold == Some(0) {
             return Err(ConfigError::new(
@@ -228,23 +224,23 @@ impl RouterConfig {
                 "must be a whole number >= 1 (0 would mark every worker busy)",
             ));
         }
-        if let Some(bs) = self.block_size {
-            if bs == 0 || bs > 1 << 20 {
-                return Err(ConfigError::new(
-                    &KV_CACHE_BLOCK_SIZE,
-                    bs,
-                    "must be a whole number of tokens in [1, 1048576]",
-                ));
-            }
+        if let Some(bs) = self.block_size
+            && (bs == 0 || bs > 1 << 20)
+        {
+            return Err(ConfigError::new(
+                &KV_CACHE_BLOCK_SIZE,
+                bs,
+                "must be a whole number of tokens in [1, 1048576]",
+            ));
         }
-        if let Some(ttl) = self.predicted_ttl {
-            if ttl.is_zero() {
-                return Err(ConfigError::new(
-                    &PREDICTED_TTL_SECS,
-                    0,
-                    "must be > 0 seconds (leave it unset to disable)",
-                ));
-            }
+        if let Some(ttl) = self.predicted_ttl
+            && ttl.is_zero()
+        {
+            return Err(ConfigError::new(
+                &PREDICTED_TTL_SECS,
+                0,
+                "must be > 0 seconds (leave it unset to disable)",
+            ));
         }
         Ok(())
     }
@@ -258,26 +254,56 @@ mod tests {
     fn defaults_are_valid_and_match_the_table() {
         let c = RouterConfig::default();
         c.validate().unwrap();
-        assert_eq!(OVERLAP_SCORE_CREDIT.default.parse::<f64>().unwrap(), c.overlap_score_credit);
+        assert_eq!(
+            OVERLAP_SCORE_CREDIT.default.parse::<f64>().unwrap(),
+            c.overlap_score_credit
+        );
         assert_eq!(
             OVERLAP_SCORE_CREDIT_DECAY.default.parse::<f64>().unwrap(),
             c.overlap_score_credit_decay
         );
-        assert_eq!(PREFILL_LOAD_SCALE.default.parse::<f64>().unwrap(), c.prefill_load_scale);
+        assert_eq!(
+            PREFILL_LOAD_SCALE.default.parse::<f64>().unwrap(),
+            c.prefill_load_scale
+        );
         assert_eq!(TEMPERATURE.default.parse::<f64>().unwrap(), c.temperature);
-        assert_eq!(TRACK_ACTIVE_BLOCKS.default.parse::<bool>().unwrap(), c.track_active_blocks);
-        assert_eq!(TRACK_OUTPUT_BLOCKS.default.parse::<bool>().unwrap(), c.track_output_blocks);
-        assert_eq!(TRACK_PREFILL_TOKENS.default.parse::<bool>().unwrap(), c.track_prefill_tokens);
-        assert_eq!(USE_KV_EVENTS.default.parse::<bool>().unwrap(), c.use_kv_events);
-        assert_eq!(ENFORCE_DISAGG.default.parse::<bool>().unwrap(), c.enforce_disagg);
-        assert_eq!(REPLICA_SYNC.default.parse::<bool>().unwrap(), c.replica_sync);
-        assert_eq!(AdmissionMode::parse(ADMISSION_CONTROL.default).unwrap(), c.admission.mode);
+        assert_eq!(
+            TRACK_ACTIVE_BLOCKS.default.parse::<bool>().unwrap(),
+            c.track_active_blocks
+        );
+        assert_eq!(
+            TRACK_OUTPUT_BLOCKS.default.parse::<bool>().unwrap(),
+            c.track_output_blocks
+        );
+        assert_eq!(
+            TRACK_PREFILL_TOKENS.default.parse::<bool>().unwrap(),
+            c.track_prefill_tokens
+        );
+        assert_eq!(
+            USE_KV_EVENTS.default.parse::<bool>().unwrap(),
+            c.use_kv_events
+        );
+        assert_eq!(
+            ENFORCE_DISAGG.default.parse::<bool>().unwrap(),
+            c.enforce_disagg
+        );
+        assert_eq!(
+            REPLICA_SYNC.default.parse::<bool>().unwrap(),
+            c.replica_sync
+        );
+        assert_eq!(
+            AdmissionMode::parse(ADMISSION_CONTROL.default).unwrap(),
+            c.admission.mode
+        );
         assert_eq!(KNOBS.len(), 16);
     }
 
     #[test]
     fn negative_temperature_is_refused_naming_the_variable() {
-        let c = RouterConfig { temperature: -1.0, ..Default::default() };
+        let c = RouterConfig {
+            temperature: -1.0,
+            ..Default::default()
+        };
         let e = c.validate().unwrap_err();
         assert_eq!(e.env, "DYN_ROUTER_TEMPERATURE");
         let msg = e.to_string();
@@ -289,23 +315,47 @@ mod tests {
     #[test]
     fn every_range_is_checked() {
         let bad = [
-            RouterConfig { overlap_score_credit: f64::NAN, ..Default::default() },
-            RouterConfig { overlap_score_credit_decay: -0.1, ..Default::default() },
-            RouterConfig { prefill_load_scale: f64::INFINITY, ..Default::default() },
             RouterConfig {
-                admission: AdmissionConfig { active_decode_blocks_threshold: Some(1.5), ..Default::default() },
+                overlap_score_credit: f64::NAN,
                 ..Default::default()
             },
             RouterConfig {
-                admission: AdmissionConfig { active_prefill_tokens_threshold: Some(0), ..Default::default() },
+                overlap_score_credit_decay: -0.1,
                 ..Default::default()
             },
             RouterConfig {
-                admission: AdmissionConfig { active_prefill_tokens_threshold_frac: Some(0.0), ..Default::default() },
+                prefill_load_scale: f64::INFINITY,
                 ..Default::default()
             },
-            RouterConfig { block_size: Some(0), ..Default::default() },
-            RouterConfig { predicted_ttl: Some(Duration::ZERO), ..Default::default() },
+            RouterConfig {
+                admission: AdmissionConfig {
+                    active_decode_blocks_threshold: Some(1.5),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+            RouterConfig {
+                admission: AdmissionConfig {
+                    active_prefill_tokens_threshold: Some(0),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+            RouterConfig {
+                admission: AdmissionConfig {
+                    active_prefill_tokens_threshold_frac: Some(0.0),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+            RouterConfig {
+                block_size: Some(0),
+                ..Default::default()
+            },
+            RouterConfig {
+                predicted_ttl: Some(Duration::ZERO),
+                ..Default::default()
+            },
         ];
         let names: Vec<&str> = bad.iter().map(|c| c.validate().unwrap_err().env).collect();
         assert_eq!(
@@ -325,11 +375,17 @@ mod tests {
 
     #[test]
     fn admission_mode_parsing() {
-        assert_eq!(AdmissionMode::parse("token-capacity").unwrap(), AdmissionMode::TokenCapacity);
+        assert_eq!(
+            AdmissionMode::parse("token-capacity").unwrap(),
+            AdmissionMode::TokenCapacity
+        );
         assert_eq!(AdmissionMode::parse("NONE").unwrap(), AdmissionMode::None);
         let e = AdmissionMode::parse("fifo").unwrap_err();
         assert_eq!(e.env, "DYN_ADMISSION_CONTROL");
-        let implicit = AdmissionConfig { active_decode_blocks_threshold: Some(0.9), ..Default::default() };
+        let implicit = AdmissionConfig {
+            active_decode_blocks_threshold: Some(0.9),
+            ..Default::default()
+        };
         assert!(implicit.enabled());
         assert!(!AdmissionConfig::default().enabled());
     }

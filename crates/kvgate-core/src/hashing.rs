@@ -182,7 +182,10 @@ mod tests {
     #[test]
     fn partial_block_is_not_hashed() {
         assert!(local_hashes(&[1, 2, 3], 4, HashSeed::default()).is_empty());
-        assert_eq!(local_hashes(&[1, 2, 3, 4, 5], 4, HashSeed::default()).len(), 1);
+        assert_eq!(
+            local_hashes(&[1, 2, 3, 4, 5], 4, HashSeed::default()).len(),
+            1
+        );
         assert!(local_hashes(&[1, 2, 3], 0, HashSeed::default()).is_empty());
     }
 
@@ -203,7 +206,10 @@ mod tests {
         assert_ne!(HashSeed::new(Some("a"), None), HashSeed::default());
         assert_ne!(HashSeed::new(None, Some("a")), HashSeed::default());
         // lora and salt are mixed with different inner seeds: same string, different namespace
-        assert_ne!(HashSeed::new(Some("a"), None), HashSeed::new(None, Some("a")));
+        assert_ne!(
+            HashSeed::new(Some("a"), None),
+            HashSeed::new(None, Some("a"))
+        );
     }
 
     #[test]

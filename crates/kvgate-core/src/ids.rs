@@ -15,7 +15,9 @@ use std::sync::Arc;
 pub struct WorkerId(pub u64);
 
 /// A data-parallel rank inside one worker; each rank has its own KV cache and load.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
 #[serde(transparent)]
 pub struct DpRank(pub u32);
 
@@ -99,7 +101,9 @@ impl fmt::Display for RequestId {
 
 /// Where a cached block lives. Only `Device` blocks earn overlap credit in the cost function;
 /// the others are reported so that callers can see what could be onboarded.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum StorageTier {
     #[default]

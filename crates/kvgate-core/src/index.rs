@@ -18,8 +18,8 @@
 use crate::events::{KvEvent, KvEventData, StoredBlock};
 use crate::fasthash::FastMap;
 use crate::hashing::seq_hash_after;
-use crate::ids::{ExternalHash, LocalHash, SeqHash, StorageTier, WorkerId, WorkerRank};
 use crate::holders::Holders;
+use crate::ids::{ExternalHash, LocalHash, SeqHash, StorageTier, WorkerId, WorkerRank};
 use std::collections::VecDeque;
 
 /// `member << 2 | tier`.
@@ -345,7 +345,9 @@ impl PrefixIndex {
         }
         self.stats.blocks_stored += 1;
         match self.nodes.entry(seq) {
-            std::collections::hash_map::Entry::Occupied(mut e) => e.get_mut().holders.insert(holder),
+            std::collections::hash_map::Entry::Occupied(mut e) => {
+                e.get_mut().holders.insert(holder)
+            }
             std::collections::hash_map::Entry::Vacant(e) => {
                 e.insert(Node {
                     local,
@@ -673,10 +675,8 @@ impl PrefixIndex {
             path.push(s);
             cur = self.nodes.get(&s).and_then(|n| n.parent(s));
         }
-        let mut d = base;
-        for s in path.into_iter().rev() {
+        for (d, s) in (base..).zip(path.into_iter().rev()) {
             memo.insert(s, d);
-            d += 1;
         }
         memo.get(&seq).copied().unwrap_or(0)
     }
@@ -693,7 +693,11 @@ impl PrefixIndex {
             buckets * (std::mem::size_of::<(K, V)>() + 1)
         }
         let mut total = map_bytes(&self.nodes);
-        total += self.nodes.values().map(|n| n.holders.heap_bytes()).sum::<usize>();
+        total += self
+            .nodes
+            .values()
+            .map(|n| n.holders.heap_bytes())
+            .sum::<usize>();
         total += self.members.capacity() * std::mem::size_of::<Member>();
         for m in &self.members {
             total += m.blocks.iter().map(map_bytes).sum::<usize>();

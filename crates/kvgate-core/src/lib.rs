@@ -25,4 +25,6 @@ pub mod sequencer;
 pub mod worker_id;
 
 pub use events::{KvEvent, KvEventData, StoredBlock};
-pub use ids::{DpRank, ExternalHash, LocalHash, RequestId, SeqHash, StorageTier, WorkerId, WorkerRank};
+pub use ids::{
+    DpRank, ExternalHash, LocalHash, RequestId, SeqHash, StorageTier, WorkerId, WorkerRank,
+};

@@ -59,7 +59,13 @@ impl PredictedIndex {
     }
 
     /// Records that `worker` was sent a request with these blocks.
-    pub fn insert(&mut self, worker: WorkerRank, locals: &[LocalHash], seqs: &[SeqHash], now: Instant) {
+    pub fn insert(
+        &mut self,
+        worker: WorkerRank,
+        locals: &[LocalHash],
+        seqs: &[SeqHash],
+        now: Instant,
+    ) {
         if seqs.is_empty() {
             return;
         }

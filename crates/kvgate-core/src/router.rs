@@ -92,6 +92,9 @@ pub struct Router {
     config: RouterConfig,
     block_size: usize,
     workers: FastMap<WorkerId, WorkerInfo>,
+    /// Every (worker, dp rank) with its role and capacity, sorted; rebuilt when workers change
+    /// so that a decision does not re-collect and sort the fleet.
+    targets: Vec<(WorkerRank, WorkerRole, WorkerCapacity)>,
     index: PrefixIndex,
     predicted: Option<PredictedIndex>,
     load: LoadTracker,
@@ -101,7 +104,10 @@ impl Router {
     /// `block_size` must equal the workers' KV block size.
     pub fn new(config: RouterConfig, block_size: usize) -> Self {
         let predicted = if !config.use_kv_events {
-            Some(PredictedIndex::new(config.approx_ttl, config.approx_max_blocks))
+            Some(PredictedIndex::new(
+                config.approx_ttl,
+                config.approx_max_blocks,
+            ))
         } else {
             config
                 .predicted_ttl
@@ -110,6 +116,7 @@ impl Router {
         Self {
             block_size,
             workers: FastMap::default(),
+            targets: Vec::new(),
             index: PrefixIndex::new(),
             predicted,
             load: LoadTracker::new(block_size),
@@ -136,11 +143,14 @@ impl Router {
     /// Adds or updates a worker.
     pub fn upsert_worker(&mut self, info: WorkerInfo) {
         let old = self.workers.insert(info.id, info);
+        self.rebuild_targets();
         // Ranks that disappeared lose their cache entries.
         if let Some(old) = old {
             for r in info.dp_size..old.dp_size {
-                self.index
-                    .remove_worker_rank(WorkerRank { worker: info.id, dp_rank: crate::DpRank(r) });
+                self.index.remove_worker_rank(WorkerRank {
+                    worker: info.id,
+                    dp_rank: crate::DpRank(r),
+                });
             }
         }
     }
@@ -148,6 +158,7 @@ impl Router {
     /// Forgets a worker: blocks, predictions and bookings. Returns the bookings dropped.
     pub fn remove_worker(&mut self, id: WorkerId) -> Vec<RequestId> {
         self.workers.remove(&id);
+        self.rebuild_targets();
         self.index.remove_worker(id);
         if let Some(p) = &mut self.predicted {
             p.remove_worker(id);
@@ -159,21 +170,33 @@ impl Router {
         self.workers.values()
     }
 
-    /// Every (worker, dp rank) target of the given roles, sorted.
-    pub fn targets(&self, roles: &[WorkerRole]) -> Vec<WorkerRank> {
-        let mut v: Vec<WorkerRank> = self
+    fn rebuild_targets(&mut self) {
+        self.targets = self
             .workers
             .values()
-            .filter(|w| roles.contains(&w.role))
             .flat_map(|w| {
-                (0..w.dp_size.max(1)).map(move |r| WorkerRank {
-                    worker: w.id,
-                    dp_rank: crate::DpRank(r),
+                (0..w.dp_size.max(1)).map(move |r| {
+                    (
+                        WorkerRank {
+                            worker: w.id,
+                            dp_rank: crate::DpRank(r),
+                        },
+                        w.role,
+                        w.capacity,
+                    )
                 })
             })
             .collect();
-        v.sort_unstable();
-        v
+        self.targets.sort_unstable_by_key(|t| t.0);
+    }
+
+    /// Every (worker, dp rank) target of the given roles, sorted.
+    pub fn targets(&self, roles: &[WorkerRole]) -> Vec<WorkerRank> {
+        self.targets
+            .iter()
+            .filter(|t| roles.contains(&t.1))
+            .map(|t| t.0)
+            .collect()
     }
 
     /// Applies a KV event (ignored in approximate mode, where only decisions count).
@@ -230,18 +253,22 @@ impl Router {
         if req.book && self.load.booking(req.request).is_some() {
             return Err(RouteError::DuplicateRequest);
         }
-        let mut targets = self.targets(roles);
-        if let Some(allowed) = req.allowed {
-            targets.retain(|t| allowed.contains(t));
-        }
-        if targets.is_empty() {
+        let allowed: Option<crate::fasthash::FastSet<WorkerRank>> =
+            req.allowed.map(|a| a.iter().copied().collect());
+        let any = self
+            .targets
+            .iter()
+            .any(|t| roles.contains(&t.1) && allowed.as_ref().is_none_or(|a| a.contains(&t.0)));
+        if !any {
             return Err(RouteError::NoWorkers);
         }
         let overlaps = self.overlaps(req.hashes, now);
         let seqs = req.hashes.seqs();
-        let candidates: Vec<CandidateInput> = targets
+        let candidates: Vec<CandidateInput> = self
+            .targets
             .iter()
-            .map(|&t| {
+            .filter(|t| roles.contains(&t.1) && allowed.as_ref().is_none_or(|a| a.contains(&t.0)))
+            .map(|&(t, _, capacity)| {
                 let load = self.load.load(&t);
                 CandidateInput {
                     worker: t,
@@ -254,7 +281,7 @@ impl Router {
                         0.0
                     },
                     new_blocks: load.map_or(seqs.len(), |l| l.new_blocks(seqs)),
-                    capacity: self.workers.get(&t.worker).map(|w| w.capacity).unwrap_or_default(),
+                    capacity,
                 }
             })
             .collect();
@@ -262,7 +289,10 @@ impl Router {
         let (outcome, explanation) = schedule(
             &weights,
             &self.config.admission,
-            ScoreRequest { isl_tokens: isl, block_size: self.block_size },
+            ScoreRequest {
+                isl_tokens: isl,
+                block_size: self.block_size,
+            },
             &candidates,
             rng,
         );

@@ -75,11 +75,21 @@ pub struct CandidateInput {
 #[serde(tag = "reason", rename_all = "snake_case")]
 pub enum Busy {
     /// `active_blocks / total_kv_blocks > threshold`.
-    DecodeBlocks { active_blocks: usize, total_kv_blocks: u64, threshold: f64 },
+    DecodeBlocks {
+        active_blocks: usize,
+        total_kv_blocks: u64,
+        threshold: f64,
+    },
     /// `active_prefill_tokens > threshold`.
-    PrefillTokens { active_prefill_tokens: u64, threshold: u64 },
+    PrefillTokens {
+        active_prefill_tokens: u64,
+        threshold: u64,
+    },
     /// `active_prefill_tokens > frac * max_num_batched_tokens`.
-    PrefillTokensFrac { active_prefill_tokens: u64, limit: f64 },
+    PrefillTokensFrac {
+        active_prefill_tokens: u64,
+        limit: f64,
+    },
 }
 
 /// One candidate's line in the explanation.
@@ -151,7 +161,8 @@ pub fn busy(a: &AdmissionConfig, c: &CandidateInput) -> Option<Busy> {
     if !a.enabled() {
         return None;
     }
-    if let (Some(threshold), Some(total)) = (a.active_decode_blocks_threshold, c.capacity.total_kv_blocks)
+    if let (Some(threshold), Some(total)) =
+        (a.active_decode_blocks_threshold, c.capacity.total_kv_blocks)
         && total > 0
         && c.active_blocks as f64 / total as f64 > threshold
     {
@@ -169,7 +180,10 @@ pub fn busy(a: &AdmissionConfig, c: &CandidateInput) -> Option<Busy> {
             threshold,
         });
     }
-    if let (Some(frac), Some(max)) = (a.active_prefill_tokens_threshold_frac, c.capacity.max_num_batched_tokens) {
+    if let (Some(frac), Some(max)) = (
+        a.active_prefill_tokens_threshold_frac,
+        c.capacity.max_num_batched_tokens,
+    ) {
         let limit = frac * max as f64;
         if c.active_prefill_tokens as f64 > limit {
             return Some(Busy::PrefillTokensFrac {
@@ -204,7 +218,8 @@ pub fn schedule(
         .iter()
         .zip(&busy)
         .map(|(c, b)| {
-            let decay = if weights.track_prefill_tokens && weights.overlap_score_credit_decay > 0.0 {
+            let decay = if weights.track_prefill_tokens && weights.overlap_score_credit_decay > 0.0
+            {
                 let excess = c.active_prefill_tokens.saturating_sub(min_active_prefill) as f64 / bs;
                 1.0 / (1.0 + weights.overlap_score_credit_decay * excess / request_blocks)
             } else {
@@ -222,8 +237,8 @@ pub fn schedule(
             } else {
                 0.0
             };
-            let cost =
-                weights.prefill_load_scale * (prefill_blocks - credit_blocks).max(0.0) + decode_blocks;
+            let cost = weights.prefill_load_scale * (prefill_blocks - credit_blocks).max(0.0)
+                + decode_blocks;
             CandidateScore {
                 worker: c.worker,
                 overlap_blocks: overlap,
@@ -256,7 +271,9 @@ pub fn schedule(
     if candidates.is_empty() {
         return (Outcome::NoCandidates, explanation);
     }
-    let eligible: Vec<usize> = (0..scores.len()).filter(|&i| scores[i].busy.is_none()).collect();
+    let eligible: Vec<usize> = (0..scores.len())
+        .filter(|&i| scores[i].busy.is_none())
+        .collect();
     if eligible.is_empty() {
         explanation.candidates = scores;
         return (Outcome::Overloaded, explanation);
@@ -284,12 +301,20 @@ pub fn schedule(
     (Outcome::Chosen { ranked }, explanation)
 }
 
-fn argmin_random_ties(scores: &[CandidateScore], eligible: &[usize], rng: &mut dyn RandomSource) -> usize {
+fn argmin_random_ties(
+    scores: &[CandidateScore],
+    eligible: &[usize],
+    rng: &mut dyn RandomSource,
+) -> usize {
     let min = eligible
         .iter()
         .map(|&i| scores[i].cost)
         .fold(f64::INFINITY, f64::min);
-    let ties: Vec<usize> = eligible.iter().copied().filter(|&i| scores[i].cost == min).collect();
+    let ties: Vec<usize> = eligible
+        .iter()
+        .copied()
+        .filter(|&i| scores[i].cost == min)
+        .collect();
     if ties.len() == 1 {
         ties[0]
     } else {
@@ -303,9 +328,11 @@ fn sample_softmax(
     temperature: f64,
     rng: &mut dyn RandomSource,
 ) -> usize {
-    let (min, max) = eligible.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &i| {
-        (lo.min(scores[i].cost), hi.max(scores[i].cost))
-    });
+    let (min, max) = eligible
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &i| {
+            (lo.min(scores[i].cost), hi.max(scores[i].cost))
+        });
     let range = max - min;
     let weights: Vec<f64> = if range > 0.0 && range.is_finite() {
         eligible

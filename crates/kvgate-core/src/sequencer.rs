@@ -82,11 +82,16 @@ impl EventSequencer {
         if id == next {
             out.ready.push(event);
             p.next = Some(id.wrapping_add(1));
-        } else if p.pending.contains_key(&id) {
-            out.duplicate = true;
-            return out;
         } else {
-            p.pending.insert(id, (event, now));
+            match p.pending.entry(id) {
+                std::collections::btree_map::Entry::Occupied(_) => {
+                    out.duplicate = true;
+                    return out;
+                }
+                std::collections::btree_map::Entry::Vacant(v) => {
+                    v.insert((event, now));
+                }
+            }
             if p.pending.len() > self.window {
                 out.gap = Self::skip_to_first_pending(event_source(p), p);
             }
@@ -213,7 +218,10 @@ mod tests {
         assert!(s.poll_gaps(t + Duration::from_millis(100)).is_empty());
         let outs = s.poll_gaps(t + Duration::from_millis(600));
         assert_eq!(outs.len(), 1);
-        assert_eq!(outs[0].gap.map(|g| (g.first_missing, g.missing)), Some((2, 1)));
+        assert_eq!(
+            outs[0].gap.map(|g| (g.first_missing, g.missing)),
+            Some((2, 1))
+        );
         assert_eq!(ids(&outs[0]), vec![3]);
     }
 

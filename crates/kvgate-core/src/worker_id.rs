@@ -32,7 +32,11 @@ mod tests {
         for name in ["", "vllm-worker-0", "qwen3-decode-7d9f8b-abcde", "ünïcødé"] {
             let mut std_h = std::collections::hash_map::DefaultHasher::new();
             name.hash(&mut std_h);
-            assert_eq!(worker_id_for_pod(name).0, std_h.finish() & WORKER_ID_MASK, "{name}");
+            assert_eq!(
+                worker_id_for_pod(name).0,
+                std_h.finish() & WORKER_ID_MASK,
+                "{name}"
+            );
             #[allow(deprecated)]
             let mut sip24 = SipHasher::new_with_keys(0, 0);
             name.hash(&mut sip24);

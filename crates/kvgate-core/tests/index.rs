@@ -1,5 +1,7 @@
 //! Prefix index: unit cases and a model-based property test against a naive reference.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use kvgate_core::hashing::{BlockHashes, HashSeed, local_hashes, seq_hashes};
 use kvgate_core::index::{PrefixIndex, TierOverlap};
 use kvgate_core::{
@@ -17,13 +19,26 @@ fn ext(seq: SeqHash) -> ExternalHash {
 }
 
 fn tokens(ids: &[u32]) -> Vec<u32> {
-    ids.iter().flat_map(|&b| (0..BS as u32).map(move |k| b * 100 + k)).collect()
+    ids.iter()
+        .flat_map(|&b| (0..BS as u32).map(move |k| b * 100 + k))
+        .collect()
 }
 
 /// Stored event for blocks `from..to` of a token sequence.
-fn stored(w: WorkerRank, id: u64, tier: StorageTier, toks: &[u32], from: usize, to: usize) -> KvEvent {
+fn stored(
+    w: WorkerRank,
+    id: u64,
+    tier: StorageTier,
+    toks: &[u32],
+    from: usize,
+    to: usize,
+) -> KvEvent {
     let h = BlockHashes::from_tokens(toks, BS, HashSeed::default());
-    let parent = if from == 0 { None } else { Some(ext(h.seqs()[from - 1])) };
+    let parent = if from == 0 {
+        None
+    } else {
+        Some(ext(h.seqs()[from - 1]))
+    };
     KvEvent {
         source: w,
         event_id: id,
@@ -31,7 +46,10 @@ fn stored(w: WorkerRank, id: u64, tier: StorageTier, toks: &[u32], from: usize, 
         data: KvEventData::Stored {
             parent,
             blocks: (from..to)
-                .map(|i| StoredBlock { hash: ext(h.seqs()[i]), local: h.locals()[i] })
+                .map(|i| StoredBlock {
+                    hash: ext(h.seqs()[i]),
+                    local: h.locals()[i],
+                })
                 .collect(),
         },
     }
@@ -43,7 +61,9 @@ fn removed(w: WorkerRank, id: u64, toks: &[u32], which: &[usize]) -> KvEvent {
         source: w,
         event_id: id,
         tier: StorageTier::Device,
-        data: KvEventData::Removed { blocks: which.iter().map(|&i| ext(h.seqs()[i])).collect() },
+        data: KvEventData::Removed {
+            blocks: which.iter().map(|&i| ext(h.seqs()[i])).collect(),
+        },
     }
 }
 
@@ -111,7 +131,12 @@ fn removal_cuts_the_prefix_and_cleared_empties_the_worker() {
     // the engine stores block 1 again: blocks 2.. become matchable again
     idx.apply(&stored(W1, 3, StorageTier::Device, &a, 1, 2));
     assert_eq!(query(&idx, &a)[&W1].device(), 4);
-    idx.apply(&KvEvent { source: W1, event_id: 4, tier: StorageTier::Device, data: KvEventData::Cleared });
+    idx.apply(&KvEvent {
+        source: W1,
+        event_id: 4,
+        tier: StorageTier::Device,
+        data: KvEventData::Cleared,
+    });
     assert!(query(&idx, &a).is_empty());
     assert_eq!(idx.num_blocks(W1, StorageTier::Device), 0);
     assert_eq!(idx.num_nodes(), 0);
@@ -188,7 +213,10 @@ fn engine_hash_reused_for_new_content_moves_the_block() {
         tier: StorageTier::Device,
         data: KvEventData::Stored {
             parent: None,
-            blocks: vec![StoredBlock { hash: h, local: local_hashes(t, BS, HashSeed::default())[0] }],
+            blocks: vec![StoredBlock {
+                hash: h,
+                local: local_hashes(t, BS, HashSeed::default())[0],
+            }],
         },
     };
     idx.apply(&ev(&a, 1));
@@ -220,10 +248,13 @@ fn dump_restores_every_answer() {
 
 // ---------- model-based property test ----------
 
-/// Naive reference: per worker and tier, engine hash -> (local, parent engine hash).
+/// A held block in the model: its local hash and its parent's engine hash.
+type ModelBlock = (LocalHash, Option<ExternalHash>);
+
+/// Naive reference: per worker and tier, engine hash -> block.
 #[derive(Default)]
 struct Model {
-    blocks: BTreeMap<(WorkerRank, usize), BTreeMap<ExternalHash, (LocalHash, Option<ExternalHash>)>>,
+    blocks: BTreeMap<(WorkerRank, usize), BTreeMap<ExternalHash, ModelBlock>>,
 }
 
 impl Model {
@@ -274,8 +305,10 @@ impl Model {
     fn find_matches(&self, q: &[SeqHash]) -> BTreeMap<WorkerRank, TierOverlap> {
         let mut out: BTreeMap<WorkerRank, TierOverlap> = BTreeMap::new();
         for (&(w, tier), map) in &self.blocks {
-            let held: BTreeSet<SeqHash> =
-                map.keys().filter_map(|&h| self.seq_of(w, tier, h, 64)).collect();
+            let held: BTreeSet<SeqHash> = map
+                .keys()
+                .filter_map(|&h| self.seq_of(w, tier, h, 64))
+                .collect();
             let n = q.iter().take_while(|s| held.contains(s)).count();
             if n > 0 {
                 out.entry(w).or_default().0[tier] = n as u32;
@@ -287,9 +320,21 @@ impl Model {
 
 #[derive(Clone, Debug)]
 enum Op {
-    Store { w: u8, tier: u8, seq: u8, from: u8, len: u8 },
-    Remove { w: u8, seq: u8, at: u8 },
-    Clear { w: u8 },
+    Store {
+        w: u8,
+        tier: u8,
+        seq: u8,
+        from: u8,
+        len: u8,
+    },
+    Remove {
+        w: u8,
+        seq: u8,
+        at: u8,
+    },
+    Clear {
+        w: u8,
+    },
 }
 
 /// A handful of overlapping token sequences (shared prefixes) so that ops collide often.
@@ -314,12 +359,22 @@ fn op() -> impl Strategy<Value = Op> {
 
 fn to_event(op: &Op, id: u64, seqs: &[Vec<u32>]) -> Option<KvEvent> {
     Some(match *op {
-        Op::Store { w, tier, seq, from, len } => {
+        Op::Store {
+            w,
+            tier,
+            seq,
+            from,
+            len,
+        } => {
             let t = &seqs[seq as usize];
             let n = t.len() / BS;
             let from = (from as usize).min(n - 1);
             let to = (from + len as usize).min(n);
-            let tier = if tier == 0 { StorageTier::Device } else { StorageTier::HostPinned };
+            let tier = if tier == 0 {
+                StorageTier::Device
+            } else {
+                StorageTier::HostPinned
+            };
             stored(WorkerRank::new(u64::from(w), 0), id, tier, t, from, to)
         }
         Op::Remove { w, seq, at } => {

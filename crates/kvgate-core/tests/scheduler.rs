@@ -1,5 +1,7 @@
 //! Every router knob's effect on decisions, checked through the scheduler and the `Router`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use kvgate_core::config::{AdmissionConfig, AdmissionMode, RouterConfig};
 use kvgate_core::hashing::{BlockHashes, HashSeed};
 use kvgate_core::index::TierOverlap;
@@ -19,7 +21,13 @@ const A: WorkerRank = WorkerRank::new(1, 0);
 const B: WorkerRank = WorkerRank::new(2, 0);
 const C: WorkerRank = WorkerRank::new(3, 0);
 
-fn cand(worker: WorkerRank, overlap: u32, prefill: u64, active: usize, new: usize) -> CandidateInput {
+fn cand(
+    worker: WorkerRank,
+    overlap: u32,
+    prefill: u64,
+    active: usize,
+    new: usize,
+) -> CandidateInput {
     CandidateInput {
         worker,
         overlap: TierOverlap([overlap, 0, 0, 0]),
@@ -27,7 +35,10 @@ fn cand(worker: WorkerRank, overlap: u32, prefill: u64, active: usize, new: usiz
         active_blocks: active,
         output_blocks: 0.0,
         new_blocks: new,
-        capacity: WorkerCapacity { total_kv_blocks: Some(1000), max_num_batched_tokens: Some(8192) },
+        capacity: WorkerCapacity {
+            total_kv_blocks: Some(1000),
+            max_num_batched_tokens: Some(8192),
+        },
     }
 }
 
@@ -38,11 +49,24 @@ fn weights(f: impl FnOnce(&mut RouterConfig)) -> CostWeights {
 }
 
 fn req(isl: usize) -> ScoreRequest {
-    ScoreRequest { isl_tokens: isl, block_size: BS }
+    ScoreRequest {
+        isl_tokens: isl,
+        block_size: BS,
+    }
 }
 
-fn run(w: &CostWeights, cands: &[CandidateInput], isl: usize) -> (Outcome, kvgate_core::scheduler::Explanation) {
-    schedule(w, &AdmissionConfig::default(), req(isl), cands, &mut SplitMix64::new(1))
+fn run(
+    w: &CostWeights,
+    cands: &[CandidateInput],
+    isl: usize,
+) -> (Outcome, kvgate_core::scheduler::Explanation) {
+    schedule(
+        w,
+        &AdmissionConfig::default(),
+        req(isl),
+        cands,
+        &mut SplitMix64::new(1),
+    )
 }
 
 fn chosen(o: &Outcome) -> WorkerRank {
@@ -59,7 +83,11 @@ fn cost_of(e: &kvgate_core::scheduler::Explanation, w: WorkerRank) -> f64 {
 #[test]
 fn cost_matches_the_documented_formula() {
     // A: 10 overlap blocks, 320 active prefill tokens, 40 active blocks, 22 new.
-    let (_, e) = run(&weights(|_| {}), &[cand(A, 10, 320, 40, 22), cand(B, 0, 0, 0, 32)], 512);
+    let (_, e) = run(
+        &weights(|_| {}),
+        &[cand(A, 10, 320, 40, 22), cand(B, 0, 0, 0, 32)],
+        512,
+    );
     // prefill = (320 + 512) / 16 = 52 blocks, credit 10, decode = 40 + 22
     assert_eq!(cost_of(&e, A), (52.0 - 10.0) + 62.0);
     assert_eq!(cost_of(&e, B), 32.0 + 32.0);
@@ -71,8 +99,16 @@ fn overlap_wins_by_default_and_credit_zero_ignores_it() {
     let cands = [cand(A, 20, 0, 0, 12), cand(B, 0, 0, 0, 32)];
     let (o, _) = run(&weights(|_| {}), &cands, 512);
     assert_eq!(chosen(&o), A);
-    let (_, e) = run(&weights(|c| c.overlap_score_credit = 0.0), &[cand(A, 20, 0, 0, 32), cand(B, 0, 0, 0, 32)], 512);
-    assert_eq!(cost_of(&e, A), cost_of(&e, B), "credit 0: overlap changes nothing");
+    let (_, e) = run(
+        &weights(|c| c.overlap_score_credit = 0.0),
+        &[cand(A, 20, 0, 0, 32), cand(B, 0, 0, 0, 32)],
+        512,
+    );
+    assert_eq!(
+        cost_of(&e, A),
+        cost_of(&e, B),
+        "credit 0: overlap changes nothing"
+    );
     // credit above 1 amplifies the overlap
     let (_, e2) = run(&weights(|c| c.overlap_score_credit = 2.0), &cands, 512);
     assert_eq!(cost_of(&e2, A), (32.0 - 40.0f64).max(0.0) + 12.0);
@@ -86,12 +122,19 @@ fn credit_decay_shrinks_credit_for_loaded_workers() {
     let a0 = e0.candidates.iter().find(|c| c.worker == A).unwrap();
     assert_eq!(a0.decay, 1.0);
     assert_eq!(a0.credit_blocks, 16.0);
-    let (o, e) = run(&weights(|c| c.overlap_score_credit_decay = 1.0), &cands, 512);
+    let (o, e) = run(
+        &weights(|c| c.overlap_score_credit_decay = 1.0),
+        &cands,
+        512,
+    );
     let a = e.candidates.iter().find(|c| c.worker == A).unwrap();
     // decay = 1 / (1 + 1.0 * (512/16) / 32) = 0.5
     assert_eq!(a.decay, 0.5);
     assert_eq!(a.credit_blocks, 8.0);
-    assert_eq!(e.candidates.iter().find(|c| c.worker == B).unwrap().decay, 1.0);
+    assert_eq!(
+        e.candidates.iter().find(|c| c.worker == B).unwrap().decay,
+        1.0
+    );
     assert_eq!(e.min_active_prefill_tokens, 0);
     assert!(cost_of(&e, A) > cost_of(&e0, A));
     assert_eq!(chosen(&o), B);
@@ -107,7 +150,11 @@ fn prefill_scale_zero_ignores_prompt_load() {
     assert_eq!(chosen(&o), A);
     assert_eq!(cost_of(&e, A), 42.0);
     // and scale 2 doubles the prompt side
-    let (_, e2) = run(&weights(|c| c.prefill_load_scale = 2.0), &[cand(A, 4, 0, 0, 28)], 512);
+    let (_, e2) = run(
+        &weights(|c| c.prefill_load_scale = 2.0),
+        &[cand(A, 4, 0, 0, 28)],
+        512,
+    );
     assert_eq!(cost_of(&e2, A), 2.0 * (32.0 - 4.0) + 28.0);
 }
 
@@ -132,7 +179,11 @@ fn track_active_blocks_off_drops_the_decode_term() {
 
 #[test]
 fn temperature_zero_breaks_ties_uniformly() {
-    let cands = [cand(A, 0, 0, 0, 32), cand(B, 0, 0, 0, 32), cand(C, 0, 0, 0, 32)];
+    let cands = [
+        cand(A, 0, 0, 0, 32),
+        cand(B, 0, 0, 0, 32),
+        cand(C, 0, 0, 0, 32),
+    ];
     let w = weights(|_| {});
     let mut rng = SplitMix64::new(9);
     let mut counts = [0usize; 3];
@@ -150,12 +201,19 @@ fn temperature_zero_breaks_ties_uniformly() {
 #[test]
 fn temperature_spreads_choices_by_the_formula() {
     // costs 64, 48, 32 (no overlap, different decode loads)
-    let cands = [cand(A, 0, 0, 32, 0), cand(B, 0, 0, 16, 0), cand(C, 0, 0, 0, 0)];
+    let cands = [
+        cand(A, 0, 0, 32, 0),
+        cand(B, 0, 0, 16, 0),
+        cand(C, 0, 0, 0, 0),
+    ];
     for t in [0.5, 1.0, 4.0] {
         let w = weights(|c| c.temperature = t);
         let costs = [64.0f64, 48.0, 32.0];
         let z: f64 = costs.iter().map(|c| (-(c - 32.0) / (32.0 * t)).exp()).sum();
-        let want: Vec<f64> = costs.iter().map(|c| (-(c - 32.0) / (32.0 * t)).exp() / z).collect();
+        let want: Vec<f64> = costs
+            .iter()
+            .map(|c| (-(c - 32.0) / (32.0 * t)).exp() / z)
+            .collect();
         let mut rng = SplitMix64::new(5);
         let mut counts = [0usize; 3];
         let n = 40_000;
@@ -163,23 +221,41 @@ fn temperature_spreads_choices_by_the_formula() {
         for _ in 0..n {
             let (o, e) = schedule(&w, &AdmissionConfig::default(), req(0), &cands, &mut rng);
             counts[(chosen(&o).worker.0 - 1) as usize] += 1;
-            reported.get_or_insert_with(|| e.candidates.iter().map(|c| c.probability.unwrap()).collect::<Vec<_>>());
+            reported.get_or_insert_with(|| {
+                e.candidates
+                    .iter()
+                    .map(|c| c.probability.unwrap())
+                    .collect::<Vec<_>>()
+            });
         }
         let reported = reported.unwrap();
         for i in 0..3 {
             assert!((reported[i] - want[i]).abs() < 1e-12);
             let f = counts[i] as f64 / n as f64;
-            assert!((f - want[i]).abs() < 0.012, "T={t} i={i}: {f} vs {}", want[i]);
+            assert!(
+                (f - want[i]).abs() < 0.012,
+                "T={t} i={i}: {f} vs {}",
+                want[i]
+            );
         }
     }
     // all costs equal: uniform even at T > 0
     let eq = [cand(A, 0, 0, 0, 0), cand(B, 0, 0, 0, 0)];
-    let (_, e) = schedule(&weights(|c| c.temperature = 1.0), &AdmissionConfig::default(), req(0), &eq, &mut SplitMix64::new(1));
+    let (_, e) = schedule(
+        &weights(|c| c.temperature = 1.0),
+        &AdmissionConfig::default(),
+        req(0),
+        &eq,
+        &mut SplitMix64::new(1),
+    );
     assert!(e.candidates.iter().all(|c| c.probability == Some(0.5)));
 }
 
 fn admission(f: impl FnOnce(&mut AdmissionConfig)) -> AdmissionConfig {
-    let mut a = AdmissionConfig { mode: AdmissionMode::TokenCapacity, ..Default::default() };
+    let mut a = AdmissionConfig {
+        mode: AdmissionMode::TokenCapacity,
+        ..Default::default()
+    };
     f(&mut a);
     a
 }
@@ -189,23 +265,60 @@ fn admission_thresholds_exclude_the_right_workers() {
     let w = weights(|_| {});
     let mut rng = SplitMix64::new(1);
     // A: 901/1000 blocks active (busy above 0.9), B: 900 exactly (not busy: strict >), C idle.
-    let cands = [cand(A, 0, 0, 901, 0), cand(B, 0, 0, 900, 0), cand(C, 0, 5000, 0, 0)];
-    let (o, e) = schedule(&w, &admission(|a| a.active_decode_blocks_threshold = Some(0.9)), req(16), &cands, &mut rng);
-    assert!(matches!(e.candidates[0].busy, Some(Busy::DecodeBlocks { .. })));
+    let cands = [
+        cand(A, 0, 0, 901, 0),
+        cand(B, 0, 0, 900, 0),
+        cand(C, 0, 5000, 0, 0),
+    ];
+    let (o, e) = schedule(
+        &w,
+        &admission(|a| a.active_decode_blocks_threshold = Some(0.9)),
+        req(16),
+        &cands,
+        &mut rng,
+    );
+    assert!(matches!(
+        e.candidates[0].busy,
+        Some(Busy::DecodeBlocks { .. })
+    ));
     assert!(e.candidates[1].busy.is_none());
     assert!(!matches!(&o, Outcome::Chosen { ranked } if ranked.contains(&A)));
     // absolute prefill threshold
-    let (o, e) = schedule(&w, &admission(|a| a.active_prefill_tokens_threshold = Some(4096)), req(16), &cands, &mut rng);
-    assert!(matches!(e.candidates[2].busy, Some(Busy::PrefillTokens { active_prefill_tokens: 5000, threshold: 4096 })));
+    let (o, e) = schedule(
+        &w,
+        &admission(|a| a.active_prefill_tokens_threshold = Some(4096)),
+        req(16),
+        &cands,
+        &mut rng,
+    );
+    assert!(matches!(
+        e.candidates[2].busy,
+        Some(Busy::PrefillTokens {
+            active_prefill_tokens: 5000,
+            threshold: 4096
+        })
+    ));
     assert!(matches!(&o, Outcome::Chosen { ranked } if !ranked.contains(&C) && ranked.len() == 2));
     // fractional prefill threshold: 0.5 * 8192 = 4096
-    let (_, e) = schedule(&w, &admission(|a| a.active_prefill_tokens_threshold_frac = Some(0.5)), req(16), &cands, &mut rng);
-    assert!(matches!(e.candidates[2].busy, Some(Busy::PrefillTokensFrac { .. })));
+    let (_, e) = schedule(
+        &w,
+        &admission(|a| a.active_prefill_tokens_threshold_frac = Some(0.5)),
+        req(16),
+        &cands,
+        &mut rng,
+    );
+    assert!(matches!(
+        e.candidates[2].busy,
+        Some(Busy::PrefillTokensFrac { .. })
+    ));
     // admission off: nobody is busy whatever the load
     let (_, e) = schedule(&w, &AdmissionConfig::default(), req(16), &cands, &mut rng);
     assert!(e.candidates.iter().all(|c| c.busy.is_none()));
     // the decode threshold alone enables token-capacity
-    let implicit = AdmissionConfig { active_decode_blocks_threshold: Some(0.9), ..Default::default() };
+    let implicit = AdmissionConfig {
+        active_decode_blocks_threshold: Some(0.9),
+        ..Default::default()
+    };
     let (_, e) = schedule(&w, &implicit, req(16), &cands, &mut rng);
     assert!(e.candidates[0].busy.is_some());
 }
@@ -224,34 +337,55 @@ fn all_busy_is_overloaded_and_distinct_from_no_workers() {
 
 #[test]
 fn ranked_fallbacks_are_by_cost() {
-    let cands = [cand(A, 0, 0, 30, 0), cand(B, 0, 0, 10, 0), cand(C, 0, 0, 20, 0)];
+    let cands = [
+        cand(A, 0, 0, 30, 0),
+        cand(B, 0, 0, 10, 0),
+        cand(C, 0, 0, 20, 0),
+    ];
     let (o, _) = run(&weights(|_| {}), &cands, 16);
-    assert_eq!(o, Outcome::Chosen { ranked: vec![B, C, A] });
+    assert_eq!(
+        o,
+        Outcome::Chosen {
+            ranked: vec![B, C, A]
+        }
+    );
 }
 
 // ---------------- property tests ----------------
 
 fn arb_cand(i: u64) -> impl Strategy<Value = CandidateInput> {
-    (0u32..64, 0u64..20_000, 0usize..1000, 0usize..64, 0u32..4).prop_map(move |(o, p, a, n, out)| CandidateInput {
-        worker: WorkerRank::new(i, 0),
-        overlap: TierOverlap([o, 0, 0, 0]),
-        active_prefill_tokens: p,
-        active_blocks: a,
-        output_blocks: f64::from(out),
-        new_blocks: n,
-        capacity: WorkerCapacity { total_kv_blocks: Some(1000), max_num_batched_tokens: Some(8192) },
-    })
+    (0u32..64, 0u64..20_000, 0usize..1000, 0usize..64, 0u32..4).prop_map(
+        move |(o, p, a, n, out)| CandidateInput {
+            worker: WorkerRank::new(i, 0),
+            overlap: TierOverlap([o, 0, 0, 0]),
+            active_prefill_tokens: p,
+            active_blocks: a,
+            output_blocks: f64::from(out),
+            new_blocks: n,
+            capacity: WorkerCapacity {
+                total_kv_blocks: Some(1000),
+                max_num_batched_tokens: Some(8192),
+            },
+        },
+    )
 }
 
 fn arb_weights() -> impl Strategy<Value = CostWeights> {
-    (0.0f64..3.0, 0.0f64..2.0, 0.0f64..3.0, any::<bool>(), any::<bool>()).prop_map(|(c, d, s, tp, ta)| CostWeights {
-        overlap_score_credit: c,
-        overlap_score_credit_decay: d,
-        prefill_load_scale: s,
-        track_prefill_tokens: tp,
-        track_active_blocks: ta,
-        temperature: 0.0,
-    })
+    (
+        0.0f64..3.0,
+        0.0f64..2.0,
+        0.0f64..3.0,
+        any::<bool>(),
+        any::<bool>(),
+    )
+        .prop_map(|(c, d, s, tp, ta)| CostWeights {
+            overlap_score_credit: c,
+            overlap_score_credit_decay: d,
+            prefill_load_scale: s,
+            track_prefill_tokens: tp,
+            track_active_blocks: ta,
+            temperature: 0.0,
+        })
 }
 
 proptest! {
@@ -309,7 +443,10 @@ fn router(f: impl FnOnce(&mut RouterConfig)) -> Router {
             id: WorkerId(id),
             dp_size: 1,
             role: WorkerRole::Aggregated,
-            capacity: WorkerCapacity { total_kv_blocks: Some(1000), max_num_batched_tokens: Some(8192) },
+            capacity: WorkerCapacity {
+                total_kv_blocks: Some(1000),
+                max_num_batched_tokens: Some(8192),
+            },
         });
     }
     r
@@ -331,15 +468,29 @@ fn stored_event(w: WorkerRank, h: &BlockHashes) -> KvEvent {
                 .locals()
                 .iter()
                 .zip(h.seqs())
-                .map(|(&local, s)| StoredBlock { hash: ExternalHash(s.0 ^ 1), local })
+                .map(|(&local, s)| StoredBlock {
+                    hash: ExternalHash(s.0 ^ 1),
+                    local,
+                })
                 .collect(),
         },
     }
 }
 
-fn route(r: &mut Router, id: &str, h: &BlockHashes, now: Instant) -> Result<kvgate_core::router::Decision, RouteError> {
+fn route(
+    r: &mut Router,
+    id: &str,
+    h: &BlockHashes,
+    now: Instant,
+) -> Result<kvgate_core::router::Decision, RouteError> {
     r.route(
-        RouteRequest { request: &RequestId::from(id), hashes: h, expected_output_tokens: Some(256), allowed: None, book: true },
+        RouteRequest {
+            request: &RequestId::from(id),
+            hashes: h,
+            expected_output_tokens: Some(256),
+            allowed: None,
+            book: true,
+        },
         now,
         &mut SplitMix64::new(3),
     )
@@ -360,7 +511,10 @@ fn events_steer_requests_to_the_cache() {
     r.free(&"x".into());
     assert!(r.load().load(&B).is_none());
     assert_eq!(route(&mut r, "x", &h, Instant::now()).unwrap().worker, B);
-    assert_eq!(route(&mut r, "x", &h, Instant::now()), Err(RouteError::DuplicateRequest));
+    assert_eq!(
+        route(&mut r, "x", &h, Instant::now()),
+        Err(RouteError::DuplicateRequest)
+    );
 }
 
 #[test]
@@ -399,7 +553,12 @@ fn predicted_ttl_covers_the_gap_before_events() {
     let d = route(&mut r, "b", &h, t0 + Duration::from_secs(1)).unwrap();
     assert_eq!((d.worker, d.overlap_blocks), (w, 8));
     r.free(&"b".into());
-    assert_eq!(route(&mut r, "c", &h, t0 + Duration::from_secs(10)).unwrap().overlap_blocks, 0);
+    assert_eq!(
+        route(&mut r, "c", &h, t0 + Duration::from_secs(10))
+            .unwrap()
+            .overlap_blocks,
+        0
+    );
 }
 
 #[test]
@@ -425,7 +584,13 @@ fn subset_hint_and_worker_removal() {
     let allowed = [A];
     let d = r
         .route(
-            RouteRequest { request: &"s".into(), hashes: &h, expected_output_tokens: None, allowed: Some(&allowed), book: true },
+            RouteRequest {
+                request: &"s".into(),
+                hashes: &h,
+                expected_output_tokens: None,
+                allowed: Some(&allowed),
+                book: true,
+            },
             Instant::now(),
             &mut SplitMix64::new(1),
         )
@@ -433,7 +598,13 @@ fn subset_hint_and_worker_removal() {
     assert_eq!(d.worker, A);
     let none: [WorkerRank; 0] = [];
     let e = r.route(
-        RouteRequest { request: &"t".into(), hashes: &h, expected_output_tokens: None, allowed: Some(&none), book: true },
+        RouteRequest {
+            request: &"t".into(),
+            hashes: &h,
+            expected_output_tokens: None,
+            allowed: Some(&none),
+            book: true,
+        },
         Instant::now(),
         &mut SplitMix64::new(1),
     );
@@ -442,12 +613,21 @@ fn subset_hint_and_worker_removal() {
     assert_eq!(dropped, vec![RequestId::from("s")]);
     r.remove_worker(WorkerId(2));
     assert_eq!(r.index().num_nodes(), 0);
-    assert_eq!(route(&mut r, "u", &h, Instant::now()), Err(RouteError::NoWorkers));
+    assert_eq!(
+        route(&mut r, "u", &h, Instant::now()),
+        Err(RouteError::NoWorkers)
+    );
 }
 
 #[test]
 fn overloaded_router_refuses_with_explanation() {
-    let mut r = router(|c| c.admission = AdmissionConfig { active_prefill_tokens_threshold: Some(100), mode: AdmissionMode::TokenCapacity, ..Default::default() });
+    let mut r = router(|c| {
+        c.admission = AdmissionConfig {
+            active_prefill_tokens_threshold: Some(100),
+            mode: AdmissionMode::TokenCapacity,
+            ..Default::default()
+        }
+    });
     let t0 = Instant::now();
     route(&mut r, "a", &prompt(6, 8), t0).unwrap();
     route(&mut r, "b", &prompt(7, 8), t0).unwrap();
@@ -463,16 +643,39 @@ fn overloaded_router_refuses_with_explanation() {
 #[test]
 fn dp_ranks_are_candidates() {
     let mut r = Router::new(RouterConfig::default(), BS);
-    r.upsert_worker(WorkerInfo { id: WorkerId(9), dp_size: 2, role: WorkerRole::Aggregated, capacity: WorkerCapacity::default() });
+    r.upsert_worker(WorkerInfo {
+        id: WorkerId(9),
+        dp_size: 2,
+        role: WorkerRole::Aggregated,
+        capacity: WorkerCapacity::default(),
+    });
     let h = prompt(9, 4);
     r.apply_event(&stored_event(WorkerRank::new(9, 1), &h));
     let d = route(&mut r, "a", &h, Instant::now()).unwrap();
     assert_eq!(d.worker, WorkerRank::new(9, 1));
     assert_eq!(d.ranked, vec![WorkerRank::new(9, 1), WorkerRank::new(9, 0)]);
     // prefill-only workers are not candidates for aggregated routing
-    r.upsert_worker(WorkerInfo { id: WorkerId(10), dp_size: 1, role: WorkerRole::Prefill, capacity: WorkerCapacity::default() });
-    assert_eq!(r.targets(&[WorkerRole::Aggregated, WorkerRole::Decode]).len(), 2);
+    r.upsert_worker(WorkerInfo {
+        id: WorkerId(10),
+        dp_size: 1,
+        role: WorkerRole::Prefill,
+        capacity: WorkerCapacity::default(),
+    });
+    assert_eq!(
+        r.targets(&[WorkerRole::Aggregated, WorkerRole::Decode])
+            .len(),
+        2
+    );
     // shrinking dp_size drops the vanished rank's cache
-    r.upsert_worker(WorkerInfo { id: WorkerId(9), dp_size: 1, role: WorkerRole::Aggregated, capacity: WorkerCapacity::default() });
-    assert_eq!(r.index().num_blocks(WorkerRank::new(9, 1), StorageTier::Device), 0);
+    r.upsert_worker(WorkerInfo {
+        id: WorkerId(9),
+        dp_size: 1,
+        role: WorkerRole::Aggregated,
+        capacity: WorkerCapacity::default(),
+    });
+    assert_eq!(
+        r.index()
+            .num_blocks(WorkerRank::new(9, 1), StorageTier::Device),
+        0
+    );
 }

@@ -3,6 +3,8 @@
 //! crate version 1.6.1) and `DefaultHasher` for pod names; `kvgate-peers` re-checks the
 //! hashing against that crate on random inputs.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use kvgate_core::hashing::{BlockHashes, HashSeed};
 use kvgate_core::worker_id::worker_id_for_pod;
 
@@ -55,8 +57,18 @@ fn vectors() -> Vec<Vector> {
             block_size: 16,
             lora: None,
             salt: None,
-            local: &[15310707395893867146, 15292316782987903195, 5532946206955930018, 14928757266181269122],
-            seq: &[15310707395893867146, 13769157705258532664, 11879827756109914528, 3888788807566526800],
+            local: &[
+                15310707395893867146,
+                15292316782987903195,
+                5532946206955930018,
+                14928757266181269122,
+            ],
+            seq: &[
+                15310707395893867146,
+                13769157705258532664,
+                11879827756109914528,
+                3888788807566526800,
+            ],
         },
     ]
 }
@@ -75,5 +87,8 @@ fn block_hashes_match_dynamo_vectors() {
 #[test]
 fn worker_ids_match_dynamo_vectors() {
     assert_eq!(worker_id_for_pod("vllm-worker-0").0, 3637812819037538);
-    assert_eq!(worker_id_for_pod("qwen3-decode-7d9f8b-abcde").0, 3477661505063355);
+    assert_eq!(
+        worker_id_for_pod("qwen3-decode-7d9f8b-abcde").0,
+        3477661505063355
+    );
 }

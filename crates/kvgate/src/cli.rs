@@ -7,7 +7,11 @@ use kvgate_core::worker_id::worker_id_for_pod;
 use std::fmt;
 
 #[derive(Parser, Debug)]
-#[command(name = "kvgate", version, about = "KV-cache-aware request router for LLM inference")]
+#[command(
+    name = "kvgate",
+    version,
+    about = "KV-cache-aware request router for LLM inference"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -26,7 +30,7 @@ pub enum Command {
         name: String,
     },
     /// Validate the router configuration (env vars and flags) and print it with every knob.
-    Config(RouterArgs),
+    Config(Box<RouterArgs>),
 }
 
 #[derive(clap::Args, Debug)]
@@ -58,7 +62,10 @@ fn parse_tokens(s: &str) -> Result<Tokens, String> {
         .map(|(i, t)| {
             let t = t.trim();
             t.parse::<u32>().map_err(|_| {
-                format!("token #{} ({t:?}) is not an integer in 0..=4294967295", i + 1)
+                format!(
+                    "token #{} ({t:?}) is not an integer in 0..=4294967295",
+                    i + 1
+                )
             })
         })
         .collect::<Result<Vec<u32>, String>>()

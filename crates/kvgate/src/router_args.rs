@@ -49,7 +49,11 @@ fn parse_bool(knob: &Knob, v: &Option<String>, default: bool) -> Result<bool, Co
     match v.trim().to_ascii_lowercase().as_str() {
         "1" | "true" | "yes" | "on" => Ok(true),
         "0" | "false" | "no" | "off" => Ok(false),
-        _ => Err(ConfigError::new(knob, v, "must be a boolean (true/false, 1/0, yes/no, on/off)")),
+        _ => Err(ConfigError::new(
+            knob,
+            v,
+            "must be a boolean (true/false, 1/0, yes/no, on/off)",
+        )),
     }
 }
 
@@ -91,13 +95,24 @@ impl RouterArgs {
         let block_size = match parse_u64(&knobs::KV_CACHE_BLOCK_SIZE, &self.kv_cache_block_size)? {
             None => None,
             Some(b) => Some(u32::try_from(b).map_err(|_| {
-                ConfigError::new(&knobs::KV_CACHE_BLOCK_SIZE, b, "must be a whole number of tokens in [1, 1048576]")
+                ConfigError::new(
+                    &knobs::KV_CACHE_BLOCK_SIZE,
+                    b,
+                    "must be a whole number of tokens in [1, 1048576]",
+                )
             })?),
         };
         let config = RouterConfig {
-            enforce_disagg: parse_bool(&knobs::ENFORCE_DISAGG, &self.enforce_disagg, d.enforce_disagg)?,
-            overlap_score_credit: parse_f64(&knobs::OVERLAP_SCORE_CREDIT, &self.kv_overlap_score_credit)?
-                .unwrap_or(d.overlap_score_credit),
+            enforce_disagg: parse_bool(
+                &knobs::ENFORCE_DISAGG,
+                &self.enforce_disagg,
+                d.enforce_disagg,
+            )?,
+            overlap_score_credit: parse_f64(
+                &knobs::OVERLAP_SCORE_CREDIT,
+                &self.kv_overlap_score_credit,
+            )?
+            .unwrap_or(d.overlap_score_credit),
             overlap_score_credit_decay: parse_f64(
                 &knobs::OVERLAP_SCORE_CREDIT_DECAY,
                 &self.kv_overlap_score_credit_decay,
@@ -105,8 +120,13 @@ impl RouterArgs {
             .unwrap_or(d.overlap_score_credit_decay),
             prefill_load_scale: parse_f64(&knobs::PREFILL_LOAD_SCALE, &self.prefill_load_scale)?
                 .unwrap_or(d.prefill_load_scale),
-            temperature: parse_f64(&knobs::TEMPERATURE, &self.router_temperature)?.unwrap_or(d.temperature),
-            replica_sync: parse_bool(&knobs::REPLICA_SYNC, &self.router_replica_sync, d.replica_sync)?,
+            temperature: parse_f64(&knobs::TEMPERATURE, &self.router_temperature)?
+                .unwrap_or(d.temperature),
+            replica_sync: parse_bool(
+                &knobs::REPLICA_SYNC,
+                &self.router_replica_sync,
+                d.replica_sync,
+            )?,
             track_active_blocks: parse_bool(
                 &knobs::TRACK_ACTIVE_BLOCKS,
                 &self.track_active_blocks,
@@ -155,37 +175,70 @@ pub fn describe(c: &RouterConfig) -> String {
     let opt_f = |v: Option<f64>| v.map_or("unset".to_string(), |x| x.to_string());
     let rows: Vec<(&Knob, String)> = vec![
         (&knobs::ENFORCE_DISAGG, c.enforce_disagg.to_string()),
-        (&knobs::OVERLAP_SCORE_CREDIT, c.overlap_score_credit.to_string()),
-        (&knobs::OVERLAP_SCORE_CREDIT_DECAY, c.overlap_score_credit_decay.to_string()),
+        (
+            &knobs::OVERLAP_SCORE_CREDIT,
+            c.overlap_score_credit.to_string(),
+        ),
+        (
+            &knobs::OVERLAP_SCORE_CREDIT_DECAY,
+            c.overlap_score_credit_decay.to_string(),
+        ),
         (&knobs::PREFILL_LOAD_SCALE, c.prefill_load_scale.to_string()),
         (&knobs::TEMPERATURE, c.temperature.to_string()),
         (&knobs::REPLICA_SYNC, c.replica_sync.to_string()),
-        (&knobs::TRACK_ACTIVE_BLOCKS, c.track_active_blocks.to_string()),
-        (&knobs::TRACK_OUTPUT_BLOCKS, c.track_output_blocks.to_string()),
-        (&knobs::TRACK_PREFILL_TOKENS, c.track_prefill_tokens.to_string()),
+        (
+            &knobs::TRACK_ACTIVE_BLOCKS,
+            c.track_active_blocks.to_string(),
+        ),
+        (
+            &knobs::TRACK_OUTPUT_BLOCKS,
+            c.track_output_blocks.to_string(),
+        ),
+        (
+            &knobs::TRACK_PREFILL_TOKENS,
+            c.track_prefill_tokens.to_string(),
+        ),
         (
             &knobs::PREDICTED_TTL_SECS,
-            c.predicted_ttl.map_or("unset".into(), |d| d.as_secs_f64().to_string()),
+            c.predicted_ttl
+                .map_or("unset".into(), |d| d.as_secs_f64().to_string()),
         ),
         (
             &knobs::ADMISSION_CONTROL,
-            if c.admission.enabled() { "token-capacity" } else { "none" }.into(),
+            if c.admission.enabled() {
+                "token-capacity"
+            } else {
+                "none"
+            }
+            .into(),
         ),
-        (&knobs::ACTIVE_DECODE_BLOCKS_THRESHOLD, opt_f(c.admission.active_decode_blocks_threshold)),
+        (
+            &knobs::ACTIVE_DECODE_BLOCKS_THRESHOLD,
+            opt_f(c.admission.active_decode_blocks_threshold),
+        ),
         (
             &knobs::ACTIVE_PREFILL_TOKENS_THRESHOLD,
-            c.admission.active_prefill_tokens_threshold.map_or("unset".into(), |v| v.to_string()),
+            c.admission
+                .active_prefill_tokens_threshold
+                .map_or("unset".into(), |v| v.to_string()),
         ),
         (
             &knobs::ACTIVE_PREFILL_TOKENS_THRESHOLD_FRAC,
             opt_f(c.admission.active_prefill_tokens_threshold_frac),
         ),
         (&knobs::USE_KV_EVENTS, c.use_kv_events.to_string()),
-        (&knobs::KV_CACHE_BLOCK_SIZE, c.block_size.map_or("unset".into(), |v| v.to_string())),
+        (
+            &knobs::KV_CACHE_BLOCK_SIZE,
+            c.block_size.map_or("unset".into(), |v| v.to_string()),
+        ),
     ];
     let mut out = String::new();
     for (k, v) in rows {
-        let _ = writeln!(out, "{:<42} {:<10} (default {}; {})", k.env, v, k.default, k.flag);
+        let _ = writeln!(
+            out,
+            "{:<42} {:<10} (default {}; {})",
+            k.env, v, k.default, k.flag
+        );
     }
     out.trim_end().to_string()
 }
@@ -210,26 +263,53 @@ mod tests {
             })
             .collect();
         seen.sort();
-        let mut want: Vec<(String, String)> =
-            knobs::KNOBS.iter().map(|k| (k.env.to_string(), k.flag.to_string())).collect();
+        let mut want: Vec<(String, String)> = knobs::KNOBS
+            .iter()
+            .map(|k| (k.env.to_string(), k.flag.to_string()))
+            .collect();
         want.sort();
         assert_eq!(seen, want);
     }
 
     #[test]
     fn unset_means_defaults() {
-        assert_eq!(RouterArgs::default().to_config().unwrap(), RouterConfig::default());
+        assert_eq!(
+            RouterArgs::default().to_config().unwrap(),
+            RouterConfig::default()
+        );
     }
 
     #[test]
     fn bad_values_name_the_variable_and_flag() {
-        let a = RouterArgs { router_temperature: Some("-1".into()), ..Default::default() };
+        let a = RouterArgs {
+            router_temperature: Some("-1".into()),
+            ..Default::default()
+        };
         let msg = a.to_config().unwrap_err().to_string();
-        assert!(msg.contains("DYN_ROUTER_TEMPERATURE") && msg.contains("--router-temperature"), "{msg}");
-        let a = RouterArgs { track_active_blocks: Some("maybe".into()), ..Default::default() };
-        assert!(a.to_config().unwrap_err().to_string().contains("DYN_ROUTER_TRACK_ACTIVE_BLOCKS"));
-        let a = RouterArgs { kv_cache_block_size: Some("99999999999".into()), ..Default::default() };
-        assert!(a.to_config().unwrap_err().to_string().contains("DYN_KV_CACHE_BLOCK_SIZE"));
+        assert!(
+            msg.contains("DYN_ROUTER_TEMPERATURE") && msg.contains("--router-temperature"),
+            "{msg}"
+        );
+        let a = RouterArgs {
+            track_active_blocks: Some("maybe".into()),
+            ..Default::default()
+        };
+        assert!(
+            a.to_config()
+                .unwrap_err()
+                .to_string()
+                .contains("DYN_ROUTER_TRACK_ACTIVE_BLOCKS")
+        );
+        let a = RouterArgs {
+            kv_cache_block_size: Some("99999999999".into()),
+            ..Default::default()
+        };
+        assert!(
+            a.to_config()
+                .unwrap_err()
+                .to_string()
+                .contains("DYN_KV_CACHE_BLOCK_SIZE")
+        );
     }
 
     #[test]

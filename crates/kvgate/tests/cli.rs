@@ -1,5 +1,7 @@
 //! The `kvgate` binary's debugging utilities, run as a user would.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::process::Command;
 
 fn kvgate(args: &[&str]) -> (bool, String, String) {
@@ -31,7 +33,15 @@ fn hash_prints_dynamo_hashes_as_json() {
 #[test]
 fn hash_with_lora_and_salt() {
     let (ok, out, _) = kvgate(&[
-        "hash", "--block-size", "4", "--lora", "my-lora", "--salt", "tenant-a", "--tokens", "1,2,3,4,5,6,7,8",
+        "hash",
+        "--block-size",
+        "4",
+        "--lora",
+        "my-lora",
+        "--salt",
+        "tenant-a",
+        "--tokens",
+        "1,2,3,4,5,6,7,8",
     ]);
     assert!(ok);
     assert_eq!(
@@ -69,8 +79,14 @@ fn config_refuses_bad_env_naming_it() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("DYN_ROUTER_TEMPERATURE") && err.contains("[0, +inf)"), "{err}");
+    assert!(
+        err.contains("DYN_ROUTER_TEMPERATURE") && err.contains("[0, +inf)"),
+        "{err}"
+    );
     let (ok, out, _) = kvgate(&["config", "--router-temperature", "0.25"]);
     assert!(ok);
-    assert!(out.contains("DYN_ROUTER_TEMPERATURE") && out.contains("0.25"), "{out}");
+    assert!(
+        out.contains("DYN_ROUTER_TEMPERATURE") && out.contains("0.25"),
+        "{out}"
+    );
 }
