@@ -137,6 +137,28 @@ fn output_token(seed: u64, index: u32) -> u32 {
     ((z ^ (z >> 31)) % 30_000) as u32 + 1_000
 }
 
+/// The prompt (or a decode step) is computed: the request produces its next token.
+fn emit_token(seq: &mut Seq) -> TokenOutput {
+    let token = output_token(seq.output_seed, seq.generated);
+    let index = seq.generated;
+    seq.generated += 1;
+    seq.tokens.push(token);
+    seq.hashes.extend(&[token]);
+    seq.prefill_target = seq.prefill_target.max(seq.computed);
+    let finished = (seq.generated >= seq.max_output).then_some(Finish {
+        prompt_tokens: seq.prompt_len,
+        cached_tokens: seq.cached_tokens,
+        completion_tokens: seq.generated,
+    });
+    TokenOutput {
+        id: seq.id,
+        token,
+        index,
+        finished,
+        cached_tokens: seq.cached_tokens,
+    }
+}
+
 impl Engine {
     pub fn new(config: EngineConfig) -> Self {
         let pool = BlockPool::new(config.num_gpu_blocks, config.enable_prefix_caching);
@@ -345,26 +367,10 @@ impl Engine {
             Self::register_full(&mut self.pool, seq, bs);
             if seq.computed >= seq.prefill_target {
                 // Prefill done (or a decode step): one new token.
-                let token = output_token(seq.output_seed, seq.generated);
-                let index = seq.generated;
-                seq.generated += 1;
-                seq.tokens.push(token);
-                seq.hashes.extend(&[token]);
-                seq.prefill_target = seq.prefill_target.max(seq.computed);
+                let out = emit_token(seq);
                 self.stats.generation_tokens += 1;
-                let finished = (seq.generated >= seq.max_output).then(|| Finish {
-                    prompt_tokens: seq.prompt_len,
-                    cached_tokens: seq.cached_tokens,
-                    completion_tokens: seq.generated,
-                });
-                outputs.push(TokenOutput {
-                    id: seq.id,
-                    token,
-                    index,
-                    finished,
-                    cached_tokens: seq.cached_tokens,
-                });
-                if finished.is_some() {
+                outputs.push(out);
+                if out.finished.is_some() {
                     let seq = self.running.remove(i);
                     self.release(&seq);
                     self.stats.finished += 1;
@@ -422,25 +428,10 @@ impl Engine {
             seq.computed += chunk;
             Self::register_full(&mut self.pool, &mut seq, bs);
             if seq.computed >= seq.prefill_target {
-                let token = output_token(seq.output_seed, seq.generated);
-                let index = seq.generated;
-                seq.generated += 1;
-                seq.tokens.push(token);
-                seq.hashes.extend(&[token]);
+                let out = emit_token(&mut seq);
                 self.stats.generation_tokens += 1;
-                let finished = (seq.generated >= seq.max_output).then(|| Finish {
-                    prompt_tokens: seq.prompt_len,
-                    cached_tokens: seq.cached_tokens,
-                    completion_tokens: seq.generated,
-                });
-                outputs.push(TokenOutput {
-                    id: seq.id,
-                    token,
-                    index,
-                    finished,
-                    cached_tokens: seq.cached_tokens,
-                });
-                if finished.is_some() {
+                outputs.push(out);
+                if out.finished.is_some() {
                     self.release(&seq);
                     self.stats.finished += 1;
                     continue;
