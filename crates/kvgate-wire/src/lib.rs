@@ -1,0 +1,4 @@
+//! Formats at kvgate's edges, decoded into the core's types and encoded back:
+//! - [`openai`]: OpenAI chat / completions request bodies, and `nvext.token_data` injection.
+
+pub mod openai;
