@@ -20,7 +20,7 @@ use crate::fasthash::FastMap;
 use crate::hashing::seq_hash_after;
 use crate::holders::Holders;
 use crate::ids::{ExternalHash, LocalHash, SeqHash, StorageTier, WorkerId, WorkerRank};
-use std::collections::VecDeque;
+use crate::orphans::{Orphan, OrphanLot};
 
 /// `member << 2 | tier`.
 type Holder = u32;
@@ -52,13 +52,11 @@ impl Node {
 struct Member {
     key: Option<WorkerRank>,
     blocks: [FastMap<ExternalHash, SeqHash>; TIERS],
+    /// Extra engine hashes naming a prefix this member already holds in that tier (engines with
+    /// extra hash keys, two connectors, ...): the holder entry goes only when the last one goes.
+    /// Sparse: almost always empty.
+    extra: [FastMap<SeqHash, u32>; TIERS],
     last_event_id: Option<u64>,
-}
-
-#[derive(Clone, Debug)]
-struct Orphan {
-    tier: StorageTier,
-    blocks: Vec<StoredBlock>,
 }
 
 /// Counters of what the index did with the events it was given (never reset).
@@ -118,10 +116,7 @@ pub struct PrefixIndex {
     members: Vec<Member>,
     member_ids: FastMap<WorkerRank, u32>,
     free_members: Vec<u32>,
-    orphans: FastMap<(u32, ExternalHash), Vec<Orphan>>,
-    orphan_order: VecDeque<(u32, ExternalHash)>,
-    orphan_blocks: usize,
-    orphan_capacity: usize,
+    orphans: OrphanLot,
     stats: IndexStats,
 }
 
@@ -142,16 +137,18 @@ impl PrefixIndex {
             members: Vec::new(),
             member_ids: FastMap::default(),
             free_members: Vec::new(),
-            orphans: FastMap::default(),
-            orphan_order: VecDeque::new(),
-            orphan_blocks: 0,
-            orphan_capacity,
+            orphans: OrphanLot::new(orphan_capacity),
             stats: IndexStats::default(),
         }
     }
 
     pub fn stats(&self) -> IndexStats {
-        self.stats
+        IndexStats {
+            orphans_parked: self.orphans.parked,
+            orphans_adopted: self.orphans.adopted,
+            orphans_dropped: self.orphans.dropped,
+            ..self.stats
+        }
     }
 
     /// Distinct prefixes (nodes) held by anyone.
@@ -178,7 +175,7 @@ impl PrefixIndex {
 
     /// Blocks parked while waiting for their parent.
     pub fn num_orphan_blocks(&self) -> usize {
-        self.orphan_blocks
+        self.orphans.blocks()
     }
 
     fn member(&self, worker: WorkerRank) -> Option<&Member> {
@@ -250,76 +247,32 @@ impl PrefixIndex {
         if blocks.is_empty() {
             return;
         }
-        let mut prev = match parent {
+        let prev = match parent {
             None => None,
             Some(p) => match self.lookup(m, tier, p) {
                 Some(s) => Some(s),
                 None => {
-                    self.park(m, p, Orphan { tier, blocks });
+                    self.orphans.park(m, p, Orphan { tier, blocks });
                     return;
                 }
             },
         };
-        let mut adopted = Vec::new();
-        for b in &blocks {
-            let seq = seq_hash_after(prev, b.local);
-            self.insert_block(m, tier, b.hash, seq, b.local, prev);
-            prev = Some(seq);
-            if !self.orphans.is_empty()
-                && let Some(waiting) = self.orphans.remove(&(m, b.hash))
-            {
-                adopted.extend(waiting.into_iter().map(|o| (b.hash, o)));
+        // Chains to apply: this one, then any parked children it unblocks (iteratively).
+        let mut work: Vec<(Option<SeqHash>, Orphan)> = vec![(prev, Orphan { tier, blocks })];
+        let mut first = true;
+        while let Some((mut prev, chain)) = work.pop() {
+            if !first {
+                self.orphans.count_adopted(chain.blocks.len());
             }
-        }
-        // Children that arrived before this chain: apply them now (iteratively, no recursion).
-        while let Some((parent_hash, orphan)) = adopted.pop() {
-            let n = orphan.blocks.len();
-            self.orphan_blocks -= n;
-            self.stats.orphans_adopted += n as u64;
-            let Some(mut prev) = self.lookup(m, orphan.tier, parent_hash).map(Some) else {
-                // The parent was removed again in the meantime.
-                self.stats.orphans_dropped += n as u64;
-                continue;
-            };
-            for b in &orphan.blocks {
+            first = false;
+            for b in &chain.blocks {
                 let seq = seq_hash_after(prev, b.local);
-                self.insert_block(m, orphan.tier, b.hash, seq, b.local, prev);
+                self.insert_block(m, chain.tier, b.hash, seq, b.local, prev);
                 prev = Some(seq);
-                if let Some(waiting) = self.orphans.remove(&(m, b.hash)) {
-                    adopted.extend(waiting.into_iter().map(|o| (b.hash, o)));
+                for child in self.orphans.take(m, b.hash) {
+                    work.push((Some(seq), child));
                 }
             }
-        }
-    }
-
-    fn park(&mut self, m: u32, parent: ExternalHash, orphan: Orphan) {
-        let n = orphan.blocks.len();
-        self.stats.orphans_parked += n as u64;
-        if n > self.orphan_capacity {
-            self.stats.orphans_dropped += n as u64;
-            return;
-        }
-        // Oldest first out: a parent that has not come for this long is probably lost.
-        while self.orphan_blocks + n > self.orphan_capacity {
-            let Some(key) = self.orphan_order.pop_front() else {
-                break;
-            };
-            if let Some(evicted) = self.orphans.remove(&key) {
-                let k: usize = evicted.iter().map(|o| o.blocks.len()).sum();
-                self.orphan_blocks -= k;
-                self.stats.orphans_dropped += k as u64;
-            }
-        }
-        self.orphan_blocks += n;
-        let list = self.orphans.entry((m, parent)).or_default();
-        if list.is_empty() {
-            self.orphan_order.push_back((m, parent));
-        }
-        list.push(orphan);
-        // Keep the FIFO from growing without bound with keys adopted long ago.
-        if self.orphan_order.len() > 2 * self.orphans.len() + 64 {
-            let orphans = &self.orphans;
-            self.orphan_order.retain(|k| orphans.contains_key(k));
         }
     }
 
@@ -332,7 +285,6 @@ impl PrefixIndex {
         local: LocalHash,
         parent: Option<SeqHash>,
     ) {
-        let holder = (m << 2) | tier.index() as u32;
         let old = self.members[m as usize].blocks[tier.index()].insert(hash, seq);
         match old {
             Some(old) if old == seq => {
@@ -340,13 +292,22 @@ impl PrefixIndex {
                 return;
             }
             // The engine reused a hash for other content: forget the old placement.
-            Some(old) => self.remove_holder(old, holder),
+            Some(old) => self.unhold(m, tier, old),
             None => {}
         }
         self.stats.blocks_stored += 1;
+        let holder = (m << 2) | tier.index() as u32;
         match self.nodes.entry(seq) {
             std::collections::hash_map::Entry::Occupied(mut e) => {
-                e.get_mut().holders.insert(holder)
+                let holders = &mut e.get_mut().holders;
+                if holders.as_slice().binary_search(&holder).is_ok() {
+                    // Another engine hash of this member already names this prefix.
+                    *self.members[m as usize].extra[tier.index()]
+                        .entry(seq)
+                        .or_insert(0) += 1;
+                } else {
+                    holders.insert(holder);
+                }
             }
             std::collections::hash_map::Entry::Vacant(e) => {
                 e.insert(Node {
@@ -358,7 +319,17 @@ impl PrefixIndex {
         }
     }
 
-    fn remove_holder(&mut self, seq: SeqHash, holder: Holder) {
+    /// Releases one engine hash's claim on `seq`; the holder goes with the last claim.
+    fn unhold(&mut self, m: u32, tier: StorageTier, seq: SeqHash) {
+        let extra = &mut self.members[m as usize].extra[tier.index()];
+        if let Some(c) = extra.get_mut(&seq) {
+            *c -= 1;
+            if *c == 0 {
+                extra.remove(&seq);
+            }
+            return;
+        }
+        let holder = (m << 2) | tier.index() as u32;
         if let Some(node) = self.nodes.get_mut(&seq)
             && node.holders.remove(holder)
         {
@@ -370,94 +341,25 @@ impl PrefixIndex {
         match self.members[m as usize].blocks[tier.index()].remove(&hash) {
             Some(seq) => {
                 self.stats.blocks_removed += 1;
-                self.remove_holder(seq, (m << 2) | tier.index() as u32);
+                self.unhold(m, tier, seq);
             }
             None => {
                 self.stats.unknown_removals += 1;
-                self.unpark(m, tier, hash);
-            }
-        }
-    }
-
-    /// A parked block was removed before its parent came: drop it from the parking lot,
-    /// splitting its chain (the blocks after it now wait for it, and it will never come back
-    /// unless stored again).
-    fn unpark(&mut self, m: u32, tier: StorageTier, hash: ExternalHash) {
-        if self.orphan_blocks == 0 {
-            return;
-        }
-        let keys: Vec<(u32, ExternalHash)> = self
-            .orphans
-            .iter()
-            .filter(|(k, list)| {
-                k.0 == m
-                    && list
-                        .iter()
-                        .any(|o| o.tier == tier && o.blocks.iter().any(|b| b.hash == hash))
-            })
-            .map(|(k, _)| *k)
-            .collect();
-        for key in keys {
-            let Some(list) = self.orphans.remove(&key) else {
-                continue;
-            };
-            let mut keep = Vec::new();
-            let mut tails = Vec::new();
-            for mut o in list {
-                let pos = (o.tier == tier)
-                    .then(|| o.blocks.iter().position(|b| b.hash == hash))
-                    .flatten();
-                if let Some(pos) = pos {
-                    let tail: Vec<StoredBlock> = o.blocks.split_off(pos + 1);
-                    o.blocks.pop();
-                    self.orphan_blocks -= 1;
-                    self.stats.orphans_dropped += 1;
-                    if !tail.is_empty() {
-                        tails.push(Orphan {
-                            tier: o.tier,
-                            blocks: tail,
-                        });
-                    }
-                }
-                if !o.blocks.is_empty() {
-                    keep.push(o);
-                }
-            }
-            if !keep.is_empty() {
-                self.orphans.insert(key, keep);
-            }
-            if !tails.is_empty() {
-                let list = self.orphans.entry((m, hash)).or_default();
-                if list.is_empty() {
-                    self.orphan_order.push_back((m, hash));
-                }
-                list.extend(tails);
+                self.orphans.remove_block(m, tier, hash);
             }
         }
     }
 
     fn clear_member(&mut self, m: u32) {
-        for tier in 0..TIERS {
-            let blocks = std::mem::take(&mut self.members[m as usize].blocks[tier]);
-            let holder = (m << 2) | tier as u32;
+        for t in 0..TIERS {
+            let blocks = std::mem::take(&mut self.members[m as usize].blocks[t]);
             self.stats.blocks_removed += blocks.len() as u64;
             for (_, seq) in blocks {
-                self.remove_holder(seq, holder);
+                self.unhold(m, StorageTier::from_index(t), seq);
             }
+            self.members[m as usize].extra[t].clear();
         }
-        if self.orphan_blocks > 0 {
-            let mut dropped = 0;
-            self.orphans.retain(|k, list| {
-                if k.0 == m {
-                    dropped += list.iter().map(|o| o.blocks.len()).sum::<usize>();
-                    false
-                } else {
-                    true
-                }
-            });
-            self.orphan_blocks -= dropped;
-            self.stats.orphans_dropped += dropped as u64;
-        }
+        self.orphans.clear_member(m);
     }
 
     /// Forgets every dp rank of a worker (it left discovery): blocks, parked events, identity.
@@ -482,6 +384,9 @@ impl PrefixIndex {
             member.last_event_id = None;
             for b in &mut member.blocks {
                 b.shrink_to_fit();
+            }
+            for e in &mut member.extra {
+                e.shrink_to_fit();
             }
             self.free_members.push(m);
         }
@@ -606,15 +511,17 @@ impl PrefixIndex {
         answer
     }
 
-    /// The index's full matchable state as `Stored` events, parents before children, one event per
-    /// (worker, tier, parent). Restoring them into an empty index reproduces every answer of
-    /// [`find_matches`](Self::find_matches). Blocks whose prefix is no longer held are left out:
-    /// they cannot match. Each event carries the member's last applied event id.
+    /// The index's state as `Stored` events: every matchable block, parents before children
+    /// (ordered by depth across tiers), one event per (worker, tier, parent); then the chains
+    /// still parked for a missing parent. Restoring them into an empty index reproduces every
+    /// answer of [`find_matches`](Self::find_matches). Blocks whose prefix is no longer held are
+    /// left out: they cannot match. Each event carries the member's last applied event id.
     pub fn dump_events(&self) -> Vec<KvEvent> {
         let mut events = Vec::new();
         for member in &self.members {
             let Some(key) = member.key else { continue };
-            // The engine hash by which this member names each chained hash it holds.
+            let event_id = member.last_event_id.unwrap_or(0);
+            // The engine hash by which this member names each chained hash (device preferred).
             let mut ext_of: FastMap<SeqHash, ExternalHash> = FastMap::default();
             for map in member.blocks.iter().rev() {
                 for (&h, &s) in map {
@@ -624,9 +531,8 @@ impl PrefixIndex {
             let held: crate::fasthash::FastSet<SeqHash> = ext_of.keys().copied().collect();
             let mut memo = FastMap::default();
             let mut depths: FastMap<SeqHash, usize> = FastMap::default();
+            let mut rows: Vec<(usize, usize, Option<ExternalHash>, StoredBlock)> = Vec::new();
             for (t, map) in member.blocks.iter().enumerate() {
-                // Depth orders parents before children.
-                let mut rows: Vec<(usize, Option<ExternalHash>, StoredBlock)> = Vec::new();
                 for (&h, &s) in map {
                     if !self.is_reachable(s, &held, &mut memo) {
                         continue;
@@ -638,6 +544,7 @@ impl PrefixIndex {
                     let parent_ext = node.parent(s).and_then(|ps| ext_of.get(&ps).copied());
                     rows.push((
                         depth,
+                        t,
                         parent_ext,
                         StoredBlock {
                             hash: h,
@@ -645,19 +552,34 @@ impl PrefixIndex {
                         },
                     ));
                 }
-                rows.sort_unstable_by_key(|r| (r.0, r.1, r.2.hash));
-                for (_, parent, block) in rows {
-                    events.push(KvEvent {
-                        source: key,
-                        event_id: member.last_event_id.unwrap_or(0),
-                        tier: StorageTier::from_index(t),
-                        data: KvEventData::Stored {
-                            parent,
-                            blocks: vec![block],
-                        },
-                    });
-                }
             }
+            rows.sort_unstable_by_key(|r| (r.0, r.1, r.2, r.3.hash));
+            for (_, t, parent, block) in rows {
+                events.push(KvEvent {
+                    source: key,
+                    event_id,
+                    tier: StorageTier::from_index(t),
+                    data: KvEventData::Stored {
+                        parent,
+                        blocks: vec![block],
+                    },
+                });
+            }
+        }
+        let mut parked: Vec<(u32, ExternalHash, &Orphan)> = self.orphans.iter().collect();
+        parked.sort_unstable_by_key(|(m, p, o)| (*m, *p, o.tier, o.blocks.first().map(|b| b.hash)));
+        for (m, parent, orphan) in parked {
+            let member = &self.members[m as usize];
+            let Some(key) = member.key else { continue };
+            events.push(KvEvent {
+                source: key,
+                event_id: member.last_event_id.unwrap_or(0),
+                tier: orphan.tier,
+                data: KvEventData::Stored {
+                    parent: Some(parent),
+                    blocks: orphan.blocks.clone(),
+                },
+            });
         }
         events
     }

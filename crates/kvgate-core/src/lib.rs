@@ -17,6 +17,7 @@ mod holders;
 pub mod ids;
 pub mod index;
 pub mod load;
+mod orphans;
 pub mod predicted;
 pub mod random;
 pub mod router;

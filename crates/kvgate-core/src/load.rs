@@ -13,7 +13,7 @@
 //! [`Change::NoChange`]). Bookings older than a stale timeout are swept.
 
 use crate::fasthash::FastMap;
-use crate::ids::{RequestId, SeqHash, WorkerRank};
+use crate::ids::{LocalHash, RequestId, SeqHash, WorkerRank};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -24,6 +24,8 @@ pub const DEFAULT_STALE_AFTER: Duration = Duration::from_secs(300);
 pub struct Booking {
     pub worker: WorkerRank,
     pub seqs: Vec<SeqHash>,
+    /// The blocks' local hashes (so that a moved booking can move its prediction too).
+    pub locals: Vec<LocalHash>,
     pub prefill_tokens: u64,
     pub prefill_done: bool,
     pub expected_output_tokens: Option<u32>,
@@ -102,6 +104,8 @@ pub struct NewBooking<'a> {
     pub request: RequestId,
     pub worker: WorkerRank,
     pub seqs: &'a [SeqHash],
+    /// Local hashes of the same blocks (may be empty when nobody needs them).
+    pub locals: &'a [LocalHash],
     /// Prompt tokens the worker must compute (prompt minus what it already caches).
     pub prefill_tokens: u64,
     pub expected_output_tokens: Option<u32>,
@@ -145,6 +149,7 @@ impl LoadTracker {
         let booking = Booking {
             worker: b.worker,
             seqs: b.seqs.to_vec(),
+            locals: b.locals.to_vec(),
             prefill_tokens: b.prefill_tokens,
             prefill_done: false,
             expected_output_tokens: b.expected_output_tokens,
@@ -302,6 +307,7 @@ mod tests {
                 request: id.into(),
                 worker: w,
                 seqs: s,
+                locals: &[],
                 prefill_tokens: prefill,
                 expected_output_tokens: None,
             },
@@ -344,6 +350,7 @@ mod tests {
                 request: "a".into(),
                 worker: W2,
                 seqs: &seqs(&[2]),
+                locals: &[],
                 prefill_tokens: 1,
                 expected_output_tokens: None,
             },
@@ -361,6 +368,7 @@ mod tests {
                 request: "a".into(),
                 worker: W,
                 seqs: &seqs(&[1]),
+                locals: &[],
                 prefill_tokens: 16,
                 expected_output_tokens: Some(160),
             },
@@ -397,6 +405,7 @@ mod tests {
                 request: "old".into(),
                 worker: W,
                 seqs: &seqs(&[1]),
+                locals: &[],
                 prefill_tokens: 16,
                 expected_output_tokens: None,
             },
@@ -408,6 +417,7 @@ mod tests {
                 request: "new".into(),
                 worker: W,
                 seqs: &seqs(&[2]),
+                locals: &[],
                 prefill_tokens: 16,
                 expected_output_tokens: None,
             },
@@ -453,6 +463,7 @@ mod tests {
                             request: format!("r{r}").into(),
                             worker: WorkerRank::new(u64::from(w), 0),
                             seqs: &chain(p, n),
+                            locals: &[],
                             prefill_tokens: u64::from(n) * 4,
                             expected_output_tokens: Some(u32::from(n) * 3),
                         }, now);

@@ -150,6 +150,12 @@ impl PredictedIndex {
         self.expiry.retain(|(w, _), _| w.worker != worker);
         self.queue.retain(|(_, w, _)| w.worker != worker);
     }
+
+    pub fn remove_worker_rank(&mut self, worker: WorkerRank) {
+        self.index.remove_worker_rank(worker);
+        self.expiry.retain(|(w, _), _| *w != worker);
+        self.queue.retain(|(_, w, _)| *w != worker);
+    }
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 //! they like), feed it events and worker changes, and call [`Router::route`] /
 //! [`Router::prefill_complete`] / [`Router::free`] as requests progress.
 
-use crate::config::RouterConfig;
+use crate::config::{ConfigError, RouterConfig};
 use crate::events::KvEvent;
 use crate::fasthash::FastMap;
 use crate::hashing::BlockHashes;
@@ -98,11 +98,23 @@ pub struct Router {
     index: PrefixIndex,
     predicted: Option<PredictedIndex>,
     load: LoadTracker,
+    events_unknown_worker: u64,
 }
 
+/// The most data-parallel ranks a worker may announce.
+pub const MAX_DP_SIZE: u32 = 1024;
+
 impl Router {
-    /// `block_size` must equal the workers' KV block size.
-    pub fn new(config: RouterConfig, block_size: usize) -> Self {
+    /// `block_size` must equal the workers' KV block size. The configuration is validated.
+    pub fn new(config: RouterConfig, block_size: usize) -> Result<Self, ConfigError> {
+        config.validate()?;
+        if block_size == 0 {
+            return Err(ConfigError::new(
+                &crate::config::KV_CACHE_BLOCK_SIZE,
+                0,
+                "the block size must be at least 1 token",
+            ));
+        }
         let predicted = if !config.use_kv_events {
             Some(PredictedIndex::new(
                 config.approx_ttl,
@@ -113,7 +125,7 @@ impl Router {
                 .predicted_ttl
                 .map(|ttl| PredictedIndex::new(ttl, config.approx_max_blocks))
         };
-        Self {
+        Ok(Self {
             block_size,
             workers: FastMap::default(),
             targets: Vec::new(),
@@ -121,7 +133,8 @@ impl Router {
             predicted,
             load: LoadTracker::new(block_size),
             config,
-        }
+            events_unknown_worker: 0,
+        })
     }
 
     pub fn config(&self) -> &RouterConfig {
@@ -140,19 +153,35 @@ impl Router {
         self.predicted.as_ref()
     }
 
-    /// Adds or updates a worker.
-    pub fn upsert_worker(&mut self, info: WorkerInfo) {
+    /// Adds or updates a worker. `dp_size` is clamped to `1..=MAX_DP_SIZE`.
+    pub fn upsert_worker(&mut self, mut info: WorkerInfo) {
+        info.dp_size = info.dp_size.clamp(1, MAX_DP_SIZE);
         let old = self.workers.insert(info.id, info);
         self.rebuild_targets();
-        // Ranks that disappeared lose their cache entries.
+        // Ranks that disappeared lose their cache entries and predictions.
         if let Some(old) = old {
             for r in info.dp_size..old.dp_size {
-                self.index.remove_worker_rank(WorkerRank {
+                let rank = WorkerRank {
                     worker: info.id,
                     dp_rank: crate::DpRank(r),
-                });
+                };
+                self.index.remove_worker_rank(rank);
+                if let Some(p) = &mut self.predicted {
+                    p.remove_worker_rank(rank);
+                }
             }
         }
+    }
+
+    /// Events dropped because their (worker, dp rank) is not a known target.
+    pub fn events_unknown_worker(&self) -> u64 {
+        self.events_unknown_worker
+    }
+
+    fn is_target(&self, w: WorkerRank) -> bool {
+        self.workers
+            .get(&w.worker)
+            .is_some_and(|info| w.dp_rank.0 < info.dp_size)
     }
 
     /// Forgets a worker: blocks, predictions and bookings. Returns the bookings dropped.
@@ -175,7 +204,7 @@ impl Router {
             .workers
             .values()
             .flat_map(|w| {
-                (0..w.dp_size.max(1)).map(move |r| {
+                (0..w.dp_size).map(move |r| {
                     (
                         WorkerRank {
                             worker: w.id,
@@ -199,11 +228,19 @@ impl Router {
             .collect()
     }
 
-    /// Applies a KV event (ignored in approximate mode, where only decisions count).
-    pub fn apply_event(&mut self, event: &KvEvent) {
-        if self.config.use_kv_events {
-            self.index.apply(event);
+    /// Applies a KV event. Ignored in approximate mode (only decisions count there); counted and
+    /// dropped when its (worker, dp rank) is unknown, so that stray or late events cannot grow
+    /// the index with workers nobody will ever remove. Returns whether it was applied.
+    pub fn apply_event(&mut self, event: &KvEvent) -> bool {
+        if !self.config.use_kv_events {
+            return false;
         }
+        if !self.is_target(event.source) {
+            self.events_unknown_worker += 1;
+            return false;
+        }
+        self.index.apply(event);
+        true
     }
 
     /// Overlap as routing sees it: the event index, raised by predictions where enabled.
@@ -310,6 +347,11 @@ impl Router {
                     request: req.request.clone(),
                     worker,
                     seqs,
+                    locals: if self.predicted.is_some() {
+                        req.hashes.locals()
+                    } else {
+                        &[]
+                    },
                     prefill_tokens: isl as u64 - cached,
                     expected_output_tokens: if self.config.track_output_blocks {
                         req.expected_output_tokens
@@ -343,9 +385,17 @@ impl Router {
         self.load.record_output(request, total_output_tokens)
     }
 
-    /// The gateway served the request elsewhere than booked: move the booking.
-    pub fn rebook(&mut self, request: &RequestId, to: WorkerRank) -> Change {
-        self.load.rebook(request, to)
+    /// The gateway served the request elsewhere than booked: move the booking, and the
+    /// prediction with it (the serving worker is the one that will cache the prompt).
+    pub fn rebook(&mut self, request: &RequestId, to: WorkerRank, now: Instant) -> Change {
+        let change = self.load.rebook(request, to);
+        if change == Change::Applied
+            && let Some(p) = &mut self.predicted
+            && let Some(b) = self.load.booking(request)
+        {
+            p.insert(to, &b.locals, &b.seqs, now);
+        }
+        change
     }
 
     pub fn free(&mut self, request: &RequestId) -> Change {

@@ -306,19 +306,24 @@ fn argmin_random_ties(
     eligible: &[usize],
     rng: &mut dyn RandomSource,
 ) -> usize {
-    let min = eligible
+    // total_cmp puts NaN last, so a NaN cost never wins over a number.
+    let Some(min) = eligible
         .iter()
         .map(|&i| scores[i].cost)
-        .fold(f64::INFINITY, f64::min);
+        .min_by(f64::total_cmp)
+    else {
+        return 0;
+    };
     let ties: Vec<usize> = eligible
         .iter()
         .copied()
         .filter(|&i| scores[i].cost == min)
         .collect();
-    if ties.len() == 1 {
-        ties[0]
-    } else {
-        ties[rng.below(ties.len())]
+    match ties.len() {
+        // Every cost is NaN (cannot happen with a validated config): take the first.
+        0 => eligible[0],
+        1 => ties[0],
+        n => ties[rng.below(n)],
     }
 }
 
@@ -334,15 +339,23 @@ fn sample_softmax(
             (lo.min(scores[i].cost), hi.max(scores[i].cost))
         });
     let range = max - min;
-    let weights: Vec<f64> = if range > 0.0 && range.is_finite() {
+    let scale = range * temperature;
+    let weights: Vec<f64> = if range == 0.0 {
+        vec![1.0; eligible.len()]
+    } else if scale.is_finite() && scale > 0.0 {
         eligible
             .iter()
-            .map(|&i| (-(scores[i].cost - min) / (range * temperature)).exp())
+            .map(|&i| (-(scores[i].cost - min) / scale).exp())
             .collect()
     } else {
-        vec![1.0; eligible.len()]
+        // A temperature so small that the spread underflows, or non-finite costs: the limit
+        // of the distribution is the argmin.
+        return argmin_random_ties(scores, eligible, rng);
     };
     let total: f64 = weights.iter().sum();
+    if !(total.is_finite() && total > 0.0) {
+        return argmin_random_ties(scores, eligible, rng);
+    }
     for (k, &i) in eligible.iter().enumerate() {
         scores[i].probability = Some(weights[k] / total);
     }

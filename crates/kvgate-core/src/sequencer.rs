@@ -1,6 +1,13 @@
 //! Per-publisher ordering of KV events by `event_id`: reorders within a window, drops duplicates,
 //! reports gaps (lost events: the caller must recover, e.g. replay or rebuild that worker) and
-//! publisher restarts (ids jumping far backwards: the engine's cache started empty again).
+//! publisher restarts (the engine's cache started empty again).
+//!
+//! - A restart is an id of 0 after more than a window of events, or a jump back of more than
+//!   2^20 ids (a durable replay never goes that far back).
+//! - Ids below the first one seen (reordering right at start-up) are applied late, not dropped:
+//!   the index tolerates reordering, losing them would not be.
+//! - A gap is declared when the window overflows or when the oldest missing id has been missing
+//!   for `max_wait`.
 //!
 //! Sans-IO: time is passed in, so a gap that is not filled within `max_wait` is declared by
 //! [`EventSequencer::poll_gaps`].
@@ -36,8 +43,17 @@ pub struct Sequenced {
 #[derive(Debug, Default)]
 struct Publisher {
     next: Option<u64>,
-    pending: BTreeMap<u64, (KvEvent, Instant)>,
+    /// The lowest id applied since (re)start.
+    first: u64,
+    /// Events applied since (re)start.
+    applied: u64,
+    pending: BTreeMap<u64, KvEvent>,
+    /// When the current gap opened (`pending` non-empty).
+    gap_since: Option<Instant>,
 }
+
+/// Ids further back than this are a restart even without an id of 0.
+const RESTART_JUMP: u64 = 1 << 20;
 
 #[derive(Debug)]
 pub struct EventSequencer {
@@ -64,15 +80,25 @@ impl EventSequencer {
         let id = event.event_id;
         let Some(next) = p.next else {
             p.next = Some(id.wrapping_add(1));
+            p.first = id;
+            p.applied = 1;
             out.ready.push(event);
             return out;
         };
         if id < next {
-            if next - id > window.saturating_mul(4).max(1024) {
-                // Far behind what we have seen: the publisher started counting again.
+            let restart = (id == 0 && p.applied > window) || next - id > RESTART_JUMP;
+            if restart {
                 p.pending.clear();
+                p.gap_since = None;
                 p.next = Some(id.wrapping_add(1));
+                p.first = id;
+                p.applied = 1;
                 out.restarted = true;
+                out.ready.push(event);
+            } else if id < p.first {
+                // Never seen: it was overtaken at start-up.
+                p.first = id;
+                p.applied += 1;
                 out.ready.push(event);
             } else {
                 out.duplicate = true;
@@ -89,32 +115,33 @@ impl EventSequencer {
                     return out;
                 }
                 std::collections::btree_map::Entry::Vacant(v) => {
-                    v.insert((event, now));
+                    v.insert(event);
                 }
             }
+            p.gap_since.get_or_insert(now);
             if p.pending.len() > self.window {
-                out.gap = Self::skip_to_first_pending(event_source(p), p);
+                out.gap = Self::skip_to_first_pending(p, now);
             }
         }
         Self::drain(p, &mut out.ready);
+        p.applied += out.ready.len() as u64;
         out
     }
 
-    /// Declares gaps whose oldest waiting event has waited longer than `max_wait`.
+    /// Declares gaps that have stayed open longer than `max_wait`.
     pub fn poll_gaps(&mut self, now: Instant) -> Vec<Sequenced> {
         let mut outs = Vec::new();
         for p in self.publishers.values_mut() {
-            let Some((_, (_, since))) = p.pending.first_key_value() else {
-                continue;
-            };
-            if now.saturating_duration_since(*since) < self.max_wait {
+            let Some(since) = p.gap_since else { continue };
+            if now.saturating_duration_since(since) < self.max_wait {
                 continue;
             }
             let mut out = Sequenced {
-                gap: Self::skip_to_first_pending(event_source(p), p),
+                gap: Self::skip_to_first_pending(p, now),
                 ..Default::default()
             };
             Self::drain(p, &mut out.ready);
+            p.applied += out.ready.len() as u64;
             outs.push(out);
         }
         outs
@@ -130,12 +157,16 @@ impl EventSequencer {
         self.publishers.get(&source).and_then(|p| p.next)
     }
 
-    fn skip_to_first_pending(source: Option<WorkerRank>, p: &mut Publisher) -> Option<Gap> {
-        let first = *p.pending.keys().next()?;
+    /// Gives up on the missing ids before the first pending event; whatever is still missing
+    /// after it is a new gap, opened `now`.
+    fn skip_to_first_pending(p: &mut Publisher, now: Instant) -> Option<Gap> {
+        let (&first, e) = p.pending.iter().next()?;
+        let source = e.source;
         let next = p.next?;
         p.next = Some(first);
+        p.gap_since = Some(now);
         Some(Gap {
-            source: source?,
+            source,
             first_missing: next,
             missing: first - next,
         })
@@ -144,18 +175,18 @@ impl EventSequencer {
     fn drain(p: &mut Publisher, ready: &mut Vec<KvEvent>) {
         while let Some(next) = p.next {
             match p.pending.remove(&next) {
-                Some((e, _)) => {
+                Some(e) => {
                     ready.push(e);
                     p.next = Some(next.wrapping_add(1));
                 }
                 None => break,
             }
         }
+        // The gap closes when nothing waits; a new one opens at the next early arrival.
+        if p.pending.is_empty() {
+            p.gap_since = None;
+        }
     }
-}
-
-fn event_source(p: &Publisher) -> Option<WorkerRank> {
-    p.pending.values().next().map(|(e, _)| e.source)
 }
 
 #[cfg(test)]
@@ -226,13 +257,52 @@ mod tests {
     }
 
     #[test]
-    fn ids_going_far_back_mean_restart() {
+    fn id_zero_after_a_window_of_events_is_a_restart() {
         let t = Instant::now();
         let mut s = EventSequencer::new(8, Duration::from_secs(1));
-        s.offer(ev(100_000), t);
+        for i in 0..500 {
+            s.offer(ev(i), t);
+        }
         let out = s.offer(ev(0), t);
         assert!(out.restarted);
         assert_eq!(ids(&out), vec![0]);
         assert_eq!(ids(&s.offer(ev(1), t)), vec![1]);
+        // far jumps back are restarts too
+        s.offer(ev(5_000_000), t);
+        let mut s2 = EventSequencer::new(8, Duration::from_secs(1));
+        s2.offer(ev(5_000_000), t);
+        assert!(s2.offer(ev(7), t).restarted);
+    }
+
+    #[test]
+    fn startup_reorder_is_applied_not_dropped() {
+        let t = Instant::now();
+        let mut s = EventSequencer::new(8, Duration::from_secs(1));
+        assert_eq!(ids(&s.offer(ev(5), t)), vec![5]);
+        let out = s.offer(ev(4), t);
+        assert!(!out.duplicate && !out.restarted);
+        assert_eq!(ids(&out), vec![4]);
+        assert!(s.offer(ev(4), t).duplicate);
+        assert!(s.offer(ev(5), t).duplicate);
+        // id 0 early on is a late event, not a restart
+        let out = s.offer(ev(0), t);
+        assert!(!out.restarted);
+        assert_eq!(ids(&out), vec![0]);
+    }
+
+    #[test]
+    fn gap_timer_runs_from_when_the_gap_opened() {
+        let t = Instant::now();
+        let mut s = EventSequencer::new(100, Duration::from_millis(500));
+        s.offer(ev(1), t);
+        s.offer(ev(5), t);
+        s.offer(ev(3), t + Duration::from_millis(400));
+        let g = s.poll_gaps(t + Duration::from_millis(600));
+        assert_eq!(g.len(), 1);
+        assert_eq!(g[0].gap.map(|g| (g.first_missing, g.missing)), Some((2, 1)));
+        assert_eq!(ids(&g[0]), vec![3]);
+        // 4 is still missing; its gap opened at 600 ms
+        assert!(s.poll_gaps(t + Duration::from_millis(900)).is_empty());
+        assert_eq!(s.poll_gaps(t + Duration::from_millis(1200)).len(), 1);
     }
 }

@@ -298,7 +298,7 @@ fn admission_thresholds_exclude_the_right_workers() {
             threshold: 4096
         })
     ));
-    assert!(matches!(&o, Outcome::Chosen { ranked } if !ranked.contains(&C) && ranked.len() == 2));
+    assert_eq!(o, Outcome::Chosen { ranked: vec![B, A] });
     // fractional prefill threshold: 0.5 * 8192 = 4096
     let (_, e) = schedule(
         &w,
@@ -437,7 +437,7 @@ fn router(f: impl FnOnce(&mut RouterConfig)) -> Router {
     let mut c = RouterConfig::default();
     f(&mut c);
     c.validate().unwrap();
-    let mut r = Router::new(c, BS);
+    let mut r = Router::new(c, BS).unwrap();
     for id in [1, 2] {
         r.upsert_worker(WorkerInfo {
             id: WorkerId(id),
@@ -642,7 +642,7 @@ fn overloaded_router_refuses_with_explanation() {
 
 #[test]
 fn dp_ranks_are_candidates() {
-    let mut r = Router::new(RouterConfig::default(), BS);
+    let mut r = Router::new(RouterConfig::default(), BS).unwrap();
     r.upsert_worker(WorkerInfo {
         id: WorkerId(9),
         dp_size: 2,
@@ -678,4 +678,90 @@ fn dp_ranks_are_candidates() {
             .num_blocks(WorkerRank::new(9, 1), StorageTier::Device),
         0
     );
+}
+
+// ---------- regressions found in review ----------
+
+#[test]
+fn rebook_moves_the_prediction_too() {
+    let mut r = router(|c| c.use_kv_events = false);
+    let h = prompt(20, 8);
+    let t0 = Instant::now();
+    let d = route(&mut r, "a", &h, t0).unwrap();
+    let other = if d.worker == A { B } else { A };
+    r.rebook(&"a".into(), other, t0);
+    let m = r.predicted().unwrap().find_matches(h.seqs());
+    assert_eq!(m.device(&other), 8);
+}
+
+#[test]
+fn events_for_unknown_workers_or_ranks_are_dropped() {
+    let mut r = router(|_| {});
+    let h = prompt(21, 2);
+    assert!(!r.apply_event(&stored_event(WorkerRank::new(77, 0), &h)));
+    assert!(!r.apply_event(&stored_event(WorkerRank::new(1, 5), &h)));
+    r.remove_worker(WorkerId(2));
+    assert!(!r.apply_event(&stored_event(B, &h)));
+    assert_eq!(r.events_unknown_worker(), 3);
+    assert_eq!(r.index().num_nodes(), 0);
+    assert!(r.apply_event(&stored_event(A, &h)));
+}
+
+#[test]
+fn dp_size_is_clamped() {
+    let mut r = Router::new(RouterConfig::default(), BS).unwrap();
+    let info = |dp| WorkerInfo {
+        id: WorkerId(9),
+        dp_size: dp,
+        role: WorkerRole::Aggregated,
+        capacity: WorkerCapacity::default(),
+    };
+    r.upsert_worker(info(1));
+    let h = prompt(22, 2);
+    r.apply_event(&stored_event(WorkerRank::new(9, 0), &h));
+    r.upsert_worker(info(0));
+    assert_eq!(
+        r.targets(&[WorkerRole::Aggregated]),
+        vec![WorkerRank::new(9, 0)]
+    );
+    assert_eq!(
+        r.index()
+            .num_blocks(WorkerRank::new(9, 0), StorageTier::Device),
+        2
+    );
+    r.upsert_worker(info(u32::MAX));
+    assert_eq!(
+        r.targets(&[WorkerRole::Aggregated]).len(),
+        kvgate_core::router::MAX_DP_SIZE as usize
+    );
+}
+
+#[test]
+fn router_refuses_an_invalid_config() {
+    let c = RouterConfig {
+        prefill_load_scale: f64::NAN,
+        ..Default::default()
+    };
+    let e = Router::new(c, BS).unwrap_err();
+    assert_eq!(e.env, "DYN_ROUTER_PREFILL_LOAD_SCALE");
+    assert!(Router::new(RouterConfig::default(), 0).is_err());
+}
+
+#[test]
+fn nan_costs_and_tiny_temperatures_still_pick_the_cheapest() {
+    let mut w = weights(|_| {});
+    w.temperature = 5e-324;
+    let cands = [cand(A, 0, 0, 0, 0), cand(B, 0, 0, 1, 0)];
+    let (o, e) = run(&w, &cands, 0);
+    assert_eq!(o, Outcome::Chosen { ranked: vec![A, B] });
+    assert!(
+        e.candidates
+            .iter()
+            .all(|c| c.probability.is_none_or(|p| p.is_finite()))
+    );
+    // NaN weights (an unvalidated config) must not panic
+    let mut w = weights(|_| {});
+    w.prefill_load_scale = f64::NAN;
+    let (o, _) = run(&w, &cands, 16);
+    assert!(matches!(o, Outcome::Chosen { .. }));
 }
