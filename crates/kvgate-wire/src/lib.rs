@@ -3,4 +3,6 @@
 //! - [`workers`]: the workers file (YAML) shared by the frontend and the EPP.
 
 pub mod openai;
+pub mod response;
+pub mod vllm;
 pub mod workers;
