@@ -31,6 +31,8 @@ pub enum Command {
     },
     /// Validate the router configuration (env vars and flags) and print it with every knob.
     Config(Box<RouterArgs>),
+    /// Run a simulated inference engine (OpenAI API, paged prefix cache, KV events).
+    Mocker(Box<crate::mocker_args::MockerArgs>),
 }
 
 #[derive(clap::Args, Debug)]
@@ -98,7 +100,35 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             println!("{}", crate::router_args::describe(&config));
             Ok(())
         }
+        Command::Mocker(args) => {
+            let config = args.to_config().map_err(CliError)?;
+            runtime()?
+                .block_on(kvgate_mocker::serve(config, |addr, zmq| {
+                    println!("kvgate mocker listening on http://{addr}");
+                    for ep in zmq {
+                        println!("kvgate mocker publishing KV events on {ep}");
+                    }
+                }))
+                .map_err(CliError)
+        }
     }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
+    init_tracing();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError(format!("cannot start the async runtime: {e}")))
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 pub fn hash_json(args: &HashArgs) -> String {

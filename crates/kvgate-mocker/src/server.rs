@@ -1,0 +1,538 @@
+//! The mocker's HTTP server.
+
+use crate::driver::EngineHandle;
+use crate::publisher::{EventSink, NoEvents, ZmqPublisher, ZmqSink};
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use futures::StreamExt;
+use kvgate_core::hashing::HashSeed;
+use kvgate_engine::{Engine, EngineConfig, EngineRequest, TokenOutput};
+use kvgate_tokenize::PromptTokenizer;
+use kvgate_wire::openai::{Endpoint, OpenAiRequest};
+use kvgate_wire::response as resp;
+use serde_json::Value;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use tokio::net::TcpListener;
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Role {
+    #[default]
+    Aggregated,
+    Prefill,
+    Decode,
+}
+
+#[derive(Clone, Debug)]
+pub struct MockerConfig {
+    pub host: String,
+    pub port: u16,
+    pub model: String,
+    pub worker_id: u64,
+    pub dp_size: u32,
+    pub role: Role,
+    pub engine: EngineConfig,
+    pub speedup_ratio: f64,
+    /// `max_tokens` when the request gives none.
+    pub default_max_tokens: u32,
+    pub max_body_bytes: usize,
+    /// `tcp://HOST:PORT` of the vLLM-format ZMQ publisher (rank r binds PORT + r).
+    pub zmq_kv_events: Option<String>,
+    pub zmq_topic: String,
+    pub tokenizer: Option<std::path::PathBuf>,
+}
+
+impl Default for MockerConfig {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 9100,
+            model: "qwen3".into(),
+            worker_id: 0,
+            dp_size: 1,
+            role: Role::Aggregated,
+            engine: EngineConfig::default(),
+            speedup_ratio: 1.0,
+            default_max_tokens: 64,
+            max_body_bytes: 32 << 20,
+            zmq_kv_events: None,
+            zmq_topic: String::new(),
+            tokenizer: None,
+        }
+    }
+}
+
+struct Metrics {
+    token_data_requests: AtomicU64,
+    token_data_mismatch: AtomicU64,
+    success_length: AtomicU64,
+    aborted: AtomicU64,
+}
+
+struct AppState {
+    config: MockerConfig,
+    engines: Vec<EngineHandle>,
+    tokenizer: Arc<PromptTokenizer>,
+    next_id: AtomicU64,
+    metrics: Metrics,
+    created: u64,
+}
+
+/// Binds, starts the engines and serves until the process ends. Returns the bound address
+/// through `on_bound` before serving (port 0 picks a free port).
+pub async fn serve(
+    config: MockerConfig,
+    on_bound: impl FnOnce(SocketAddr, Vec<String>),
+) -> Result<(), String> {
+    let tokenizer =
+        Arc::new(PromptTokenizer::load(config.tokenizer.as_deref()).map_err(|e| e.to_string())?);
+    let mut zmq_endpoints = Vec::new();
+    let sink: Arc<dyn EventSink> = match &config.zmq_kv_events {
+        None => Arc::new(NoEvents),
+        Some(ep) => {
+            let (publisher, bound) =
+                ZmqPublisher::bind(ep, config.dp_size, &config.zmq_topic).await?;
+            zmq_endpoints = bound;
+            Arc::new(ZmqSink::new(publisher, config.engine.block_size as u32))
+        }
+    };
+    let engines = (0..config.dp_size.max(1))
+        .map(|rank| {
+            EngineHandle::spawn(
+                Engine::new(config.engine.clone()),
+                rank,
+                config.speedup_ratio,
+                sink.clone(),
+            )
+        })
+        .collect();
+    let listener = TcpListener::bind((config.host.as_str(), config.port))
+        .await
+        .map_err(|e| format!("cannot listen on {}:{}: {e}", config.host, config.port))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let state = Arc::new(AppState {
+        engines,
+        tokenizer,
+        next_id: AtomicU64::new(1),
+        metrics: Metrics {
+            token_data_requests: AtomicU64::new(0),
+            token_data_mismatch: AtomicU64::new(0),
+            success_length: AtomicU64::new(0),
+            aborted: AtomicU64::new(0),
+        },
+        created: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        config,
+    });
+    let app = Router::new()
+        .route("/v1/chat/completions", post(completions))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(models))
+        .route("/health", get(|| async { "ok" }))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .with_state(state);
+    on_bound(addr, zmq_endpoints);
+    axum::serve(listener, app).await.map_err(|e| e.to_string())
+}
+
+fn error(status: StatusCode, message: &str, param: Option<&str>) -> Response {
+    let body = resp::error_body(
+        status.as_u16(),
+        resp::error_kind(status.as_u16()),
+        message,
+        param,
+    );
+    (status, axum::Json(body)).into_response()
+}
+
+async fn not_found(req: Request) -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        &format!("no route for {} {}", req.method(), req.uri().path()),
+        None,
+    )
+}
+
+async fn models(State(s): State<Arc<AppState>>) -> Response {
+    let max_len = (s.config.engine.num_gpu_blocks * s.config.engine.block_size) as u64;
+    axum::Json(resp::models(&s.config.model, s.created, max_len)).into_response()
+}
+
+/// Picks the rank: the one named by `x-dynamo-dp-rank` if valid, else the least busy.
+fn pick_rank(s: &AppState, headers: &HeaderMap) -> Result<usize, Response> {
+    if let Some(v) = headers.get("x-dynamo-dp-rank") {
+        let rank = v
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .filter(|&r| r < s.engines.len());
+        return rank.ok_or_else(|| {
+            error(
+                StatusCode::BAD_REQUEST,
+                &format!("x-dynamo-dp-rank must be a rank in 0..{}", s.engines.len()),
+                None,
+            )
+        });
+    }
+    Ok(s.engines
+        .iter()
+        .enumerate()
+        .min_by_key(|(_, e)| {
+            let st = e.stats();
+            (st.running + st.waiting, st.active_blocks)
+        })
+        .map_or(0, |(i, _)| i))
+}
+
+async fn completions(State(s): State<Arc<AppState>>, req: Request) -> Response {
+    let Some(endpoint) = Endpoint::from_path(req.uri().path()) else {
+        return error(StatusCode::NOT_FOUND, "unknown endpoint", None);
+    };
+    let headers = req.headers().clone();
+    let body = match axum::body::to_bytes(req.into_body(), s.config.max_body_bytes).await {
+        Ok(b) => b,
+        Err(_) => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &format!(
+                    "request body is larger than {} bytes",
+                    s.config.max_body_bytes
+                ),
+                None,
+            );
+        }
+    };
+    let parsed = match OpenAiRequest::parse(endpoint, &body) {
+        Ok(p) => p,
+        Err(e) => {
+            let param = (!e.field.is_empty()).then_some(e.field.as_str());
+            return error(StatusCode::BAD_REQUEST, &e.to_string(), param);
+        }
+    };
+    if parsed.model != s.config.model {
+        return error(
+            StatusCode::NOT_FOUND,
+            &format!("The model `{}` does not exist.", parsed.model),
+            Some("model"),
+        );
+    }
+    let rank = match pick_rank(&s, &headers) {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    // Tokenize (off the async threads: prompts can be long).
+    let tok = s.tokenizer.clone();
+    let p2 = parsed.clone();
+    let own = match tokio::task::spawn_blocking(move || tok.tokenize(&p2)).await {
+        Ok(Ok(ids)) => ids,
+        Ok(Err(e)) => return error(StatusCode::BAD_REQUEST, &e.to_string(), None),
+        Err(_) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "tokenizer task failed",
+                None,
+            );
+        }
+    };
+    let prompt = match &parsed.token_data {
+        Some(ids) => {
+            s.metrics
+                .token_data_requests
+                .fetch_add(1, Ordering::Relaxed);
+            if *ids != own {
+                s.metrics
+                    .token_data_mismatch
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            ids.clone()
+        }
+        None => own,
+    };
+    let id = s.next_id.fetch_add(1, Ordering::Relaxed);
+    let max_tokens = parsed
+        .max_tokens
+        .unwrap_or(s.config.default_max_tokens)
+        .max(1);
+    let engine = &s.engines[rank];
+    let rx = match engine
+        .submit(EngineRequest {
+            id,
+            prompt,
+            max_output_tokens: max_tokens,
+            output_seed: id,
+            hash_seed: HashSeed::new(None, parsed.cache_salt.as_deref()),
+        })
+        .await
+    {
+        Ok(rx) => rx,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string(), Some("max_tokens")),
+    };
+    let chat = endpoint == Endpoint::Chat;
+    let rid = if chat {
+        format!("chatcmpl-{id}")
+    } else {
+        format!("cmpl-{id}")
+    };
+    let mut response = if parsed.stream {
+        stream_response(
+            s.clone(),
+            engine.clone(),
+            rx,
+            chat,
+            rid,
+            parsed.include_usage,
+            id,
+        )
+    } else {
+        collect_response(&s, engine, rx, chat, &rid, id).await
+    };
+    let h = response.headers_mut();
+    h.insert("x-kvgate-worker-id", HeaderValue::from(s.config.worker_id));
+    h.insert("x-kvgate-dp-rank", HeaderValue::from(rank as u64));
+    response
+}
+
+/// Aborts the request in the engine if the response is dropped before it finished.
+struct AbortOnDrop {
+    engine: EngineHandle,
+    id: u64,
+    done: bool,
+    state: Arc<AppState>,
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if !self.done {
+            self.engine.abort(self.id);
+            self.state.metrics.aborted.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+async fn collect_response(
+    s: &Arc<AppState>,
+    engine: &EngineHandle,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<TokenOutput>,
+    chat: bool,
+    rid: &str,
+    id: u64,
+) -> Response {
+    let mut guard = AbortOnDrop {
+        engine: engine.clone(),
+        id,
+        done: false,
+        state: s.clone(),
+    };
+    let mut ids = Vec::new();
+    while let Some(out) = rx.recv().await {
+        ids.push(out.token);
+        if let Some(f) = out.finished {
+            guard.done = true;
+            s.metrics.success_length.fetch_add(1, Ordering::Relaxed);
+            let text = s.tokenizer.tokenizer().decode(&ids);
+            let usage = resp::usage(f.prompt_tokens, f.completion_tokens, f.cached_tokens);
+            let body = resp::completion(
+                chat,
+                rid,
+                s.created,
+                &s.config.model,
+                &text,
+                "length",
+                usage,
+            );
+            return axum::Json(body).into_response();
+        }
+    }
+    error(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "the engine dropped the request",
+        None,
+    )
+}
+
+fn sse(v: &Value) -> bytes::Bytes {
+    bytes::Bytes::from(format!("data: {v}\n\n"))
+}
+
+fn stream_response(
+    s: Arc<AppState>,
+    engine: EngineHandle,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<TokenOutput>,
+    chat: bool,
+    rid: String,
+    include_usage: bool,
+    id: u64,
+) -> Response {
+    let body = async_stream::stream! {
+        let mut guard = AbortOnDrop { engine, id, done: false, state: s.clone() };
+        let model = s.config.model.clone();
+        let mut first = true;
+        while let Some(out) = rx.recv().await {
+            let text = s.tokenizer.tokenizer().decode(&[out.token]);
+            let finish = out.finished.map(|_| "length");
+            yield Ok::<_, std::convert::Infallible>(sse(&resp::chunk(chat, &rid, s.created, &model, &text, first, finish)));
+            first = false;
+            if let Some(f) = out.finished {
+                guard.done = true;
+                s.metrics.success_length.fetch_add(1, Ordering::Relaxed);
+                if include_usage {
+                    let usage = resp::usage(f.prompt_tokens, f.completion_tokens, f.cached_tokens);
+                    yield Ok(sse(&resp::usage_chunk(chat, &rid, s.created, &model, usage)));
+                }
+                yield Ok(bytes::Bytes::from_static(b"data: [DONE]\n\n"));
+                break;
+            }
+        }
+    };
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(Body::from_stream(body.boxed()))
+        .unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "response", None))
+}
+
+async fn metrics(State(s): State<Arc<AppState>>) -> Response {
+    let model = &s.config.model;
+    let mut out = String::new();
+    let gauge = |out: &mut String,
+                 name: &str,
+                 help: &str,
+                 f: &dyn Fn(&kvgate_engine::EngineStats) -> f64| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for e in &s.engines {
+            let st = e.stats();
+            let _ = writeln!(
+                out,
+                "{name}{{model_name=\"{model}\",engine=\"{}\"}} {}",
+                e.rank,
+                f(&st)
+            );
+        }
+    };
+    let counter = |out: &mut String,
+                   name: &str,
+                   help: &str,
+                   f: &dyn Fn(&kvgate_engine::EngineStats) -> u64| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        for e in &s.engines {
+            let st = e.stats();
+            let _ = writeln!(
+                out,
+                "{name}{{model_name=\"{model}\",engine=\"{}\"}} {}",
+                e.rank,
+                f(&st)
+            );
+        }
+    };
+    gauge(
+        &mut out,
+        "vllm:num_requests_running",
+        "Requests in the running batch.",
+        &|st| st.running as f64,
+    );
+    gauge(
+        &mut out,
+        "vllm:num_requests_waiting",
+        "Requests waiting to be scheduled.",
+        &|st| st.waiting as f64,
+    );
+    gauge(
+        &mut out,
+        "vllm:kv_cache_usage_perc",
+        "Fraction of KV blocks in use.",
+        &|st| st.active_blocks as f64 / st.total_blocks.max(1) as f64,
+    );
+    counter(
+        &mut out,
+        "vllm:prompt_tokens_total",
+        "Prompt tokens processed.",
+        &|st| st.prompt_tokens,
+    );
+    counter(
+        &mut out,
+        "vllm:generation_tokens_total",
+        "Tokens generated.",
+        &|st| st.generation_tokens,
+    );
+    counter(
+        &mut out,
+        "vllm:prefix_cache_queries_total",
+        "Prompt tokens looked up in the prefix cache.",
+        &|st| st.prefix_query_tokens,
+    );
+    counter(
+        &mut out,
+        "vllm:prefix_cache_hits_total",
+        "Prompt tokens served from the prefix cache.",
+        &|st| st.prefix_hit_tokens,
+    );
+    counter(
+        &mut out,
+        "vllm:num_preemptions_total",
+        "Preemptions.",
+        &|st| st.preemptions,
+    );
+    let _ = writeln!(
+        out,
+        "# HELP vllm:request_success_total Finished requests.\n# TYPE vllm:request_success_total counter"
+    );
+    let _ = writeln!(
+        out,
+        "vllm:request_success_total{{model_name=\"{model}\",finished_reason=\"length\"}} {}",
+        s.metrics.success_length.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP vllm:cache_config_info KV cache configuration.\n# TYPE vllm:cache_config_info gauge"
+    );
+    for e in &s.engines {
+        let _ = writeln!(
+            out,
+            "vllm:cache_config_info{{block_size=\"{}\",num_gpu_blocks=\"{}\",enable_prefix_caching=\"{}\",engine=\"{}\"}} 1",
+            s.config.engine.block_size,
+            s.config.engine.num_gpu_blocks,
+            if s.config.engine.enable_prefix_caching {
+                "True"
+            } else {
+                "False"
+            },
+            e.rank
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP kvgate_mocker_token_data_requests_total Requests that carried nvext.token_data.\n# TYPE kvgate_mocker_token_data_requests_total counter"
+    );
+    let _ = writeln!(
+        out,
+        "kvgate_mocker_token_data_requests_total {}",
+        s.metrics.token_data_requests.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP kvgate_mocker_token_data_mismatch_total Requests whose nvext.token_data differed from the mocker's own tokenization.\n# TYPE kvgate_mocker_token_data_mismatch_total counter"
+    );
+    let _ = writeln!(
+        out,
+        "kvgate_mocker_token_data_mismatch_total {}",
+        s.metrics.token_data_mismatch.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP kvgate_mocker_aborted_total Requests abandoned by their client.\n# TYPE kvgate_mocker_aborted_total counter"
+    );
+    let _ = writeln!(
+        out,
+        "kvgate_mocker_aborted_total {}",
+        s.metrics.aborted.load(Ordering::Relaxed)
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}

@@ -1,0 +1,100 @@
+//! `kvgate mocker` flags.
+
+use clap::{Args, ValueEnum};
+use kvgate_engine::{EngineConfig, TimingModel};
+use kvgate_mocker::{MockerConfig, Role};
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum RoleArg {
+    Aggregated,
+    Prefill,
+    Decode,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct MockerArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on (0 picks a free one; the bound address is printed).
+    #[arg(long, default_value_t = 9100)]
+    pub port: u16,
+    /// The model name served (requests naming another model get 404).
+    #[arg(long, default_value = "qwen3")]
+    pub model: String,
+    /// Worker instance id reported in `x-kvgate-worker-id`.
+    #[arg(long, default_value_t = 0)]
+    pub worker_id: u64,
+    /// Data-parallel ranks, each with its own KV cache.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub dp_size: u32,
+    #[arg(long, value_enum, default_value = "aggregated")]
+    pub role: RoleArg,
+    /// Tokens per KV block.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub block_size: u32,
+    /// KV cache capacity in blocks (per rank).
+    #[arg(long, default_value_t = 16_384, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+    pub num_gpu_blocks: u64,
+    /// Most requests in the running batch.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub max_num_seqs: u64,
+    /// Most tokens per forward pass (chunked prefill budget).
+    #[arg(long, default_value_t = 8192, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub max_num_batched_tokens: u64,
+    /// Run this many times faster than the timing model (10 = a 100 ms pass takes 10 ms).
+    #[arg(long, default_value_t = 1.0)]
+    pub speedup_ratio: f64,
+    /// `max_tokens` for requests that give none.
+    #[arg(long, default_value_t = 64)]
+    pub default_max_tokens: u32,
+    /// Largest accepted request body (413 above).
+    #[arg(long, default_value_t = 32 << 20)]
+    pub max_request_body_bytes: usize,
+    /// Publish vLLM-format KV events on this ZMQ endpoint (tcp://HOST:PORT; rank r uses PORT+r).
+    #[arg(long)]
+    pub zmq_kv_events: Option<String>,
+    /// ZMQ topic of the KV events.
+    #[arg(long, default_value = "")]
+    pub zmq_topic: String,
+    /// HF tokenizer (`tokenizer.json` or a directory with it); default: embedded o200k + ChatML.
+    #[arg(long)]
+    pub tokenizer: Option<std::path::PathBuf>,
+}
+
+impl MockerArgs {
+    pub fn to_config(&self) -> Result<MockerConfig, String> {
+        if !(self.speedup_ratio.is_finite() && self.speedup_ratio > 0.0) {
+            return Err(format!(
+                "--speedup-ratio {} must be a number > 0",
+                self.speedup_ratio
+            ));
+        }
+        Ok(MockerConfig {
+            host: self.host.clone(),
+            port: self.port,
+            model: self.model.clone(),
+            worker_id: self.worker_id,
+            dp_size: self.dp_size,
+            role: match self.role {
+                RoleArg::Aggregated => Role::Aggregated,
+                RoleArg::Prefill => Role::Prefill,
+                RoleArg::Decode => Role::Decode,
+            },
+            engine: EngineConfig {
+                block_size: self.block_size as usize,
+                num_gpu_blocks: self.num_gpu_blocks as usize,
+                max_num_seqs: self.max_num_seqs as usize,
+                max_num_batched_tokens: self.max_num_batched_tokens as usize,
+                enable_prefix_caching: true,
+                timing: TimingModel::default(),
+            },
+            speedup_ratio: self.speedup_ratio,
+            default_max_tokens: self.default_max_tokens,
+            max_body_bytes: self.max_request_body_bytes,
+            zmq_kv_events: self.zmq_kv_events.clone(),
+            zmq_topic: self.zmq_topic.clone(),
+            tokenizer: self.tokenizer.clone(),
+        })
+    }
+}
