@@ -167,20 +167,15 @@ async fn models(State(s): State<Arc<AppState>>) -> Response {
 }
 
 /// Picks the rank: the one named by `x-dynamo-dp-rank` if valid, else the least busy.
-fn pick_rank(s: &AppState, headers: &HeaderMap) -> Result<usize, Response> {
+fn pick_rank(s: &AppState, headers: &HeaderMap) -> Result<usize, String> {
     if let Some(v) = headers.get("x-dynamo-dp-rank") {
         let rank = v
             .to_str()
             .ok()
             .and_then(|v| v.trim().parse::<usize>().ok())
             .filter(|&r| r < s.engines.len());
-        return rank.ok_or_else(|| {
-            error(
-                StatusCode::BAD_REQUEST,
-                &format!("x-dynamo-dp-rank must be a rank in 0..{}", s.engines.len()),
-                None,
-            )
-        });
+        return rank
+            .ok_or_else(|| format!("x-dynamo-dp-rank must be a rank in 0..{}", s.engines.len()));
     }
     Ok(s.engines
         .iter()
@@ -226,7 +221,7 @@ async fn completions(State(s): State<Arc<AppState>>, req: Request) -> Response {
     }
     let rank = match pick_rank(&s, &headers) {
         Ok(r) => r,
-        Err(r) => return r,
+        Err(msg) => return error(StatusCode::BAD_REQUEST, &msg, None),
     };
     // Tokenize (off the async threads: prompts can be long).
     let tok = s.tokenizer.clone();
