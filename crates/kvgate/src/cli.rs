@@ -33,6 +33,45 @@ pub enum Command {
     Config(Box<RouterArgs>),
     /// Run a simulated inference engine (OpenAI API, paged prefix cache, KV events).
     Mocker(Box<crate::mocker_args::MockerArgs>),
+    /// Run the OpenAI-compatible frontend (EPP sidecar, in-process KV router, or a baseline).
+    Frontend(Box<FrontendArgs>),
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum ModeArg {
+    /// Route exactly where the EPP's x-dynamo-* headers say (the worker-pod sidecar).
+    Direct,
+    /// Route with the in-process KV router.
+    Kv,
+    RoundRobin,
+    Random,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct FrontendArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on (8000 is the pod port an InferencePool targets; 0 picks a free one).
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// The workers file (YAML; reloaded when it changes).
+    #[arg(long)]
+    pub workers: std::path::PathBuf,
+    #[arg(long, value_enum, default_value = "kv")]
+    pub router_mode: ModeArg,
+    /// Routing tokenizer for kv mode (tokenizer.json or its directory); default: the workers
+    /// file's `tokenizer`, else the embedded one.
+    #[arg(long)]
+    pub tokenizer: Option<std::path::PathBuf>,
+    /// Largest accepted request body (413 above).
+    #[arg(long, default_value_t = 32 << 20)]
+    pub max_request_body_bytes: usize,
+    /// Seconds a worker may take to start answering before the client gets 504.
+    #[arg(long, default_value_t = 60.0)]
+    pub request_timeout_secs: f64,
+    #[command(flatten)]
+    pub router: RouterArgs,
 }
 
 #[derive(clap::Args, Debug)]
@@ -99,6 +138,35 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             let config = args.to_config().map_err(|e| CliError(e.to_string()))?;
             println!("{}", crate::router_args::describe(&config));
             Ok(())
+        }
+        Command::Frontend(args) => {
+            let router = args
+                .router
+                .to_config()
+                .map_err(|e| CliError(e.to_string()))?;
+            if !(args.request_timeout_secs.is_finite() && args.request_timeout_secs > 0.0) {
+                return Err(CliError("--request-timeout-secs must be > 0".into()));
+            }
+            let config = kvgate_frontend::FrontendConfig {
+                host: args.host.clone(),
+                port: args.port,
+                workers_file: args.workers.clone(),
+                mode: match args.router_mode {
+                    ModeArg::Direct => kvgate_frontend::RouterMode::Direct,
+                    ModeArg::Kv => kvgate_frontend::RouterMode::Kv,
+                    ModeArg::RoundRobin => kvgate_frontend::RouterMode::RoundRobin,
+                    ModeArg::Random => kvgate_frontend::RouterMode::Random,
+                },
+                router,
+                tokenizer: args.tokenizer.clone(),
+                max_body_bytes: args.max_request_body_bytes,
+                request_timeout: std::time::Duration::from_secs_f64(args.request_timeout_secs),
+            };
+            runtime()?
+                .block_on(kvgate_frontend::serve(config, |addr| {
+                    println!("kvgate frontend listening on http://{addr}");
+                }))
+                .map_err(CliError)
         }
         Command::Mocker(args) => {
             let config = args.to_config().map_err(CliError)?;

@@ -1,0 +1,356 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! End to end on loopback: real mocker and frontend processes; routing checked by what the
+//! workers report (serving worker header, cached tokens, metrics).
+
+mod common;
+
+use common::*;
+use futures::StreamExt;
+use std::time::Duration;
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap()
+}
+
+async fn post(
+    url: &str,
+    body: &serde_json::Value,
+) -> (u16, reqwest::header::HeaderMap, serde_json::Value) {
+    let r = client()
+        .post(format!("{url}/v1/chat/completions"))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    let v = r.json().await.unwrap_or(serde_json::Value::Null);
+    (status, headers, v)
+}
+
+fn worker_of(h: &reqwest::header::HeaderMap) -> String {
+    h.get("x-kvgate-worker-id")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+async fn get_text(url: &str) -> String {
+    client()
+        .get(url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_mode_follows_the_cache_and_spreads_load() {
+    let (a, b) = (mocker(1001, 20.0, &[]), mocker(1002, 20.0, &[]));
+    let dir = TempDir::new("kv");
+    let wf = workers_file(&dir, &[(&a, 1001), (&b, 1002)], None);
+    let fe = frontend(&wf, "kv", &[]);
+    let url = fe.url();
+
+    // A long shared prefix: the first request lands somewhere, its KV events reach the router,
+    // and the follow-ups land on the same worker and are served from its cache.
+    let prefix = text("shared", 400);
+    let (s1, h1, _) = post(
+        &url,
+        &chat_body(&format!("{prefix} first question"), 4, false),
+    )
+    .await;
+    assert_eq!(s1, 200);
+    let first = worker_of(&h1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for i in 0..4 {
+        let (s, h, v) = post(
+            &url,
+            &chat_body(&format!("{prefix} follow-up {i}"), 4, false),
+        )
+        .await;
+        assert_eq!(s, 200);
+        assert_eq!(worker_of(&h), first, "follow-up {i} left the cached worker");
+        let cached = v["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap();
+        let prompt = v["usage"]["prompt_tokens"].as_u64().unwrap();
+        assert!(
+            cached >= prompt * 8 / 10,
+            "follow-up {i}: cached {cached} of {prompt}"
+        );
+    }
+    let m = get_text(&format!("{url}/metrics")).await;
+    assert!(
+        metric(&m, "kvgate_kv_events_applied_total").unwrap() > 0.0,
+        "{m}"
+    );
+    assert!(metric(&m, "kvgate_router_predicted_cached_tokens_total").unwrap() > 0.0);
+
+    // Distinct prompts sent together: the router sees the in-flight load and uses both workers.
+    let futs: Vec<_> = (0..8)
+        .map(|i| {
+            let url = url.clone();
+            async move {
+                post(
+                    &url,
+                    &chat_body(&text(&format!("distinct{i}x"), 300), 40, false),
+                )
+                .await
+            }
+        })
+        .collect();
+    let results = futures::future::join_all(futs).await;
+    let mut seen = std::collections::BTreeSet::new();
+    for (s, h, _) in &results {
+        assert_eq!(*s, 200);
+        seen.insert(worker_of(h));
+    }
+    assert_eq!(seen.len(), 2, "load did not spread: {seen:?}");
+    // everything finished: no booking left behind
+    let m = get_text(&format!("{url}/metrics")).await;
+    assert_eq!(metric(&m, "kvgate_router_bookings"), Some(0.0), "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_passes_through_and_disconnect_releases_load() {
+    let a = mocker(1001, 5.0, &[]);
+    let dir = TempDir::new("stream");
+    let wf = workers_file(&dir, &[(&a, 1001)], None);
+    let fe = frontend(&wf, "kv", &[]);
+    let url = fe.url();
+
+    let r = client()
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&chat_body("tell me a story", 6, true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers().get("content-type").unwrap(),
+        "text/event-stream"
+    );
+    let body = r.text().await.unwrap();
+    let events: Vec<&str> = body.split("\n\n").filter(|e| !e.is_empty()).collect();
+    assert_eq!(events.last(), Some(&"data: [DONE]"));
+    // 6 token chunks + 1 usage chunk + [DONE]
+    assert_eq!(events.len(), 8, "{body}");
+    let usage: serde_json::Value =
+        serde_json::from_str(events[6].trim_start_matches("data: ")).unwrap();
+    assert_eq!(usage["usage"]["completion_tokens"], 6);
+
+    // A long stream, abandoned after its first chunk.
+    let r = client()
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&chat_body("a very long answer please", 2000, true))
+        .send()
+        .await
+        .unwrap();
+    let mut s = r.bytes_stream();
+    let first = s.next().await.unwrap().unwrap();
+    assert!(first.starts_with(b"data: "));
+    let m = get_text(&format!("{url}/metrics")).await;
+    assert_eq!(metric(&m, "kvgate_router_bookings"), Some(1.0));
+    drop(s);
+    // The frontend frees the booking; the mocker stops generating for the gone client.
+    let mut freed = false;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let m = get_text(&format!("{url}/metrics")).await;
+        let mm = get_text(&format!("{}/metrics", a.url())).await;
+        if metric(&m, "kvgate_router_bookings") == Some(0.0)
+            && metric(&mm, "vllm:num_requests_running") == Some(0.0)
+            && metric(&mm, "kvgate_mocker_aborted_total") == Some(1.0)
+        {
+            freed = true;
+            break;
+        }
+    }
+    assert!(freed, "in-flight load leaked after the client disconnected");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_mode_obeys_headers_and_refuses_without_them() {
+    let (a, b) = (mocker(1001, 50.0, &[]), mocker(1002, 50.0, &[]));
+    let dir = TempDir::new("direct");
+    let wf = workers_file(
+        &dir,
+        &[(&a, 1001), (&b, 1002)],
+        Some(("dead", 1003, "http://127.0.0.1:9")),
+    );
+    let fe = frontend(&wf, "direct", &[]);
+    let url = fe.url();
+    let send = |id: Option<&'static str>| {
+        let url = url.clone();
+        async move {
+            let mut rb = client()
+                .post(format!("{url}/v1/chat/completions"))
+                .json(&chat_body("hi", 2, false));
+            if let Some(id) = id {
+                rb = rb.header("x-dynamo-worker-instance-id", id);
+            }
+            let r = rb.send().await.unwrap();
+            let st = r.status().as_u16();
+            let h = r.headers().clone();
+            (st, h, r.json::<serde_json::Value>().await.unwrap())
+        }
+    };
+    for _ in 0..3 {
+        let (s, h, _) = send(Some("1002")).await;
+        assert_eq!(s, 200);
+        assert_eq!(worker_of(&h), "1002");
+    }
+    let (s, h, _) = send(Some("1001")).await;
+    assert_eq!((s, worker_of(&h).as_str()), (200, "1001"));
+    let (s, _, v) = send(None).await;
+    assert_eq!(s, 400);
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("x-dynamo-worker-instance-id"),
+        "{v}"
+    );
+    let (s, _, v) = send(Some("77")).await;
+    assert_eq!(s, 404);
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("unknown worker instance id 77")
+    );
+    // a dead worker: a clear 502 naming it
+    let (s, _, v) = send(Some("1003")).await;
+    assert_eq!(s, 502);
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("dead"),
+        "{v}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_clear_errors() {
+    let a = mocker(1001, 50.0, &[]);
+    let dir = TempDir::new("errors");
+    let wf = workers_file(&dir, &[(&a, 1001)], None);
+    let fe = frontend(&wf, "kv", &["--max-request-body-bytes", "4096"]);
+    let url = fe.url();
+    let c = client();
+    let r = c
+        .post(format!("{url}/v1/chat/completions"))
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not valid JSON")
+    );
+    let big = chat_body(&"x".repeat(10_000), 1, false);
+    let r = c
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], 413);
+    let mut wrong = chat_body("hi", 1, false);
+    wrong["model"] = "llama".into();
+    let r = c
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&wrong)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert!(v["error"]["message"].as_str().unwrap().contains("llama"));
+    let r = c
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&serde_json::json!({"model": "qwen3"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["param"], "messages");
+    let models: serde_json::Value = c
+        .get(format!("{url}/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(models["data"][0]["id"], "qwen3");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_robin_alternates() {
+    let (a, b) = (mocker(1001, 50.0, &[]), mocker(1002, 50.0, &[]));
+    let dir = TempDir::new("rr");
+    let wf = workers_file(&dir, &[(&a, 1001), (&b, 1002)], None);
+    let fe = frontend(&wf, "round-robin", &[]);
+    let mut order = Vec::new();
+    for _ in 0..4 {
+        let (s, h, _) = post(&fe.url(), &chat_body("same prompt every time", 1, false)).await;
+        assert_eq!(s, 200);
+        order.push(worker_of(&h));
+    }
+    assert_ne!(order[0], order[1]);
+    assert_eq!(order[0], order[2]);
+    assert_eq!(order[1], order[3]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_file_is_reloaded() {
+    let (a, b) = (mocker(1001, 50.0, &[]), mocker(1002, 50.0, &[]));
+    let dir = TempDir::new("reload");
+    let wf = workers_file(&dir, &[(&a, 1001)], None);
+    let fe = frontend(&wf, "direct", &[]);
+    let url = fe.url();
+    let send = |id: &'static str| {
+        let url = url.clone();
+        async move {
+            client()
+                .post(format!("{url}/v1/chat/completions"))
+                .header("x-dynamo-worker-instance-id", id)
+                .json(&chat_body("hi", 1, false))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(send("1002").await, 404);
+    // add the second worker; the frontend picks it up without a restart
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    workers_file(&dir, &[(&a, 1001), (&b, 1002)], None);
+    let mut ok = false;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if send("1002").await == 200 {
+            ok = true;
+            break;
+        }
+    }
+    assert!(ok, "the new worker was not picked up");
+    // a broken file is refused and the last good one stays
+    std::fs::write(&wf, "model: [").unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(send("1002").await, 200);
+}
