@@ -35,6 +35,8 @@ pub enum Command {
     Mocker(Box<crate::mocker_args::MockerArgs>),
     /// Run the OpenAI-compatible frontend (EPP sidecar, in-process KV router, or a baseline).
     Frontend(Box<FrontendArgs>),
+    /// The local demo: mock workers, round-robin vs the KV router on trace conversations, results.
+    Demo(Box<crate::demo::DemoArgs>),
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -168,6 +170,9 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 }))
                 .map_err(CliError)
         }
+        Command::Demo(args) => runtime()?
+            .block_on(crate::demo::run(*args))
+            .map_err(CliError),
         Command::Mocker(args) => {
             let config = args.to_config().map_err(CliError)?;
             runtime()?

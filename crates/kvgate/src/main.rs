@@ -1,6 +1,7 @@
 //! `kvgate`: one binary, one subcommand per role.
 
 mod cli;
+mod demo;
 mod mocker_args;
 mod router_args;
 

@@ -34,14 +34,26 @@ print("openai client ok", r2.usage.prompt_tokens_details.cached_tokens)
 #[test]
 fn the_official_openai_client_works() {
     let py = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.tools/venv/bin/python");
-    assert!(py.exists(), "{} is missing: run `bash scripts/setup.sh` first", py.display());
+    assert!(
+        py.exists(),
+        "{} is missing: run `bash scripts/setup.sh` first",
+        py.display()
+    );
     let a = mocker(1001, 50.0, &[]);
     let dir = TempDir::new("openai");
     let wf = workers_file(&dir, &[(&a, 1001)], None);
     let fe = frontend(&wf, "kv", &[]);
-    let out = Command::new(py).arg("-c").arg(SCRIPT).arg(fe.url()).output().unwrap();
+    let out = Command::new(py)
+        .arg("-c")
+        .arg(SCRIPT)
+        .arg(fe.url())
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "openai client failed:\n{stdout}\n{stderr}");
+    assert!(
+        out.status.success(),
+        "openai client failed:\n{stdout}\n{stderr}"
+    );
     assert!(stdout.contains("openai client ok"), "{stdout}");
 }
