@@ -76,13 +76,27 @@ impl ZmqPublisher {
             .map_err(|_| format!("--zmq-kv-events {endpoint:?}: bad port"))?;
         let mut txs = Vec::new();
         let mut bound = Vec::new();
+        // Rank r publishes on base + r (vLLM's convention); with port 0, rank 0 picks the base.
+        let mut base = port;
         for rank in 0..dp_size {
-            let p = if port == 0 { 0 } else { port + rank as u16 };
+            let p = if rank == 0 {
+                base
+            } else {
+                base.saturating_add(rank as u16)
+            };
             let mut sock = zeromq::PubSocket::new();
             let ep = sock
                 .bind(&format!("tcp://{host}:{p}"))
                 .await
                 .map_err(|e| format!("cannot bind ZMQ publisher tcp://{host}:{p}: {e}"))?;
+            if rank == 0 {
+                base = ep
+                    .to_string()
+                    .rsplit(':')
+                    .next()
+                    .and_then(|p| p.parse().ok())
+                    .unwrap_or(port);
+            }
             bound.push(ep.to_string());
             let (tx, mut rx) = mpsc::unbounded_channel::<Vec<VllmEvent>>();
             let topic = Bytes::from(topic.to_string());

@@ -354,3 +354,54 @@ async fn workers_file_is_reloaded() {
     tokio::time::sleep(Duration::from_millis(1200)).await;
     assert_eq!(send("1002").await, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_parallel_ranks_are_separate_targets() {
+    let a = mocker(1001, 20.0, &["--dp-size", "2"]);
+    assert_eq!(a.lines.iter().filter(|l| l.contains("tcp://")).count(), 2);
+    let dir = TempDir::new("dp");
+    let wf = workers_file(&dir, &[(&a, 1001)], None);
+    let fe = frontend(&wf, "kv", &[]);
+    let url = fe.url();
+    let rank_of = |h: &reqwest::header::HeaderMap| {
+        h.get("x-kvgate-dp-rank")
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_string()
+    };
+    // concurrent distinct prompts use both ranks
+    let futs: Vec<_> = (0..6)
+        .map(|i| {
+            let url = url.clone();
+            async move {
+                post(
+                    &url,
+                    &chat_body(&text(&format!("rank{i}x"), 200), 30, false),
+                )
+                .await
+            }
+        })
+        .collect();
+    let ranks: std::collections::BTreeSet<String> = futures::future::join_all(futs)
+        .await
+        .iter()
+        .map(|(s, h, _)| {
+            assert_eq!(*s, 200);
+            rank_of(h)
+        })
+        .collect();
+    assert_eq!(ranks.len(), 2, "{ranks:?}");
+    // a follow-up goes back to the rank that caches its prefix (events from both rank ports)
+    let prefix = text("dpshared", 300);
+    let (_, h1, _) = post(&url, &chat_body(&format!("{prefix} one"), 2, false)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, h2, v2) = post(&url, &chat_body(&format!("{prefix} two"), 2, false)).await;
+    assert_eq!(rank_of(&h1), rank_of(&h2));
+    assert!(
+        v2["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+}

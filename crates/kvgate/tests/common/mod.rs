@@ -91,7 +91,13 @@ pub fn mocker(worker_id: u64, speedup: f64, extra: &[&str]) -> Proc {
         "tcp://127.0.0.1:0",
     ];
     args.extend_from_slice(extra);
-    Proc::start(&args, 2)
+    let dp: usize = extra
+        .iter()
+        .position(|a| *a == "--dp-size")
+        .and_then(|i| extra.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    Proc::start(&args, 1 + dp)
 }
 
 pub struct TempDir(pub PathBuf);
@@ -129,8 +135,15 @@ pub fn workers_file(
 ) -> PathBuf {
     let mut y = String::from("model: qwen3\nblock_size: 16\nworkers:\n");
     for (i, (m, id)) in mockers.iter().enumerate() {
+        // one "publishing KV events on tcp://..." line per dp rank
+        let dp = m
+            .lines
+            .iter()
+            .filter(|l| l.contains("tcp://"))
+            .count()
+            .max(1);
         y.push_str(&format!(
-            "  - name: worker-{i}\n    id: {id}\n    url: {}\n    total_kv_blocks: 4096\n    max_num_batched_tokens: 8192\n    kv_events: {}\n",
+            "  - name: worker-{i}\n    id: {id}\n    url: {}\n    dp_size: {dp}\n    total_kv_blocks: 4096\n    max_num_batched_tokens: 8192\n    kv_events: {}\n",
             m.url(),
             m.zmq()
         ));
