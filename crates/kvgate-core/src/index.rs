@@ -322,7 +322,9 @@ impl PrefixIndex {
     /// Releases one engine hash's claim on `seq`; the holder goes with the last claim.
     fn unhold(&mut self, m: u32, tier: StorageTier, seq: SeqHash) {
         let extra = &mut self.members[m as usize].extra[tier.index()];
-        if let Some(c) = extra.get_mut(&seq) {
+        if !extra.is_empty()
+            && let Some(c) = extra.get_mut(&seq)
+        {
             *c -= 1;
             if *c == 0 {
                 extra.remove(&seq);
