@@ -116,6 +116,9 @@ struct Seq {
     cached_tokens: usize,
     generated: u32,
     admitted_at: u64,
+    /// Set at the first admission: a preempted request's later admissions must not rewrite its
+    /// reported cache hit nor count its prompt again.
+    admitted_once: bool,
 }
 
 #[derive(Debug)]
@@ -229,6 +232,7 @@ impl Engine {
             cached_tokens: 0,
             generated: 0,
             admitted_at: 0,
+            admitted_once: false,
         });
         Ok(())
     }
@@ -398,7 +402,8 @@ impl Engine {
             let Some(mut seq) = self.waiting.pop_front() else {
                 break;
             };
-            let first_time = seq.generated == 0;
+            let first_time = !seq.admitted_once;
+            seq.admitted_once = true;
             for h in 0..hits {
                 if let Some(slot) = self.pool.acquire(seq.hashes.seqs()[h]) {
                     seq.slots.push(slot);
@@ -461,12 +466,15 @@ pub enum SubmitError {
         blocks_needed: usize,
         capacity: usize,
     },
+    /// The engine's driver has stopped (real-time drivers only).
+    EngineGone,
 }
 
 impl std::fmt::Display for SubmitError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             SubmitError::EmptyPrompt => f.write_str("the prompt is empty"),
+            SubmitError::EngineGone => f.write_str("the engine is not running"),
             SubmitError::TooLong {
                 blocks_needed,
                 capacity,

@@ -279,3 +279,30 @@ proptest! {
         prop_assert_eq!(e.pool().active(), 0);
     }
 }
+
+#[test]
+fn preemption_during_prefill_does_not_fake_cache_hits() {
+    // Found in review: a request preempted mid-prefill reported its own recomputed blocks as
+    // cached and had its prompt counted twice.
+    let mut e = Engine::new(EngineConfig {
+        block_size: 5,
+        num_gpu_blocks: 8,
+        max_num_seqs: 2,
+        max_num_batched_tokens: 2,
+        ..Default::default()
+    });
+    e.submit(req(1, (100..112).collect(), 14)).unwrap();
+    e.submit(req(2, (200..213).collect(), 1)).unwrap();
+    let mut idx = PrefixIndex::new();
+    let mut id = 0;
+    let (outs, _, _) = drain(&mut e, &mut idx, &mut id);
+    for o in outs.iter().filter(|o| o.finished.is_some()) {
+        assert_eq!(
+            o.finished.unwrap().cached_tokens,
+            0,
+            "unique prompts cannot hit: {o:?}"
+        );
+    }
+    assert_eq!(e.stats().prompt_tokens, 25);
+    assert_eq!(e.stats().prefix_hit_tokens, 0);
+}

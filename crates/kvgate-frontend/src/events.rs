@@ -14,6 +14,24 @@ pub struct EventStats {
     pub rejected: AtomicU64,
     pub decode_errors: AtomicU64,
     pub seq_gaps: AtomicU64,
+    /// Times a worker rank's indexed blocks were dropped because its event stream could not be
+    /// trusted any more (new subscription, publisher restart, lost events).
+    pub resyncs: AtomicU64,
+}
+
+/// Forgets what the index believes a rank caches. Used whenever events may have been missed:
+/// under-reporting a cache only costs a hit, over-reporting sends requests to a cache that is
+/// gone. (Replay-based recovery comes with the event plane.)
+fn resync(router: &Mutex<Router>, stats: &EventStats, source: WorkerRank, event_id: u64) {
+    if let Ok(mut r) = router.lock() {
+        r.apply_event(&kvgate_core::KvEvent {
+            source,
+            event_id,
+            tier: kvgate_core::StorageTier::Device,
+            data: kvgate_core::KvEventData::Cleared,
+        });
+    }
+    stats.resyncs.fetch_add(1, Ordering::Relaxed);
 }
 
 /// Subscribes to one rank's publisher and applies its events until the task is aborted.
@@ -50,7 +68,15 @@ pub fn subscribe(
             return;
         }
         tracing::info!(%ep, worker = worker.0, dp_rank, "subscribed to KV events");
+        // The rank's events are attributed by the port they arrive on, never by the payload.
+        let source = WorkerRank {
+            worker,
+            dp_rank: DpRank(dp_rank),
+        };
+        // Whatever was indexed before this subscription may have changed unseen.
+        resync(&router, &stats, source, 0);
         let mut last_seq: Option<u64> = None;
+        let mut refused_logged = false;
         loop {
             let msg = match sock.recv().await {
                 Ok(m) => m.into_vec(),
@@ -73,7 +99,17 @@ pub fn subscribe(
             if let Some(last) = last_seq
                 && seq != last.wrapping_add(1)
             {
+                // A gap (lost messages) or a restart (sequence went back): drop the rank's view
+                // and rebuild it from the events that follow.
                 stats.seq_gaps.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    worker = worker.0,
+                    dp_rank,
+                    last,
+                    seq,
+                    "KV event sequence broken; resyncing this rank"
+                );
+                resync(&router, &stats, source, seq);
             }
             last_seq = Some(seq);
             let batch = match decode_batch(payload) {
@@ -85,10 +121,6 @@ pub fn subscribe(
                 }
             };
             stats.batches.fetch_add(1, Ordering::Relaxed);
-            let source = WorkerRank {
-                worker,
-                dp_rank: DpRank(batch.dp_rank.unwrap_or(dp_rank)),
-            };
             let Ok(mut r) = router.lock() else { return };
             for e in &batch.events {
                 match to_kv_event(e, source, seq, block_size) {
@@ -98,7 +130,11 @@ pub fn subscribe(
                     }
                     Err(err) => {
                         stats.rejected.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(worker = worker.0, error = %err, "KV event refused");
+                        // Once per subscription: a misconfigured publisher would flood the log.
+                        if !refused_logged {
+                            refused_logged = true;
+                            tracing::error!(worker = worker.0, dp_rank, error = %err, "KV events refused (counted in kvgate_kv_events_rejected_total)");
+                        }
                     }
                 }
             }
@@ -109,6 +145,7 @@ pub fn subscribe(
 fn rank_endpoint(base: &str, rank: u32) -> Option<String> {
     let rest = base.strip_prefix("tcp://")?;
     let (host, port) = rest.rsplit_once(':')?;
-    let port: u32 = port.parse().ok()?;
-    Some(format!("tcp://{host}:{}", port + rank))
+    let port: u16 = port.parse().ok()?;
+    let port = port.checked_add(u16::try_from(rank).ok()?)?;
+    Some(format!("tcp://{host}:{port}"))
 }

@@ -164,6 +164,17 @@ pub async fn serve(
         .route("/v1/models", get(models))
         .route("/health", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
+        .method_not_allowed_fallback(|req: Request| async move {
+            error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &format!(
+                    "method {} is not allowed on {}",
+                    req.method(),
+                    req.uri().path()
+                ),
+                None,
+            )
+        })
         .fallback(|req: Request| async move {
             error(
                 StatusCode::NOT_FOUND,
@@ -189,7 +200,14 @@ fn sync_workers(state: &Arc<AppState>, old: Option<&WorkersFile>, new: &WorkersF
     if let Some(old) = old {
         for w in &old.workers {
             let id = w.instance_id();
-            let changed = new.workers.iter().find(|n| n.instance_id() == id) != Some(w);
+            // Only what the subscriptions depend on; capacity edits keep them running.
+            let changed = new
+                .workers
+                .iter()
+                .find(|n| n.instance_id() == id)
+                .is_none_or(|n| {
+                    n.kv_events != w.kv_events || n.dp_size != w.dp_size || n.url != w.url
+                });
             if !new_ids.contains(&id.0) || changed {
                 if !new_ids.contains(&id.0) {
                     router.remove_worker(id);
@@ -258,10 +276,21 @@ fn header_u64(headers: &HeaderMap, name: &str) -> Result<Option<u64>, String> {
     }
 }
 
+/// Counts a request in flight for as long as its handler runs (also when the client goes away
+/// and the handler future is dropped).
+struct Inflight<'a>(&'a AtomicU64);
+
+impl Drop for Inflight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 async fn completions(State(s): State<Arc<AppState>>, req: Request) -> Response {
     s.counters.inflight.fetch_add(1, Ordering::Relaxed);
+    let guard = Inflight(&s.counters.inflight);
     let r = handle(&s, req).await;
-    s.counters.inflight.fetch_sub(1, Ordering::Relaxed);
+    drop(guard);
     if let Ok(mut m) = s.counters.by_code.lock() {
         *m.entry(r.status().as_u16()).or_insert(0) += 1;
     }
@@ -274,26 +303,27 @@ async fn handle(s: &Arc<AppState>, req: Request) -> Response {
     };
     let path = req.uri().path().to_string();
     let headers = req.headers().clone();
-    let body = match axum::body::to_bytes(req.into_body(), s.config.max_body_bytes).await {
+    let body = match read_body(req.into_body(), s.config.max_body_bytes).await {
         Ok(b) => b,
-        Err(_) => {
-            return error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                &format!(
-                    "request body is larger than {} bytes",
-                    s.config.max_body_bytes
-                ),
-                None,
-            );
-        }
+        Err(r) => return *r,
     };
-    let parsed = match OpenAiRequest::parse(endpoint, &body) {
-        Ok(p) => p,
-        Err(e) => {
-            let param = (!e.field.is_empty()).then_some(e.field.as_str());
-            return error(StatusCode::BAD_REQUEST, &e.to_string(), param);
-        }
-    };
+    // Parsing a large body is CPU work: keep it off the async threads.
+    let b2 = body.clone();
+    let parsed =
+        match tokio::task::spawn_blocking(move || OpenAiRequest::parse(endpoint, &b2)).await {
+            Ok(Ok(p)) => p,
+            Ok(Err(e)) => {
+                let param = (!e.field.is_empty()).then_some(e.field.as_str());
+                return error(StatusCode::BAD_REQUEST, &e.to_string(), param);
+            }
+            Err(_) => {
+                return error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "request parser failed",
+                    None,
+                );
+            }
+        };
     let file = s.workers.current();
     if parsed.model != file.model {
         return error(
@@ -306,7 +336,37 @@ async fn handle(s: &Arc<AppState>, req: Request) -> Response {
         Ok(t) => t,
         Err(r) => return *r,
     };
-    forward(s.clone(), target, &path, &headers).await
+    forward(s.clone(), target, &path, &headers, parsed.stream).await
+}
+
+/// Reads a body up to `limit` bytes: 413 past it, 400 when the client breaks off mid-body.
+pub(crate) async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, Box<Response>> {
+    match axum::body::to_bytes(body, limit).await {
+        Ok(b) => Ok(b),
+        Err(e) => {
+            let mut src: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+            let mut too_large = false;
+            while let Some(err) = src {
+                if err.is::<http_body_util::LengthLimitError>() {
+                    too_large = true;
+                }
+                src = err.source();
+            }
+            Err(Box::new(if too_large {
+                error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    &format!("request body is larger than {limit} bytes"),
+                    None,
+                )
+            } else {
+                error(
+                    StatusCode::BAD_REQUEST,
+                    &format!("cannot read the request body: {e}"),
+                    None,
+                )
+            }))
+        }
+    }
 }
 
 async fn pick(
@@ -391,28 +451,36 @@ async fn pick(
                     "kv state missing".into(),
                 ));
             };
-            let tokens = match &parsed.token_data {
-                Some(t) => t.clone(),
-                None => {
-                    let tok = kv.tokenizer.clone();
-                    let p = parsed.clone();
-                    match tokio::task::spawn_blocking(move || tok.tokenize(&p)).await {
-                        Ok(Ok(t)) => t,
-                        Ok(Err(e)) => return Err(bad(StatusCode::BAD_REQUEST, e.to_string())),
-                        Err(_) => {
-                            return Err(bad(
-                                StatusCode::INTERNAL_SERVER_ERROR,
-                                "tokenizer failed".into(),
-                            ));
-                        }
-                    }
+            // Tokenize (unless the ids came with the request), hash and rewrite the body on the
+            // blocking pool: all three scale with the prompt.
+            let tok = kv.tokenizer.clone();
+            let p = parsed.clone();
+            let block_size = file.block_size as usize;
+            let prepared = tokio::task::spawn_blocking(move || {
+                let tokens = match &p.token_data {
+                    Some(t) => t.clone(),
+                    None => tok.tokenize(&p)?,
+                };
+                let hashes = BlockHashes::from_tokens(
+                    &tokens,
+                    block_size,
+                    HashSeed::new(None, p.cache_salt.as_deref()),
+                );
+                // The worker gets the ids we routed on: no second tokenization, no drift.
+                let body = bytes::Bytes::from(p.body_with_token_data(&tokens));
+                Ok::<_, kvgate_tokenize::TokenizeError>((hashes, body))
+            })
+            .await;
+            let (hashes, new_body) = match prepared {
+                Ok(Ok(x)) => x,
+                Ok(Err(e)) => return Err(bad(StatusCode::BAD_REQUEST, e.to_string())),
+                Err(_) => {
+                    return Err(bad(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "tokenizer failed".into(),
+                    ));
                 }
             };
-            let hashes = BlockHashes::from_tokens(
-                &tokens,
-                file.block_size as usize,
-                HashSeed::new(None, parsed.cache_salt.as_deref()),
-            );
             let id = RequestId::from(format!("fe-{}", s.next_id.fetch_add(1, Ordering::Relaxed)));
             let decision = {
                 let Ok(mut router) = kv.router.lock() else {
@@ -473,13 +541,12 @@ async fn pick(
                     "the chosen worker just left".into(),
                 ));
             };
-            // The worker gets the ids we routed on: no second tokenization, no drift.
-            let body = bytes::Bytes::from(parsed.body_with_token_data(&tokens));
+            drop(body);
             Ok(Target {
                 worker,
                 dp_rank: d.worker.dp_rank.0,
                 booking: Some(id),
-                body,
+                body: new_body,
             })
         }
     }
@@ -515,7 +582,13 @@ impl Drop for BookingGuard {
     }
 }
 
-async fn forward(s: Arc<AppState>, t: Target, path: &str, headers: &HeaderMap) -> Response {
+async fn forward(
+    s: Arc<AppState>,
+    t: Target,
+    path: &str,
+    headers: &HeaderMap,
+    stream: bool,
+) -> Response {
     let mut guard = BookingGuard {
         router: s.kv.as_ref().map(|k| k.router.clone()),
         id: t.booking.clone(),
@@ -538,7 +611,14 @@ async fn forward(s: Arc<AppState>, t: Target, path: &str, headers: &HeaderMap) -
     if let Some(v) = headers.get("x-request-id") {
         rb = rb.header("x-request-id", v.clone());
     }
-    let sent = tokio::time::timeout(s.config.request_timeout, rb.send()).await;
+    // A streaming worker answers with headers at once; a non-streaming one only when the whole
+    // generation is done, so the header timeout applies to streams only.
+    let limit = if stream {
+        s.config.request_timeout
+    } else {
+        Duration::from_secs(24 * 3600)
+    };
+    let sent = tokio::time::timeout(limit, rb.send()).await;
     let upstream = match sent {
         Err(_) => {
             return error(
@@ -664,6 +744,11 @@ async fn metrics(State(s): State<Arc<AppState>>) -> Response {
             out,
             "# TYPE kvgate_kv_event_seq_gaps_total counter\nkvgate_kv_event_seq_gaps_total {}",
             e.seq_gaps.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE kvgate_kv_event_resyncs_total counter\nkvgate_kv_event_resyncs_total {}",
+            e.resyncs.load(Ordering::Relaxed)
         );
         if let Ok(r) = kv.router.lock() {
             let _ = writeln!(

@@ -51,13 +51,13 @@ impl WorkerSet {
         tokio::spawn(async move {
             let mtime = |p: &PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
             let mut last: Option<SystemTime> = mtime(&path);
+            let mut last_error: Option<String> = None;
             loop {
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 let now = mtime(&path);
                 if now == last {
                     continue;
                 }
-                last = now;
                 match WorkersFile::load(&path) {
                     Ok(new) => {
                         let old = set.current();
@@ -65,14 +65,22 @@ impl WorkerSet {
                             tracing::error!(
                                 "workers file: model and block_size cannot change at runtime; restart to apply"
                             );
+                            last = now;
                             continue;
                         }
+                        last = now;
+                        last_error = None;
                         tracing::info!(workers = new.workers.len(), "workers file reloaded");
                         set.replace(new.clone());
                         on_change(&old, &new);
                     }
+                    // Not marked as seen: a half-written file is retried until it parses.
                     Err(e) => {
-                        tracing::error!(error = %e, "workers file reload failed; keeping the previous one")
+                        let msg = e.to_string();
+                        if last_error.as_deref() != Some(msg.as_str()) {
+                            tracing::error!(error = %msg, "workers file reload failed; keeping the previous one");
+                            last_error = Some(msg);
+                        }
                     }
                 }
             }

@@ -51,12 +51,12 @@ impl EngineHandle {
         let (out_tx, out_rx) = mpsc::unbounded_channel();
         let (ack_tx, ack_rx) = oneshot::channel();
         if self.tx.send(Command::Submit(req, out_tx, ack_tx)).is_err() {
-            return Err(SubmitError::EmptyPrompt);
+            return Err(SubmitError::EngineGone);
         }
         match ack_rx.await {
             Ok(Ok(())) => Ok(out_rx),
             Ok(Err(e)) => Err(e),
-            Err(_) => Err(SubmitError::EmptyPrompt),
+            Err(_) => Err(SubmitError::EngineGone),
         }
     }
 

@@ -137,6 +137,7 @@ pub async fn serve(
         .route("/v1/models", get(models))
         .route("/health", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
+        .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
         .with_state(state);
     on_bound(addr, zmq_endpoints);
@@ -151,6 +152,18 @@ fn error(status: StatusCode, message: &str, param: Option<&str>) -> Response {
         param,
     );
     (status, axum::Json(body)).into_response()
+}
+
+async fn method_not_allowed(req: Request) -> Response {
+    error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        &format!(
+            "method {} is not allowed on {}",
+            req.method(),
+            req.uri().path()
+        ),
+        None,
+    )
 }
 
 async fn not_found(req: Request) -> Response {
@@ -194,15 +207,29 @@ async fn completions(State(s): State<Arc<AppState>>, req: Request) -> Response {
     let headers = req.headers().clone();
     let body = match axum::body::to_bytes(req.into_body(), s.config.max_body_bytes).await {
         Ok(b) => b,
-        Err(_) => {
-            return error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                &format!(
-                    "request body is larger than {} bytes",
-                    s.config.max_body_bytes
-                ),
-                None,
-            );
+        Err(e) => {
+            let mut src: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+            let mut too_large = false;
+            while let Some(err) = src {
+                too_large |= err.is::<http_body_util::LengthLimitError>();
+                src = err.source();
+            }
+            return if too_large {
+                error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    &format!(
+                        "request body is larger than {} bytes",
+                        s.config.max_body_bytes
+                    ),
+                    None,
+                )
+            } else {
+                error(
+                    StatusCode::BAD_REQUEST,
+                    &format!("cannot read the request body: {e}"),
+                    None,
+                )
+            };
         }
     };
     let parsed = match OpenAiRequest::parse(endpoint, &body) {
@@ -268,7 +295,23 @@ async fn completions(State(s): State<Arc<AppState>>, req: Request) -> Response {
         .await
     {
         Ok(rx) => rx,
-        Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string(), Some("max_tokens")),
+        Err(e @ kvgate_engine::SubmitError::TooLong { .. }) => {
+            return error(StatusCode::BAD_REQUEST, &e.to_string(), Some("max_tokens"));
+        }
+        Err(kvgate_engine::SubmitError::EmptyPrompt) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "the prompt is empty",
+                Some("messages"),
+            );
+        }
+        Err(kvgate_engine::SubmitError::EngineGone) => {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the engine is not running",
+                None,
+            );
+        }
     };
     let chat = endpoint == Endpoint::Chat;
     let rid = if chat {
@@ -366,8 +409,16 @@ fn stream_response(
     include_usage: bool,
     id: u64,
 ) -> Response {
+    // Created before the stream so that a body that is never polled still aborts the request.
+    let guard = AbortOnDrop {
+        engine,
+        id,
+        done: false,
+        state: s.clone(),
+    };
     let body = async_stream::stream! {
-        let mut guard = AbortOnDrop { engine, id, done: false, state: s.clone() };
+        // Move the whole guard in (a closure would otherwise capture just the `done` field).
+        let mut guard = guard;
         let model = s.config.model.clone();
         let mut first = true;
         while let Some(out) = rx.recv().await {

@@ -21,6 +21,9 @@ pub struct SplitRule {
 }
 
 struct Entry {
+    /// The segment itself: a hit must be the same text, not merely the same hash (the hash is
+    /// not collision-resistant, and a collision would hand one request another's tokens).
+    text: std::sync::Arc<str>,
     ids: std::sync::Arc<[u32]>,
     last_used: u64,
 }
@@ -106,7 +109,7 @@ impl SegmentCache {
                 continue;
             }
             let key = xxh3_128(seg.as_bytes());
-            if let Some(ids) = self.get(key) {
+            if let Some(ids) = self.get(key, seg) {
                 self.hits.fetch_add(1, Ordering::Relaxed);
                 out.extend_from_slice(&ids);
                 continue;
@@ -115,38 +118,46 @@ impl SegmentCache {
             // Encode outside the lock: other requests keep going meanwhile.
             let ids: std::sync::Arc<[u32]> = tokenizer.encode(seg)?.into();
             out.extend_from_slice(&ids);
-            self.put(key, ids);
+            self.put(key, seg, ids);
         }
         Ok(out)
     }
 
-    fn get(&self, key: u128) -> Option<std::sync::Arc<[u32]>> {
+    fn get(&self, key: u128, text: &str) -> Option<std::sync::Arc<[u32]>> {
         let mut inner = self.inner.lock().ok()?;
         inner.tick += 1;
         let tick = inner.tick;
         let e = inner.map.get_mut(&key)?;
+        if &*e.text != text {
+            return None;
+        }
         e.last_used = tick;
         Some(e.ids.clone())
     }
 
-    fn put(&self, key: u128, ids: std::sync::Arc<[u32]>) {
+    /// What an entry costs against the bound, in token-sized units (ids + text + overhead).
+    fn cost(text: &str, ids: &[u32]) -> usize {
+        ids.len() + text.len() / 4 + 16
+    }
+
+    fn put(&self, key: u128, text: &str, ids: std::sync::Arc<[u32]>) {
         let Ok(mut inner) = self.inner.lock() else {
             return;
         };
-        if ids.len() > self.max_tokens {
+        let cost = Self::cost(text, &ids);
+        if cost > self.max_tokens {
             return;
         }
         inner.tick += 1;
         let tick = inner.tick;
-        inner.tokens += ids.len();
-        if let Some(old) = inner.map.insert(
-            key,
-            Entry {
-                ids,
-                last_used: tick,
-            },
-        ) {
-            inner.tokens -= old.ids.len();
+        inner.tokens += cost;
+        let entry = Entry {
+            text: text.into(),
+            ids,
+            last_used: tick,
+        };
+        if let Some(old) = inner.map.insert(key, entry) {
+            inner.tokens -= Self::cost(&old.text, &old.ids);
         }
         if inner.tokens > self.max_tokens {
             // Evict the least recently used half (amortised O(1) per insertion).
@@ -158,7 +169,7 @@ impl SegmentCache {
             inner.map.retain(|_, e| {
                 let keep = e.last_used > cutoff;
                 if !keep {
-                    freed += e.ids.len();
+                    freed += Self::cost(&e.text, &e.ids);
                 }
                 keep
             });

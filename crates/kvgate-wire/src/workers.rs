@@ -155,6 +155,18 @@ impl WorkersFile {
             if w.name.trim().is_empty() {
                 return err(format!("workers file: workers[{i}].name must not be empty"));
             }
+            // Names appear in headers and metric labels: keep them to Kubernetes-style characters.
+            if w.name.len() > 253
+                || !w
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+            {
+                return err(format!(
+                    "workers file: workers[{i}].name = {:?} may only use letters, digits, '-', '.' and '_' (at most 253)",
+                    w.name
+                ));
+            }
             if !names.insert(w.name.as_str()) {
                 return err(format!("workers file: {at}: duplicate name"));
             }
@@ -245,6 +257,10 @@ workers:
                 "kv_events",
             ),
             ("model: [".to_string(), "workers file"),
+            (
+                EXAMPLE.replace("name: worker-0", "name: \"bad name\\n\""),
+                "may only use",
+            ),
         ];
         for (text, want) in cases {
             let e = WorkersFile::parse(&text).unwrap_err().to_string();

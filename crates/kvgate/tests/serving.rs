@@ -174,6 +174,12 @@ async fn streaming_passes_through_and_disconnect_releases_load() {
         }
     }
     assert!(freed, "in-flight load leaked after the client disconnected");
+    let m = get_text(&format!("{url}/metrics")).await;
+    assert_eq!(
+        metric(&m, "kvgate_frontend_inflight_requests"),
+        Some(0.0),
+        "{m}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -404,4 +410,60 @@ async fn data_parallel_ranks_are_separate_targets() {
             .unwrap()
             > 0
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_worker_is_not_credited_with_its_old_cache() {
+    let a = mocker(1001, 50.0, &[]);
+    let dir = TempDir::new("restart");
+    let wf = workers_file(&dir, &[(&a, 1001)], None);
+    let fe = frontend(&wf, "kv", &[]);
+    let url = fe.url();
+    let port = a.url().rsplit(':').next().unwrap().to_string();
+    let zmq = a.zmq();
+    let (s, _, _) = post(&url, &chat_body(&text("before", 400), 2, false)).await;
+    assert_eq!(s, 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let nodes_before = metric(
+        &get_text(&format!("{url}/metrics")).await,
+        "kvgate_router_index_nodes",
+    )
+    .unwrap();
+    assert!(nodes_before > 50.0, "{nodes_before}");
+    // the worker restarts on the same ports with an empty cache
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let _b = Proc::start(
+        &[
+            "mocker",
+            "--port",
+            &port,
+            "--block-size",
+            "16",
+            "--num-gpu-blocks",
+            "4096",
+            "--worker-id",
+            "1001",
+            "--speedup-ratio",
+            "50",
+            "--zmq-kv-events",
+            &zmq,
+        ],
+        2,
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (s, _, _) = post(&url, &chat_body(&text("after", 100), 2, false)).await;
+    assert_eq!(s, 200);
+    let mut ok = false;
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let m = get_text(&format!("{url}/metrics")).await;
+        let nodes = metric(&m, "kvgate_router_index_nodes").unwrap();
+        // only the new request's blocks: the old cache was forgotten, not kept beside them
+        if nodes < nodes_before && metric(&m, "kvgate_kv_event_resyncs_total").unwrap() >= 2.0 {
+            ok = true;
+            break;
+        }
+    }
+    assert!(ok, "{}", get_text(&format!("{url}/metrics")).await);
 }
