@@ -14,12 +14,13 @@ use kvgate_core::config::RouterConfig;
 use kvgate_core::hashing::{BlockHashes, HashSeed};
 use kvgate_core::random::{RandomSource, SplitMix64};
 use kvgate_core::router::{RouteError, RouteRequest, Router};
+use kvgate_runtime::http::{error, method_not_allowed, not_found, read_body};
+use kvgate_runtime::prom::PromText;
 use kvgate_tokenize::PromptTokenizer;
 use kvgate_wire::openai::{Endpoint, OpenAiRequest};
 use kvgate_wire::response as resp;
 use kvgate_wire::workers::{WorkerEntry, WorkersFile};
 use std::collections::HashMap;
-use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -164,24 +165,8 @@ pub async fn serve(
         .route("/v1/models", get(models))
         .route("/health", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
-        .method_not_allowed_fallback(|req: Request| async move {
-            error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                &format!(
-                    "method {} is not allowed on {}",
-                    req.method(),
-                    req.uri().path()
-                ),
-                None,
-            )
-        })
-        .fallback(|req: Request| async move {
-            error(
-                StatusCode::NOT_FOUND,
-                &format!("no route for {} {}", req.method(), req.uri().path()),
-                None,
-            )
-        })
+        .method_not_allowed_fallback(method_not_allowed)
+        .fallback(not_found)
         .with_state(state);
     on_bound(addr);
     axum::serve(listener, app).await.map_err(|e| e.to_string())
@@ -239,16 +224,6 @@ fn sync_workers(state: &Arc<AppState>, old: Option<&WorkersFile>, new: &WorkersF
             }
         }
     }
-}
-
-fn error(status: StatusCode, message: &str, param: Option<&str>) -> Response {
-    let body = resp::error_body(
-        status.as_u16(),
-        resp::error_kind(status.as_u16()),
-        message,
-        param,
-    );
-    (status, axum::Json(body)).into_response()
 }
 
 async fn models(State(s): State<Arc<AppState>>) -> Response {
@@ -337,36 +312,6 @@ async fn handle(s: &Arc<AppState>, req: Request) -> Response {
         Err(r) => return *r,
     };
     forward(s.clone(), target, &path, &headers, parsed.stream).await
-}
-
-/// Reads a body up to `limit` bytes: 413 past it, 400 when the client breaks off mid-body.
-pub(crate) async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, Box<Response>> {
-    match axum::body::to_bytes(body, limit).await {
-        Ok(b) => Ok(b),
-        Err(e) => {
-            let mut src: Option<&(dyn std::error::Error + 'static)> = Some(&e);
-            let mut too_large = false;
-            while let Some(err) = src {
-                if err.is::<http_body_util::LengthLimitError>() {
-                    too_large = true;
-                }
-                src = err.source();
-            }
-            Err(Box::new(if too_large {
-                error(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    &format!("request body is larger than {limit} bytes"),
-                    None,
-                )
-            } else {
-                error(
-                    StatusCode::BAD_REQUEST,
-                    &format!("cannot read the request body: {e}"),
-                    None,
-                )
-            }))
-        }
-    }
 }
 
 async fn pick(
@@ -677,110 +622,116 @@ async fn forward(
 }
 
 async fn metrics(State(s): State<Arc<AppState>>) -> Response {
-    let mut out = String::new();
     let mode = s.config.mode.as_str();
-    let _ = writeln!(
-        out,
-        "# HELP kvgate_frontend_requests_total Requests by HTTP status.\n# TYPE kvgate_frontend_requests_total counter"
-    );
+    let mut p = PromText::new();
     if let Ok(m) = s.counters.by_code.lock() {
-        let mut codes: Vec<_> = m.iter().collect();
+        let mut codes: Vec<_> = m.iter().map(|(c, n)| (*c, *n)).collect();
         codes.sort();
         for (code, n) in codes {
-            let _ = writeln!(
-                out,
-                "kvgate_frontend_requests_total{{mode=\"{mode}\",code=\"{code}\"}} {n}"
+            let code = code.to_string();
+            p.counter(
+                "kvgate_frontend_requests_total",
+                "Requests by HTTP status.",
+                &[("mode", mode), ("code", &code)],
+                n as f64,
             );
         }
     }
-    let _ = writeln!(
-        out,
-        "# HELP kvgate_frontend_inflight_requests Requests being handled.\n# TYPE kvgate_frontend_inflight_requests gauge"
-    );
-    let _ = writeln!(
-        out,
-        "kvgate_frontend_inflight_requests {}",
-        s.counters.inflight.load(Ordering::Relaxed)
-    );
-    let _ = writeln!(
-        out,
-        "# HELP kvgate_frontend_routed_total Requests sent to each worker.\n# TYPE kvgate_frontend_routed_total counter"
+    p.gauge(
+        "kvgate_frontend_inflight_requests",
+        "Requests being handled.",
+        &[],
+        s.counters.inflight.load(Ordering::Relaxed) as f64,
     );
     if let Ok(m) = s.counters.routed.lock() {
-        let mut names: Vec<_> = m.iter().collect();
+        let mut names: Vec<_> = m.iter().map(|(w, n)| (w.clone(), *n)).collect();
         names.sort();
         for (w, n) in names {
-            let _ = writeln!(out, "kvgate_frontend_routed_total{{worker=\"{w}\"}} {n}");
+            p.counter(
+                "kvgate_frontend_routed_total",
+                "Requests sent to each worker.",
+                &[("worker", &w)],
+                n as f64,
+            );
         }
     }
     if let Some(kv) = &s.kv {
         let e = &kv.events;
-        let _ = writeln!(
-            out,
-            "# TYPE kvgate_router_predicted_cached_tokens_total counter\nkvgate_router_predicted_cached_tokens_total {}",
-            s.counters.predicted_cached_tokens.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "# TYPE kvgate_kv_event_batches_total counter\nkvgate_kv_event_batches_total {}",
-            e.batches.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "# TYPE kvgate_kv_events_applied_total counter\nkvgate_kv_events_applied_total {}",
-            e.events.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "# TYPE kvgate_kv_events_rejected_total counter\nkvgate_kv_events_rejected_total {}",
-            e.rejected.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "# TYPE kvgate_kv_event_decode_errors_total counter\nkvgate_kv_event_decode_errors_total {}",
-            e.decode_errors.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "# TYPE kvgate_kv_event_seq_gaps_total counter\nkvgate_kv_event_seq_gaps_total {}",
-            e.seq_gaps.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "# TYPE kvgate_kv_event_resyncs_total counter\nkvgate_kv_event_resyncs_total {}",
-            e.resyncs.load(Ordering::Relaxed)
-        );
+        let counters: [(&str, &str, &AtomicU64); 7] = [
+            (
+                "kvgate_router_predicted_cached_tokens_total",
+                "Prompt tokens the router predicted cached on the chosen worker.",
+                &s.counters.predicted_cached_tokens,
+            ),
+            (
+                "kvgate_kv_event_batches_total",
+                "KV event batches received.",
+                &e.batches,
+            ),
+            (
+                "kvgate_kv_events_applied_total",
+                "KV events applied to the index.",
+                &e.events,
+            ),
+            (
+                "kvgate_kv_events_rejected_total",
+                "KV events refused (e.g. block size mismatch).",
+                &e.rejected,
+            ),
+            (
+                "kvgate_kv_event_decode_errors_total",
+                "Undecodable KV event messages.",
+                &e.decode_errors,
+            ),
+            (
+                "kvgate_kv_event_seq_gaps_total",
+                "Breaks in a publisher's sequence (lost messages or restarts).",
+                &e.seq_gaps,
+            ),
+            (
+                "kvgate_kv_event_resyncs_total",
+                "Times a rank's indexed blocks were dropped to rebuild from events.",
+                &e.resyncs,
+            ),
+        ];
+        for (name, help, v) in counters {
+            p.counter(name, help, &[], v.load(Ordering::Relaxed) as f64);
+        }
         if let Ok(r) = kv.router.lock() {
-            let _ = writeln!(
-                out,
-                "# TYPE kvgate_router_index_nodes gauge\nkvgate_router_index_nodes {}",
-                r.index().num_nodes()
+            p.gauge(
+                "kvgate_router_index_nodes",
+                "Distinct prefixes in the index.",
+                &[],
+                r.index().num_nodes() as f64,
             );
-            let _ = writeln!(
-                out,
-                "# TYPE kvgate_router_bookings gauge\nkvgate_router_bookings {}",
-                r.load().num_bookings()
+            p.gauge(
+                "kvgate_router_bookings",
+                "Requests booked as in flight.",
+                &[],
+                r.load().num_bookings() as f64,
             );
-            let _ = writeln!(
-                out,
-                "# TYPE kvgate_router_events_unknown_worker_total counter\nkvgate_router_events_unknown_worker_total {}",
-                r.events_unknown_worker()
+            p.counter(
+                "kvgate_router_events_unknown_worker_total",
+                "Events from workers or ranks not in discovery.",
+                &[],
+                r.events_unknown_worker() as f64,
             );
             let mut loads: Vec<_> = r
                 .load()
                 .workers()
-                .map(|(w, l)| (*w, l.prefill_tokens, l.active_blocks()))
+                .map(|(w, l)| (*w, l.active_blocks()))
                 .collect();
             loads.sort();
-            let _ = writeln!(out, "# TYPE kvgate_router_active_blocks gauge");
-            for (w, _, blocks) in &loads {
-                let _ = writeln!(
-                    out,
-                    "kvgate_router_active_blocks{{worker=\"{}\",dp_rank=\"{}\"}} {blocks}",
-                    w.worker.0, w.dp_rank.0
+            for (w, blocks) in loads {
+                let (id, rank) = (w.worker.0.to_string(), w.dp_rank.0.to_string());
+                p.gauge(
+                    "kvgate_router_active_blocks",
+                    "Active KV blocks booked per worker rank.",
+                    &[("worker", &id), ("dp_rank", &rank)],
+                    blocks as f64,
                 );
             }
         }
     }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+    p.into_response()
 }

@@ -11,11 +11,12 @@ use axum::routing::{get, post};
 use futures::StreamExt;
 use kvgate_core::hashing::HashSeed;
 use kvgate_engine::{Engine, EngineConfig, EngineRequest, TokenOutput};
+use kvgate_runtime::http::{error, method_not_allowed, not_found, read_body};
+use kvgate_runtime::prom::PromText;
 use kvgate_tokenize::PromptTokenizer;
 use kvgate_wire::openai::{Endpoint, OpenAiRequest};
 use kvgate_wire::response as resp;
 use serde_json::Value;
-use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -144,36 +145,6 @@ pub async fn serve(
     axum::serve(listener, app).await.map_err(|e| e.to_string())
 }
 
-fn error(status: StatusCode, message: &str, param: Option<&str>) -> Response {
-    let body = resp::error_body(
-        status.as_u16(),
-        resp::error_kind(status.as_u16()),
-        message,
-        param,
-    );
-    (status, axum::Json(body)).into_response()
-}
-
-async fn method_not_allowed(req: Request) -> Response {
-    error(
-        StatusCode::METHOD_NOT_ALLOWED,
-        &format!(
-            "method {} is not allowed on {}",
-            req.method(),
-            req.uri().path()
-        ),
-        None,
-    )
-}
-
-async fn not_found(req: Request) -> Response {
-    error(
-        StatusCode::NOT_FOUND,
-        &format!("no route for {} {}", req.method(), req.uri().path()),
-        None,
-    )
-}
-
 async fn models(State(s): State<Arc<AppState>>) -> Response {
     let max_len = (s.config.engine.num_gpu_blocks * s.config.engine.block_size) as u64;
     axum::Json(resp::models(&s.config.model, s.created, max_len)).into_response()
@@ -205,32 +176,9 @@ async fn completions(State(s): State<Arc<AppState>>, req: Request) -> Response {
         return error(StatusCode::NOT_FOUND, "unknown endpoint", None);
     };
     let headers = req.headers().clone();
-    let body = match axum::body::to_bytes(req.into_body(), s.config.max_body_bytes).await {
+    let body = match read_body(req.into_body(), s.config.max_body_bytes).await {
         Ok(b) => b,
-        Err(e) => {
-            let mut src: Option<&(dyn std::error::Error + 'static)> = Some(&e);
-            let mut too_large = false;
-            while let Some(err) = src {
-                too_large |= err.is::<http_body_util::LengthLimitError>();
-                src = err.source();
-            }
-            return if too_large {
-                error(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    &format!(
-                        "request body is larger than {} bytes",
-                        s.config.max_body_bytes
-                    ),
-                    None,
-                )
-            } else {
-                error(
-                    StatusCode::BAD_REQUEST,
-                    &format!("cannot read the request body: {e}"),
-                    None,
-                )
-            };
-        }
+        Err(r) => return *r,
     };
     let parsed = match OpenAiRequest::parse(endpoint, &body) {
         Ok(p) => p,
@@ -446,139 +394,117 @@ fn stream_response(
 }
 
 async fn metrics(State(s): State<Arc<AppState>>) -> Response {
-    let model = &s.config.model;
-    let mut out = String::new();
-    let gauge = |out: &mut String,
-                 name: &str,
-                 help: &str,
-                 f: &dyn Fn(&kvgate_engine::EngineStats) -> f64| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
-        for e in &s.engines {
-            let st = e.stats();
-            let _ = writeln!(
-                out,
-                "{name}{{model_name=\"{model}\",engine=\"{}\"}} {}",
-                e.rank,
-                f(&st)
-            );
-        }
-    };
-    let counter = |out: &mut String,
-                   name: &str,
-                   help: &str,
-                   f: &dyn Fn(&kvgate_engine::EngineStats) -> u64| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-        for e in &s.engines {
-            let st = e.stats();
-            let _ = writeln!(
-                out,
-                "{name}{{model_name=\"{model}\",engine=\"{}\"}} {}",
-                e.rank,
-                f(&st)
-            );
-        }
-    };
-    gauge(
-        &mut out,
-        "vllm:num_requests_running",
-        "Requests in the running batch.",
-        &|st| st.running as f64,
-    );
-    gauge(
-        &mut out,
-        "vllm:num_requests_waiting",
-        "Requests waiting to be scheduled.",
-        &|st| st.waiting as f64,
-    );
-    gauge(
-        &mut out,
-        "vllm:kv_cache_usage_perc",
-        "Fraction of KV blocks in use.",
-        &|st| st.active_blocks as f64 / st.total_blocks.max(1) as f64,
-    );
-    counter(
-        &mut out,
-        "vllm:prompt_tokens_total",
-        "Prompt tokens processed.",
-        &|st| st.prompt_tokens,
-    );
-    counter(
-        &mut out,
-        "vllm:generation_tokens_total",
-        "Tokens generated.",
-        &|st| st.generation_tokens,
-    );
-    counter(
-        &mut out,
-        "vllm:prefix_cache_queries_total",
-        "Prompt tokens looked up in the prefix cache.",
-        &|st| st.prefix_query_tokens,
-    );
-    counter(
-        &mut out,
-        "vllm:prefix_cache_hits_total",
-        "Prompt tokens served from the prefix cache.",
-        &|st| st.prefix_hit_tokens,
-    );
-    counter(
-        &mut out,
-        "vllm:num_preemptions_total",
-        "Preemptions.",
-        &|st| st.preemptions,
-    );
-    let _ = writeln!(
-        out,
-        "# HELP vllm:request_success_total Finished requests.\n# TYPE vllm:request_success_total counter"
-    );
-    let _ = writeln!(
-        out,
-        "vllm:request_success_total{{model_name=\"{model}\",finished_reason=\"length\"}} {}",
-        s.metrics.success_length.load(Ordering::Relaxed)
-    );
-    let _ = writeln!(
-        out,
-        "# HELP vllm:cache_config_info KV cache configuration.\n# TYPE vllm:cache_config_info gauge"
-    );
-    for e in &s.engines {
-        let _ = writeln!(
-            out,
-            "vllm:cache_config_info{{block_size=\"{}\",num_gpu_blocks=\"{}\",enable_prefix_caching=\"{}\",engine=\"{}\"}} 1",
-            s.config.engine.block_size,
-            s.config.engine.num_gpu_blocks,
-            if s.config.engine.enable_prefix_caching {
-                "True"
+    let model = s.config.model.as_str();
+    let mut p = PromText::new();
+    type Stat = fn(&kvgate_engine::EngineStats) -> f64;
+    let per_engine: [(&str, &str, bool, Stat); 8] = [
+        (
+            "vllm:num_requests_running",
+            "Requests in the running batch.",
+            false,
+            |st| st.running as f64,
+        ),
+        (
+            "vllm:num_requests_waiting",
+            "Requests waiting to be scheduled.",
+            false,
+            |st| st.waiting as f64,
+        ),
+        (
+            "vllm:kv_cache_usage_perc",
+            "Fraction of KV blocks in use.",
+            false,
+            |st| st.active_blocks as f64 / st.total_blocks.max(1) as f64,
+        ),
+        (
+            "vllm:prompt_tokens_total",
+            "Prompt tokens processed.",
+            true,
+            |st| st.prompt_tokens as f64,
+        ),
+        (
+            "vllm:generation_tokens_total",
+            "Tokens generated.",
+            true,
+            |st| st.generation_tokens as f64,
+        ),
+        (
+            "vllm:prefix_cache_queries_total",
+            "Prompt tokens looked up in the prefix cache.",
+            true,
+            |st| st.prefix_query_tokens as f64,
+        ),
+        (
+            "vllm:prefix_cache_hits_total",
+            "Prompt tokens served from the prefix cache.",
+            true,
+            |st| st.prefix_hit_tokens as f64,
+        ),
+        ("vllm:num_preemptions_total", "Preemptions.", true, |st| {
+            st.preemptions as f64
+        }),
+    ];
+    let stats: Vec<(String, kvgate_engine::EngineStats)> = s
+        .engines
+        .iter()
+        .map(|e| (e.rank.to_string(), e.stats()))
+        .collect();
+    for (name, help, counter, f) in per_engine {
+        for (rank, st) in &stats {
+            let labels = [("model_name", model), ("engine", rank.as_str())];
+            if counter {
+                p.counter(name, help, &labels, f(st));
             } else {
-                "False"
-            },
-            e.rank
+                p.gauge(name, help, &labels, f(st));
+            }
+        }
+    }
+    p.counter(
+        "vllm:request_success_total",
+        "Finished requests.",
+        &[("model_name", model), ("finished_reason", "length")],
+        s.metrics.success_length.load(Ordering::Relaxed) as f64,
+    );
+    let (bs, blocks) = (
+        s.config.engine.block_size.to_string(),
+        s.config.engine.num_gpu_blocks.to_string(),
+    );
+    let caching = if s.config.engine.enable_prefix_caching {
+        "True"
+    } else {
+        "False"
+    };
+    for (rank, _) in &stats {
+        p.gauge(
+            "vllm:cache_config_info",
+            "KV cache configuration.",
+            &[
+                ("block_size", &bs),
+                ("num_gpu_blocks", &blocks),
+                ("enable_prefix_caching", caching),
+                ("engine", rank),
+            ],
+            1.0,
         );
     }
-    let _ = writeln!(
-        out,
-        "# HELP kvgate_mocker_token_data_requests_total Requests that carried nvext.token_data.\n# TYPE kvgate_mocker_token_data_requests_total counter"
+    let m = &s.metrics;
+    p.counter(
+        "kvgate_mocker_token_data_requests_total",
+        "Requests that carried nvext.token_data.",
+        &[],
+        m.token_data_requests.load(Ordering::Relaxed) as f64,
     );
-    let _ = writeln!(
-        out,
-        "kvgate_mocker_token_data_requests_total {}",
-        s.metrics.token_data_requests.load(Ordering::Relaxed)
+    p.counter(
+        "kvgate_mocker_token_data_mismatch_total",
+        "Requests whose nvext.token_data differed from the mocker's own tokenization.",
+        &[],
+        m.token_data_mismatch.load(Ordering::Relaxed) as f64,
     );
-    let _ = writeln!(
-        out,
-        "# HELP kvgate_mocker_token_data_mismatch_total Requests whose nvext.token_data differed from the mocker's own tokenization.\n# TYPE kvgate_mocker_token_data_mismatch_total counter"
+    p.counter(
+        "kvgate_mocker_aborted_total",
+        "Requests abandoned by their client.",
+        &[],
+        m.aborted.load(Ordering::Relaxed) as f64,
     );
-    let _ = writeln!(
-        out,
-        "kvgate_mocker_token_data_mismatch_total {}",
-        s.metrics.token_data_mismatch.load(Ordering::Relaxed)
-    );
-    let _ = writeln!(
-        out,
-        "# HELP kvgate_mocker_aborted_total Requests abandoned by their client.\n# TYPE kvgate_mocker_aborted_total counter"
-    );
-    let _ = writeln!(
-        out,
-        "kvgate_mocker_aborted_total {}",
-        s.metrics.aborted.load(Ordering::Relaxed)
-    );
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+    p.into_response()
 }
