@@ -428,20 +428,13 @@ async fn pick(
             };
             let id = RequestId::from(format!("fe-{}", s.next_id.fetch_add(1, Ordering::Relaxed)));
             let decision = {
-                let Ok(mut router) = kv.router.lock() else {
+                // Lock order: router, then rng (random mode takes only the rng).
+                let (Ok(mut router), Ok(mut rng)) = (kv.router.lock(), s.rng.lock()) else {
                     return Err(bad(
                         StatusCode::INTERNAL_SERVER_ERROR,
                         "router lock poisoned".into(),
                     ));
                 };
-                let mut rng = match s.rng.lock() {
-                    Ok(r) => r.clone(),
-                    Err(_) => SplitMix64::new(7),
-                };
-                let seed = rng.next_u64();
-                if let Ok(mut g) = s.rng.lock() {
-                    *g = SplitMix64::new(seed);
-                }
                 router.route(
                     RouteRequest {
                         request: &id,
@@ -451,7 +444,7 @@ async fn pick(
                         book: true,
                     },
                     Instant::now(),
-                    &mut rng,
+                    &mut *rng,
                 )
             };
             let d = match decision {
@@ -486,6 +479,7 @@ async fn pick(
                     "the chosen worker just left".into(),
                 ));
             };
+            // The request goes out as `new_body` (with token_data); the original is not needed.
             drop(body);
             Ok(Target {
                 worker,
