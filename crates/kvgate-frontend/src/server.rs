@@ -284,21 +284,24 @@ async fn handle(s: &Arc<AppState>, req: Request) -> Response {
     };
     // Parsing a large body is CPU work: keep it off the async threads.
     let b2 = body.clone();
-    let parsed =
-        match tokio::task::spawn_blocking(move || OpenAiRequest::parse(endpoint, &b2)).await {
-            Ok(Ok(p)) => p,
-            Ok(Err(e)) => {
-                let param = (!e.field.is_empty()).then_some(e.field.as_str());
-                return error(StatusCode::BAD_REQUEST, &e.to_string(), param);
-            }
-            Err(_) => {
-                return error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "request parser failed",
-                    None,
-                );
-            }
-        };
+    let parsed = match tokio::task::spawn_blocking(move || {
+        OpenAiRequest::parse(endpoint, &b2).map(Arc::new)
+    })
+    .await
+    {
+        Ok(Ok(p)) => p,
+        Ok(Err(e)) => {
+            let param = (!e.field.is_empty()).then_some(e.field.as_str());
+            return error(StatusCode::BAD_REQUEST, &e.to_string(), param);
+        }
+        Err(_) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "request parser failed",
+                None,
+            );
+        }
+    };
     let file = s.workers.current();
     if parsed.model != file.model {
         return error(
@@ -318,7 +321,7 @@ async fn pick(
     s: &Arc<AppState>,
     file: &WorkersFile,
     headers: &HeaderMap,
-    parsed: &OpenAiRequest,
+    parsed: &Arc<OpenAiRequest>,
     body: bytes::Bytes,
 ) -> Result<Target, Box<Response>> {
     let bad = |status: StatusCode, msg: String| Box::new(error(status, &msg, None));
@@ -399,7 +402,8 @@ async fn pick(
             // Tokenize (unless the ids came with the request), hash and rewrite the body on the
             // blocking pool: all three scale with the prompt.
             let tok = kv.tokenizer.clone();
-            let p = parsed.clone();
+            // An Arc: the body map may be megabytes, and only a reference crosses threads.
+            let p = Arc::clone(parsed);
             let block_size = file.block_size as usize;
             let prepared = tokio::task::spawn_blocking(move || {
                 let tokens = match &p.token_data {

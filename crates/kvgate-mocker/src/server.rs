@@ -181,7 +181,7 @@ async fn completions(State(s): State<Arc<AppState>>, req: Request) -> Response {
         Err(r) => return *r,
     };
     let parsed = match OpenAiRequest::parse(endpoint, &body) {
-        Ok(p) => p,
+        Ok(p) => Arc::new(p),
         Err(e) => {
             let param = (!e.field.is_empty()).then_some(e.field.as_str());
             return error(StatusCode::BAD_REQUEST, &e.to_string(), param);
@@ -200,7 +200,7 @@ async fn completions(State(s): State<Arc<AppState>>, req: Request) -> Response {
     };
     // Tokenize (off the async threads: prompts can be long).
     let tok = s.tokenizer.clone();
-    let p2 = parsed.clone();
+    let p2 = Arc::clone(&parsed);
     let own = match tokio::task::spawn_blocking(move || tok.tokenize(&p2)).await {
         Ok(Ok(ids)) => ids,
         Ok(Err(e)) => return error(StatusCode::BAD_REQUEST, &e.to_string(), None),
