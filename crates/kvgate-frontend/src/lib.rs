@@ -7,8 +7,6 @@
 //!   disconnect; follows the workers' caches through their ZMQ KV events.
 //! - `round-robin`, `random`: baselines.
 
-pub mod events;
 pub mod server;
-pub mod workers;
 
 pub use server::{FrontendConfig, RouterMode, serve};

@@ -1,7 +1,5 @@
 //! The frontend's HTTP server and forwarding.
 
-use crate::events::{EventStats, subscribe};
-use crate::workers::WorkerSet;
 use axum::Router as HttpRouter;
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -11,12 +9,12 @@ use axum::routing::{get, post};
 use futures::StreamExt;
 use kvgate_core::RequestId;
 use kvgate_core::config::RouterConfig;
-use kvgate_core::hashing::{BlockHashes, HashSeed};
 use kvgate_core::random::{RandomSource, SplitMix64};
-use kvgate_core::router::{RouteError, RouteRequest, Router};
+use kvgate_core::router::RouteError;
 use kvgate_runtime::http::{error, method_not_allowed, not_found, read_body};
 use kvgate_runtime::prom::PromText;
-use kvgate_tokenize::PromptTokenizer;
+use kvgate_runtime::routing::{Booking, DEFAULT_DECISION_LOG, RoutingService};
+use kvgate_runtime::workers::WorkerSet;
 use kvgate_wire::openai::{Endpoint, OpenAiRequest};
 use kvgate_wire::response as resp;
 use kvgate_wire::workers::{WorkerEntry, WorkersFile};
@@ -25,7 +23,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::net::TcpListener;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,26 +59,18 @@ pub struct FrontendConfig {
     pub request_timeout: Duration,
 }
 
-struct KvState {
-    router: Arc<Mutex<Router>>,
-    tokenizer: Arc<PromptTokenizer>,
-    events: Arc<EventStats>,
-    subscriptions: Mutex<HashMap<(u64, u32), tokio::task::JoinHandle<()>>>,
-}
-
 #[derive(Default)]
 struct Counters {
     by_code: Mutex<HashMap<u16, u64>>,
     inflight: AtomicU64,
     routed: Mutex<HashMap<String, u64>>,
-    predicted_cached_tokens: AtomicU64,
 }
 
 struct AppState {
     config: FrontendConfig,
     workers: WorkerSet,
     client: reqwest::Client,
-    kv: Option<KvState>,
+    kv: Option<Arc<RoutingService>>,
     rr: AtomicU64,
     rng: Mutex<SplitMix64>,
     next_id: AtomicU64,
@@ -92,34 +82,30 @@ pub async fn serve(
     on_bound: impl FnOnce(SocketAddr),
 ) -> Result<(), String> {
     let file = WorkersFile::load(&config.workers_file).map_err(|e| e.to_string())?;
-    let workers = WorkerSet::new(file.clone());
     let client = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(2))
         .pool_idle_timeout(Duration::from_secs(30))
         .build()
         .map_err(|e| e.to_string())?;
-    let kv = if config.mode == RouterMode::Kv {
-        let router = Router::new(config.router.clone(), file.block_size as usize)
-            .map_err(|e| e.to_string())?;
-        let tok_path = config
-            .tokenizer
-            .clone()
-            .or_else(|| file.tokenizer.as_ref().map(PathBuf::from));
-        let tokenizer = PromptTokenizer::load(tok_path.as_deref()).map_err(|e| e.to_string())?;
-        Some(KvState {
-            router: Arc::new(Mutex::new(router)),
-            tokenizer: Arc::new(tokenizer),
-            events: Arc::new(EventStats::default()),
-            subscriptions: Mutex::new(HashMap::new()),
-        })
+    let (workers, kv) = if config.mode == RouterMode::Kv {
+        let svc = RoutingService::new(
+            file,
+            config.router.clone(),
+            config.tokenizer.as_deref(),
+            DEFAULT_DECISION_LOG,
+        )?;
+        svc.start(config.workers_file.clone());
+        (svc.workers().clone(), Some(svc))
     } else {
-        None
+        let workers = WorkerSet::new(file);
+        workers.watch(config.workers_file.clone(), |_, _| {});
+        (workers, None)
     };
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(1, |d| d.as_nanos() as u64);
     let state = Arc::new(AppState {
-        workers: workers.clone(),
+        workers,
         client,
         kv,
         rr: AtomicU64::new(0),
@@ -128,28 +114,6 @@ pub async fn serve(
         counters: Counters::default(),
         config,
     });
-    sync_workers(&state, None, &file);
-    {
-        let st = state.clone();
-        workers.watch(state.config.workers_file.clone(), move |old, new| {
-            sync_workers(&st, Some(old), new)
-        });
-    }
-    if let Some(kv) = &state.kv {
-        // Housekeeping: expire predictions, free bookings whose end was never seen.
-        let router = kv.router.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_secs(30)).await;
-                if let Ok(mut r) = router.lock() {
-                    let freed = r.sweep(Instant::now(), kvgate_core::load::DEFAULT_STALE_AFTER);
-                    if !freed.is_empty() {
-                        tracing::warn!(n = freed.len(), "freed stale bookings");
-                    }
-                }
-            }
-        });
-    }
     let listener = TcpListener::bind((state.config.host.as_str(), state.config.port))
         .await
         .map_err(|e| {
@@ -172,60 +136,6 @@ pub async fn serve(
     axum::serve(listener, app).await.map_err(|e| e.to_string())
 }
 
-/// Brings the router and the event subscriptions in line with the workers file.
-fn sync_workers(state: &Arc<AppState>, old: Option<&WorkersFile>, new: &WorkersFile) {
-    let Some(kv) = &state.kv else { return };
-    let Ok(mut router) = kv.router.lock() else {
-        return;
-    };
-    let Ok(mut subs) = kv.subscriptions.lock() else {
-        return;
-    };
-    let new_ids: Vec<u64> = new.workers.iter().map(|w| w.instance_id().0).collect();
-    if let Some(old) = old {
-        for w in &old.workers {
-            let id = w.instance_id();
-            // Only what the subscriptions depend on; capacity edits keep them running.
-            let changed = new
-                .workers
-                .iter()
-                .find(|n| n.instance_id() == id)
-                .is_none_or(|n| {
-                    n.kv_events != w.kv_events || n.dp_size != w.dp_size || n.url != w.url
-                });
-            if !new_ids.contains(&id.0) || changed {
-                if !new_ids.contains(&id.0) {
-                    router.remove_worker(id);
-                }
-                subs.retain(|(wid, _), h| {
-                    let keep = *wid != id.0;
-                    if !keep {
-                        h.abort();
-                    }
-                    keep
-                });
-            }
-        }
-    }
-    for w in &new.workers {
-        router.upsert_worker(w.info());
-        if let Some(ep) = &w.kv_events {
-            for rank in 0..w.dp_size {
-                subs.entry((w.instance_id().0, rank)).or_insert_with(|| {
-                    subscribe(
-                        kv.router.clone(),
-                        kv.events.clone(),
-                        w.instance_id(),
-                        rank,
-                        ep.clone(),
-                        new.block_size,
-                    )
-                });
-            }
-        }
-    }
-}
-
 async fn models(State(s): State<Arc<AppState>>) -> Response {
     let file = s.workers.current();
     axum::Json(resp::models(&file.model, 0, 0)).into_response()
@@ -235,7 +145,7 @@ async fn models(State(s): State<Arc<AppState>>) -> Response {
 struct Target {
     worker: WorkerEntry,
     dp_rank: u32,
-    booking: Option<RequestId>,
+    booking: Option<Booking>,
     body: bytes::Bytes,
 }
 
@@ -400,27 +310,12 @@ async fn pick(
                 ));
             };
             // Tokenize (unless the ids came with the request), hash and rewrite the body on the
-            // blocking pool: all three scale with the prompt.
-            let tok = kv.tokenizer.clone();
-            // An Arc: the body map may be megabytes, and only a reference crosses threads.
+            // blocking pool: all three scale with the prompt. An Arc: the body map may be
+            // megabytes, and only a reference crosses threads.
             let p = Arc::clone(parsed);
-            let block_size = file.block_size as usize;
-            let prepared = tokio::task::spawn_blocking(move || {
-                let tokens = match &p.token_data {
-                    Some(t) => t.clone(),
-                    None => tok.tokenize(&p)?,
-                };
-                let hashes = BlockHashes::from_tokens(
-                    &tokens,
-                    block_size,
-                    HashSeed::new(None, p.cache_salt.as_deref()),
-                );
-                // The worker gets the ids we routed on: no second tokenization, no drift.
-                let body = bytes::Bytes::from(p.body_with_token_data(&tokens));
-                Ok::<_, kvgate_tokenize::TokenizeError>((hashes, body))
-            })
-            .await;
-            let (hashes, new_body) = match prepared {
+            let svc = kv.clone();
+            let prepared = tokio::task::spawn_blocking(move || svc.prepare(&p)).await;
+            let prepared = match prepared {
                 Ok(Ok(x)) => x,
                 Ok(Err(e)) => return Err(bad(StatusCode::BAD_REQUEST, e.to_string())),
                 Err(_) => {
@@ -431,27 +326,7 @@ async fn pick(
                 }
             };
             let id = RequestId::from(format!("fe-{}", s.next_id.fetch_add(1, Ordering::Relaxed)));
-            let decision = {
-                // Lock order: router, then rng (random mode takes only the rng).
-                let (Ok(mut router), Ok(mut rng)) = (kv.router.lock(), s.rng.lock()) else {
-                    return Err(bad(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "router lock poisoned".into(),
-                    ));
-                };
-                router.route(
-                    RouteRequest {
-                        request: &id,
-                        hashes: &hashes,
-                        expected_output_tokens: parsed.max_tokens,
-                        allowed: None,
-                        book: true,
-                    },
-                    Instant::now(),
-                    &mut *rng,
-                )
-            };
-            let d = match decision {
+            let d = match kv.route(&id, &prepared.hashes, parsed.max_tokens, None, true) {
                 Ok(d) => d,
                 Err(RouteError::NoWorkers) => {
                     return Err(bad(
@@ -471,56 +346,22 @@ async fn pick(
                 }
                 Err(e) => return Err(bad(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
             };
-            s.counters
-                .predicted_cached_tokens
-                .fetch_add(d.predicted_cached_tokens, Ordering::Relaxed);
+            let booking = Booking::new(kv.clone(), id, d.predicted_cached_tokens);
             let Some(worker) = s.workers.by_instance_id(d.worker.worker.0) else {
-                if let Ok(mut r) = kv.router.lock() {
-                    r.free(&id);
-                }
+                // Dropping the booking frees it.
                 return Err(bad(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "the chosen worker just left".into(),
                 ));
             };
-            // The request goes out as `new_body` (with token_data); the original is not needed.
+            // The request goes out with token_data; the original body is not needed.
             drop(body);
             Ok(Target {
                 worker,
                 dp_rank: d.worker.dp_rank.0,
-                booking: Some(id),
-                body: new_body,
+                booking: Some(booking),
+                body: bytes::Bytes::from(prepared.body),
             })
-        }
-    }
-}
-
-/// Frees the booking when the response ends, fails, or the client goes away.
-struct BookingGuard {
-    router: Option<Arc<Mutex<Router>>>,
-    id: Option<RequestId>,
-    prefill_done: bool,
-}
-
-impl BookingGuard {
-    fn first_byte(&mut self) {
-        if !self.prefill_done {
-            self.prefill_done = true;
-            if let (Some(r), Some(id)) = (&self.router, &self.id)
-                && let Ok(mut r) = r.lock()
-            {
-                r.prefill_complete(id);
-            }
-        }
-    }
-}
-
-impl Drop for BookingGuard {
-    fn drop(&mut self) {
-        if let (Some(r), Some(id)) = (&self.router, &self.id)
-            && let Ok(mut r) = r.lock()
-        {
-            r.free(id);
         }
     }
 }
@@ -532,11 +373,7 @@ async fn forward(
     headers: &HeaderMap,
     stream: bool,
 ) -> Response {
-    let mut guard = BookingGuard {
-        router: s.kv.as_ref().map(|k| k.router.clone()),
-        id: t.booking.clone(),
-        prefill_done: false,
-    };
+    let mut guard = t.booking;
     if let Ok(mut m) = s.counters.routed.lock() {
         *m.entry(t.worker.name.clone()).or_insert(0) += 1;
     }
@@ -604,7 +441,9 @@ async fn forward(
         while let Some(chunk) = stream.next().await {
             match chunk {
                 Ok(b) => {
-                    guard.first_byte();
+                    if let Some(g) = &mut guard {
+                        g.first_byte();
+                    }
                     yield Ok::<_, std::io::Error>(b);
                 }
                 Err(e) => {
@@ -654,82 +493,7 @@ async fn metrics(State(s): State<Arc<AppState>>) -> Response {
         }
     }
     if let Some(kv) = &s.kv {
-        let e = &kv.events;
-        let counters: [(&str, &str, &AtomicU64); 7] = [
-            (
-                "kvgate_router_predicted_cached_tokens_total",
-                "Prompt tokens the router predicted cached on the chosen worker.",
-                &s.counters.predicted_cached_tokens,
-            ),
-            (
-                "kvgate_kv_event_batches_total",
-                "KV event batches received.",
-                &e.batches,
-            ),
-            (
-                "kvgate_kv_events_applied_total",
-                "KV events applied to the index.",
-                &e.events,
-            ),
-            (
-                "kvgate_kv_events_rejected_total",
-                "KV events refused (e.g. block size mismatch).",
-                &e.rejected,
-            ),
-            (
-                "kvgate_kv_event_decode_errors_total",
-                "Undecodable KV event messages.",
-                &e.decode_errors,
-            ),
-            (
-                "kvgate_kv_event_seq_gaps_total",
-                "Breaks in a publisher's sequence (lost messages or restarts).",
-                &e.seq_gaps,
-            ),
-            (
-                "kvgate_kv_event_resyncs_total",
-                "Times a rank's indexed blocks were dropped to rebuild from events.",
-                &e.resyncs,
-            ),
-        ];
-        for (name, help, v) in counters {
-            p.counter(name, help, &[], v.load(Ordering::Relaxed) as f64);
-        }
-        if let Ok(r) = kv.router.lock() {
-            p.gauge(
-                "kvgate_router_index_nodes",
-                "Distinct prefixes in the index.",
-                &[],
-                r.index().num_nodes() as f64,
-            );
-            p.gauge(
-                "kvgate_router_bookings",
-                "Requests booked as in flight.",
-                &[],
-                r.load().num_bookings() as f64,
-            );
-            p.counter(
-                "kvgate_router_events_unknown_worker_total",
-                "Events from workers or ranks not in discovery.",
-                &[],
-                r.events_unknown_worker() as f64,
-            );
-            let mut loads: Vec<_> = r
-                .load()
-                .workers()
-                .map(|(w, l)| (*w, l.active_blocks()))
-                .collect();
-            loads.sort();
-            for (w, blocks) in loads {
-                let (id, rank) = (w.worker.0.to_string(), w.dp_rank.0.to_string());
-                p.gauge(
-                    "kvgate_router_active_blocks",
-                    "Active KV blocks booked per worker rank.",
-                    &[("worker", &id), ("dp_rank", &rank)],
-                    blocks as f64,
-                );
-            }
-        }
+        kv.render_metrics(&mut p);
     }
     p.into_response()
 }

@@ -1,6 +1,13 @@
-//! Glue shared by kvgate's servers (mocker, frontend, and the EPP to come):
+//! Async glue shared by kvgate's servers (mocker, frontend, EPP):
 //! - [`http`]: OpenAI-shaped JSON errors and bounded body reading;
-//! - [`prom`]: a small Prometheus text-exposition writer.
+//! - [`prom`]: a small Prometheus text-exposition writer and histogram;
+//! - [`workers`]: the live worker set from a workers file, reloaded on change;
+//! - [`events`]: KV event ingestion from workers' ZMQ publishers;
+//! - [`routing`]: the routing service (router + tokenizer + bookings + decision log) that the
+//!   EPP and the kv-mode frontend share.
 
+pub mod events;
 pub mod http;
 pub mod prom;
+pub mod routing;
+pub mod workers;

@@ -33,6 +33,8 @@ pub enum Command {
     Config(Box<RouterArgs>),
     /// Run a simulated inference engine (OpenAI API, paged prefix cache, KV events).
     Mocker(Box<crate::mocker_args::MockerArgs>),
+    /// Run the endpoint picker: an Envoy ext_proc server that routes on KV cache overlap and load.
+    Epp(Box<crate::epp_args::EppArgs>),
     /// Run the OpenAI-compatible frontend (EPP sidecar, in-process KV router, or a baseline).
     Frontend(Box<FrontendArgs>),
     /// The local demo: mock workers, round-robin vs the KV router on trace conversations, results.
@@ -167,6 +169,21 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             runtime()?
                 .block_on(kvgate_frontend::serve(config, |addr| {
                     println!("kvgate frontend listening on http://{addr}");
+                }))
+                .map_err(CliError)
+        }
+        Command::Epp(args) => {
+            let config = args.to_config().map_err(CliError)?;
+            let tls = if config.secure_serving {
+                "TLS"
+            } else {
+                "plaintext h2c"
+            };
+            runtime()?
+                .block_on(kvgate_epp::serve(config, |b| {
+                    println!("kvgate epp ext_proc gRPC ({tls}) on grpc://{}", b.grpc);
+                    println!("kvgate epp gRPC health on grpc://{}", b.health);
+                    println!("kvgate epp metrics on http://{}", b.metrics);
                 }))
                 .map_err(CliError)
         }

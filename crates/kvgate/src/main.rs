@@ -2,6 +2,7 @@
 
 mod cli;
 mod demo;
+mod epp_args;
 mod mocker_args;
 mod router_args;
 

@@ -1,0 +1,258 @@
+//! `kvgate epp`: the Gateway API Inference Extension endpoint picker. Envoy (or any GAIE
+//! gateway) opens an ext_proc stream per HTTP request; the EPP reads the OpenAI body, tokenizes
+//! it, scores workers on KV-cache overlap and load, and answers with the destination endpoint,
+//! the `x-dynamo-*` routing headers and the body with `nvext.token_data`. It follows the
+//! response to release the request's load and to measure what the worker really had cached.
+//!
+//! - [`protocol`]: ext_proc message details (sans-IO);
+//! - [`stream`]: the per-request state machine;
+//! - [`tls`]: certificates (self-signed default, rotation, mutual TLS);
+//! - [`metrics`]: Prometheus series and the debug endpoint.
+
+pub mod metrics;
+pub mod protocol;
+pub mod stream;
+pub mod tls;
+
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::{
+    ExternalProcessor, ExternalProcessorServer,
+};
+use envoy_types::pb::envoy::service::ext_proc::v3::{ProcessingRequest, ProcessingResponse};
+use kvgate_core::config::RouterConfig;
+use kvgate_runtime::routing::RoutingService;
+use kvgate_wire::workers::WorkersFile;
+use metrics::{Metrics, MetricsState};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+use stream::{Shared, StreamSettings};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+
+#[derive(Clone, Debug)]
+pub struct EppConfig {
+    pub host: String,
+    pub grpc_port: u16,
+    pub health_port: u16,
+    pub metrics_port: u16,
+    /// TLS on the ext_proc port (off: h2c).
+    pub secure_serving: bool,
+    /// Directory with `tls.crt` and `tls.key`; default: a self-signed certificate.
+    pub cert_path: Option<PathBuf>,
+    /// PEM CA bundle: when set, clients must present a certificate it signed.
+    pub client_ca: Option<PathBuf>,
+    pub workers_file: PathBuf,
+    pub router: RouterConfig,
+    pub tokenizer: Option<PathBuf>,
+    pub max_request_body_bytes: usize,
+    pub max_endpoints: usize,
+    pub tokenize_timeout: Duration,
+    pub decision_log: usize,
+    /// Pool name in metric labels.
+    pub pool_name: String,
+}
+
+/// Where the servers listen (useful with port 0).
+#[derive(Clone, Copy, Debug)]
+pub struct Bound {
+    pub grpc: SocketAddr,
+    pub health: SocketAddr,
+    pub metrics: SocketAddr,
+}
+
+struct Epp {
+    shared: Arc<Shared>,
+}
+
+type ProcessStream = Pin<Box<dyn Stream<Item = Result<ProcessingResponse, tonic::Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ExternalProcessor for Epp {
+    type ProcessStream = ProcessStream;
+
+    async fn process(
+        &self,
+        request: tonic::Request<tonic::Streaming<ProcessingRequest>>,
+    ) -> Result<tonic::Response<Self::ProcessStream>, tonic::Status> {
+        let inbound = request.into_inner();
+        // A few messages of slack: body chunks are answered in bursts.
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(stream::run(self.shared.clone(), inbound, tx));
+        Ok(tonic::Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+const EXT_PROC_SERVICE: &str = "envoy.service.ext_proc.v3.ExternalProcessor";
+
+async fn bind(host: &str, port: u16, what: &str) -> Result<TcpListener, String> {
+    TcpListener::bind((host, port))
+        .await
+        .map_err(|e| format!("cannot listen on {host}:{port} ({what}): {e}"))
+}
+
+/// Starts the EPP and runs until a server fails. `on_bound` gets the listening addresses.
+pub async fn serve(config: EppConfig, on_bound: impl FnOnce(Bound)) -> Result<(), String> {
+    let file = WorkersFile::load(&config.workers_file).map_err(|e| e.to_string())?;
+    let service = RoutingService::new(
+        file,
+        config.router.clone(),
+        config.tokenizer.as_deref(),
+        config.decision_log,
+    )?;
+    service.start(config.workers_file.clone());
+    let metrics = Arc::new(Metrics::new(&config.pool_name));
+    let shared = Arc::new(Shared {
+        service: service.clone(),
+        settings: StreamSettings {
+            max_request_body_bytes: config.max_request_body_bytes,
+            max_endpoints: config.max_endpoints,
+            tokenize_timeout: config.tokenize_timeout,
+            enforce_disagg: config.router.enforce_disagg,
+        },
+        metrics: metrics.clone(),
+        next_id: AtomicU64::new(1),
+    });
+    let tls = if config.secure_serving {
+        let (cfg, resolver) =
+            tls::server_config(config.cert_path.as_deref(), config.client_ca.as_deref())?;
+        if let Some(dir) = &config.cert_path {
+            resolver.watch(dir.clone(), Duration::from_secs(2));
+        }
+        Some(tokio_rustls::TlsAcceptor::from(cfg))
+    } else {
+        if config.client_ca.is_some() {
+            return Err(
+                "--client-ca needs TLS; it cannot be used with --secure-serving=false".into(),
+            );
+        }
+        None
+    };
+
+    let grpc = bind(&config.host, config.grpc_port, "ext_proc gRPC").await?;
+    let health = bind(&config.host, config.health_port, "gRPC health").await?;
+    let metrics_l = bind(&config.host, config.metrics_port, "metrics").await?;
+    let bound = Bound {
+        grpc: grpc.local_addr().map_err(|e| e.to_string())?,
+        health: health.local_addr().map_err(|e| e.to_string())?,
+        metrics: metrics_l.local_addr().map_err(|e| e.to_string())?,
+    };
+
+    // The workers are loaded: ready. (With pod discovery, readiness will wait for the first sync.)
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    for name in ["", EXT_PROC_SERVICE, "liveness", "readiness"] {
+        reporter
+            .set_service_status(name, tonic_health::ServingStatus::Serving)
+            .await;
+    }
+    let epp = ExternalProcessorServer::new(Epp { shared })
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20);
+
+    let grpc_server = {
+        let health_service = health_service.clone();
+        async move {
+            match tls {
+                Some(acceptor) => {
+                    let incoming = tls_incoming(grpc, acceptor);
+                    tonic::transport::Server::builder()
+                        .add_service(health_service)
+                        .add_service(epp)
+                        .serve_with_incoming(incoming)
+                        .await
+                }
+                None => {
+                    tonic::transport::Server::builder()
+                        .add_service(health_service)
+                        .add_service(epp)
+                        .serve_with_incoming(plain_incoming(grpc))
+                        .await
+                }
+            }
+            .map_err(|e| format!("ext_proc server: {e}"))
+        }
+    };
+    let health_server = async move {
+        tonic::transport::Server::builder()
+            .add_service(health_service)
+            .serve_with_incoming(plain_incoming(health))
+            .await
+            .map_err(|e| format!("health server: {e}"))
+    };
+    let app = metrics::app(MetricsState {
+        metrics,
+        service: service.clone(),
+    });
+    let metrics_server = async move {
+        axum::serve(metrics_l, app)
+            .await
+            .map_err(|e| format!("metrics server: {e}"))
+    };
+    on_bound(bound);
+    tokio::try_join!(grpc_server, health_server, metrics_server).map(|_| ())
+}
+
+fn accepted(stream: TcpStream) -> TcpStream {
+    // Small gRPC frames each way per request: do not let Nagle hold them.
+    let _ = stream.set_nodelay(true);
+    stream
+}
+
+fn plain_incoming(listener: TcpListener) -> impl Stream<Item = Result<TcpStream, std::io::Error>> {
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            match listener.accept().await {
+                Ok((s, _)) => {
+                    if tx.send(Ok(accepted(s))).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+/// Accepts TCP connections and completes TLS handshakes concurrently (a slow or hostile client
+/// cannot stall the others), yielding the finished streams.
+fn tls_incoming(
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+) -> impl Stream<Item = Result<tokio_rustls::server::TlsStream<TcpStream>, std::io::Error>> {
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let (s, peer) = match listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let hs =
+                    tokio::time::timeout(Duration::from_secs(10), acceptor.accept(accepted(s)));
+                match hs.await {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send(Ok(tls)).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}

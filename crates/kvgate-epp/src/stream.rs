@@ -1,0 +1,542 @@
+//! One ext_proc stream = one HTTP request through the gateway. The request body is gathered
+//! (the header answer is held until it is complete), parsed once, tokenized once and routed;
+//! the answer carries the destination and the rewritten body. On the response path the first
+//! body byte completes prefill, usage gives the actual cached tokens, and the end of the stream
+//! (or its failure or cancellation) frees the booking.
+
+use crate::metrics::Metrics;
+use crate::protocol::{self, CachedTokensScanner};
+use envoy_types::pb::envoy::config::core::v3::HeaderMap;
+use envoy_types::pb::envoy::service::ext_proc::v3::{
+    HttpBody, HttpHeaders, ProcessingRequest, ProcessingResponse, processing_request::Request,
+};
+use kvgate_core::router::{Decision, RouteError, WorkerRole};
+use kvgate_core::{DpRank, RequestId, WorkerRank};
+use kvgate_runtime::routing::{Booking, Prepared, RoutingService};
+use kvgate_wire::openai::{Endpoint, OpenAiRequest};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tonic::Status;
+
+/// Settings of the request path.
+#[derive(Clone, Debug)]
+pub struct StreamSettings {
+    pub max_request_body_bytes: usize,
+    pub max_endpoints: usize,
+    pub tokenize_timeout: Duration,
+    pub enforce_disagg: bool,
+}
+
+pub struct Shared {
+    pub service: Arc<RoutingService>,
+    pub settings: StreamSettings,
+    pub metrics: Arc<Metrics>,
+    pub next_id: AtomicU64,
+}
+
+type Tx = mpsc::Sender<Result<ProcessingResponse, Status>>;
+
+/// What the request phase learned from the headers.
+#[derive(Default)]
+struct RequestHead {
+    path: String,
+    remove: Vec<String>,
+    subset: Option<Vec<String>>,
+    content_length: Option<usize>,
+}
+
+/// An error for the client, sent as an ImmediateResponse.
+struct Reject {
+    status: u16,
+    message: String,
+    param: Option<String>,
+    retry_after: Option<u32>,
+}
+
+impl Reject {
+    fn new(status: u16, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            param: None,
+            retry_after: None,
+        }
+    }
+}
+
+enum Phase {
+    /// Waiting for request headers.
+    Start,
+    /// Gathering the request body.
+    Body(Vec<u8>),
+    /// Routed (or passed through); following the response.
+    Routed,
+}
+
+/// Runs one stream until Envoy closes it. The booking (if any) is freed when this returns,
+/// whatever the reason: end of response, stream error, cancellation.
+pub async fn run(shared: Arc<Shared>, mut inbound: tonic::Streaming<ProcessingRequest>, tx: Tx) {
+    let m = &shared.metrics;
+    m.streams_active.fetch_add(1, Ordering::Relaxed);
+    let _active = ActiveGuard(shared.metrics.clone());
+    let mut head = RequestHead::default();
+    let mut phase = Phase::Start;
+    let mut booking: Option<Booking> = None;
+    let mut booked_target: Option<WorkerRank> = None;
+    let mut scanner = CachedTokensScanner::default();
+    let mut response_status: Option<u16> = None;
+    loop {
+        let msg = tokio::select! {
+            m = inbound.message() => m,
+            // Envoy dropped the stream: nothing more will come.
+            _ = tx.closed() => break,
+        };
+        let req = match msg {
+            Ok(Some(r)) => r,
+            Ok(None) => break,
+            // Envoy resets the stream when the HTTP request ends or the client goes away.
+            Err(e) => {
+                tracing::debug!(error = %e, "ext_proc stream ended");
+                break;
+            }
+        };
+        let out: Vec<ProcessingResponse> = match req.request {
+            Some(Request::RequestHeaders(ref h)) => {
+                head = read_head(h);
+                head.subset = protocol::subset_hint(req.metadata_context.as_ref());
+                if h.end_of_stream {
+                    // No body (GET /v1/models): a healthy endpoint by load alone.
+                    phase = Phase::Routed;
+                    vec![bodiless(&shared, &head)]
+                } else {
+                    let cap = head
+                        .content_length
+                        .unwrap_or(0)
+                        .min(shared.settings.max_request_body_bytes);
+                    phase = Phase::Body(Vec::with_capacity(cap));
+                    Vec::new()
+                }
+            }
+            Some(Request::RequestBody(HttpBody {
+                body,
+                end_of_stream,
+                ..
+            })) => {
+                let Phase::Body(buf) = &mut phase else {
+                    tracing::debug!("request body outside the body phase; ignored");
+                    continue;
+                };
+                if buf.len() + body.len() > shared.settings.max_request_body_bytes {
+                    let limit = shared.settings.max_request_body_bytes;
+                    send_reject(
+                        &shared,
+                        &tx,
+                        "",
+                        Reject::new(
+                            413,
+                            format!("request body exceeds the EPP's limit of {limit} bytes"),
+                        ),
+                    )
+                    .await;
+                    return;
+                }
+                buf.extend_from_slice(&body);
+                if !end_of_stream {
+                    continue;
+                }
+                let body = std::mem::take(buf);
+                phase = Phase::Routed;
+                match route_body(&shared, &head, body).await {
+                    Ok((out, b, target)) => {
+                        booking = b;
+                        booked_target = target;
+                        out
+                    }
+                    Err((model, r)) => {
+                        send_reject(&shared, &tx, &model, r).await;
+                        return;
+                    }
+                }
+            }
+            Some(Request::RequestTrailers(_)) => {
+                let mut out = Vec::new();
+                // HTTP/2 requests may end their body with trailers instead of end_of_stream.
+                if let Phase::Body(buf) = &mut phase {
+                    let body = std::mem::take(buf);
+                    phase = Phase::Routed;
+                    match route_body(&shared, &head, body).await {
+                        Ok((o, b, target)) => {
+                            booking = b;
+                            booked_target = target;
+                            out = o;
+                        }
+                        Err((model, r)) => {
+                            send_reject(&shared, &tx, &model, r).await;
+                            return;
+                        }
+                    }
+                }
+                out.push(protocol::trailers_continue(true));
+                out
+            }
+            Some(Request::ResponseHeaders(ref h)) => {
+                response_status = protocol::get_header(h.headers.as_ref(), ":status")
+                    .and_then(|s| s.parse().ok());
+                if let Some(code) = response_status {
+                    m.count_response(code);
+                }
+                if let (Some(b), Some(booked)) = (&booking, booked_target)
+                    && let Some(served) = protocol::served_endpoint(&req)
+                    && let Some(w) = shared.service.endpoint_worker(&served)
+                    && w.instance_id() != booked.worker
+                {
+                    // The gateway used another endpoint (fallback or retry): the load is there.
+                    let rank = if booked.dp_rank.0 < w.dp_size {
+                        booked.dp_rank
+                    } else {
+                        DpRank(0)
+                    };
+                    b.rebook(WorkerRank {
+                        worker: w.instance_id(),
+                        dp_rank: rank,
+                    });
+                }
+                if h.end_of_stream {
+                    // A response without a body (e.g. 204) ends here.
+                    finish_response(&mut booking, &mut scanner);
+                }
+                vec![protocol::response_headers_continue()]
+            }
+            Some(Request::ResponseBody(HttpBody {
+                body,
+                end_of_stream,
+                ..
+            })) => {
+                if !body.is_empty()
+                    && let Some(b) = &mut booking
+                {
+                    b.first_byte();
+                }
+                if booking.is_some() && response_status.is_none_or(|s| s < 400) {
+                    scanner.feed(&body);
+                }
+                if end_of_stream {
+                    finish_response(&mut booking, &mut scanner);
+                }
+                vec![protocol::body_chunk(body, end_of_stream, false)]
+            }
+            Some(Request::ResponseTrailers(_)) => {
+                finish_response(&mut booking, &mut scanner);
+                vec![protocol::trailers_continue(false)]
+            }
+            None => Vec::new(),
+        };
+        for r in out {
+            if tx.send(Ok(r)).await.is_err() {
+                return;
+            }
+        }
+    }
+    if booking.is_some() {
+        m.aborted.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Keeps `streams_active` exact however the task ends.
+struct ActiveGuard(Arc<Metrics>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.streams_active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn finish_response(booking: &mut Option<Booking>, scanner: &mut CachedTokensScanner) {
+    if let Some(b) = booking.take() {
+        if let Some(actual) = scanner.finish() {
+            b.record_actual_cached(actual);
+        }
+        // Dropping frees the load.
+        drop(b);
+    }
+}
+
+fn read_head(h: &HttpHeaders) -> RequestHead {
+    let map: Option<&HeaderMap> = h.headers.as_ref();
+    RequestHead {
+        path: protocol::get_header(map, ":path")
+            .unwrap_or("/")
+            .split('?')
+            .next()
+            .unwrap_or("/")
+            .to_string(),
+        remove: protocol::headers_to_remove(map),
+        subset: None,
+        content_length: protocol::get_header(map, "content-length")
+            .and_then(|v| v.trim().parse().ok()),
+    }
+}
+
+async fn send_reject(shared: &Shared, tx: &Tx, model: &str, r: Reject) {
+    shared.metrics.count_error(model, r.status);
+    let _ = tx
+        .send(Ok(protocol::immediate(
+            r.status,
+            &r.message,
+            r.param.as_deref(),
+            r.retry_after,
+        )))
+        .await;
+}
+
+/// The targets a subset hint allows; `None` = no hint.
+fn allowed_targets(
+    service: &RoutingService,
+    subset: &Option<Vec<String>>,
+) -> Result<Option<Vec<WorkerRank>>, Reject> {
+    let Some(list) = subset else { return Ok(None) };
+    let file = service.workers().current();
+    let mut out = Vec::new();
+    for w in &file.workers {
+        if w.host_port().is_some_and(|hp| list.iter().any(|s| s == hp)) {
+            out.extend((0..w.dp_size).map(|r| WorkerRank {
+                worker: w.instance_id(),
+                dp_rank: DpRank(r),
+            }));
+        }
+    }
+    if out.is_empty() {
+        return Err(Reject {
+            retry_after: Some(1),
+            ..Reject::new(
+                503,
+                if list.is_empty() {
+                    "the gateway's endpoint subset is empty".to_string()
+                } else {
+                    format!(
+                        "no known worker among the gateway's endpoint subset ({})",
+                        list.join(",")
+                    )
+                },
+            )
+        });
+    }
+    Ok(Some(out))
+}
+
+/// The endpoints to put in the destination header: the ranked targets' distinct `ip:port`s.
+fn destinations(service: &RoutingService, ranked: &[WorkerRank], max: usize) -> Vec<String> {
+    let file = service.workers().current();
+    let mut out: Vec<String> = Vec::new();
+    for t in ranked {
+        if out.len() >= max.max(1) {
+            break;
+        }
+        if let Some(hp) = file
+            .workers
+            .iter()
+            .find(|w| w.instance_id() == t.worker)
+            .and_then(|w| w.host_port())
+            && !out.iter().any(|o| o == hp)
+        {
+            out.push(hp.to_string());
+        }
+    }
+    out
+}
+
+fn no_workers(enforce_disagg: bool, service: &RoutingService) -> Option<Reject> {
+    if enforce_disagg && !service.has_role(WorkerRole::Prefill) {
+        return Some(Reject {
+            retry_after: Some(5),
+            ..Reject::new(
+                503,
+                "DYN_ENFORCE_DISAGG is true but the prefill pool has no worker (no worker with role prefill); refusing to route aggregated",
+            )
+        });
+    }
+    None
+}
+
+fn route_error(e: RouteError) -> Reject {
+    match e {
+        RouteError::NoWorkers => Reject {
+            retry_after: Some(1),
+            ..Reject::new(503, "no ready endpoint is available for this request")
+        },
+        RouteError::Overloaded(x) => Reject {
+            retry_after: Some(1),
+            ..Reject::new(
+                429,
+                format!(
+                    "all {} workers are busy (admission control); retry later",
+                    x.candidates.len()
+                ),
+            )
+        },
+        RouteError::DuplicateRequest => Reject::new(500, "duplicate request id"),
+    }
+}
+
+/// Routing headers for a decision.
+fn decision_headers(d: &Decision) -> Vec<(&'static str, String)> {
+    vec![
+        ("x-dynamo-worker-instance-id", d.worker.worker.0.to_string()),
+        ("x-dynamo-dp-rank", d.worker.dp_rank.0.to_string()),
+        ("x-dynamo-routing-mode", "aggregated".to_string()),
+    ]
+}
+
+/// A request without a body: the least-loaded endpoint, nothing booked.
+fn bodiless(shared: &Shared, head: &RequestHead) -> ProcessingResponse {
+    let s = &shared.service;
+    let reject = |r: Reject| {
+        shared.metrics.count_error("", r.status);
+        protocol::immediate(r.status, &r.message, None, r.retry_after)
+    };
+    if let Some(r) = no_workers(shared.settings.enforce_disagg, s) {
+        return reject(r);
+    }
+    let allowed = match allowed_targets(s, &head.subset) {
+        Ok(a) => a,
+        Err(r) => return reject(r),
+    };
+    let id = RequestId::from("epp-bodiless");
+    let empty = kvgate_core::hashing::BlockHashes::new(
+        s.block_size(),
+        kvgate_core::hashing::HashSeed::new(None, None),
+    );
+    match s.route(&id, &empty, None, allowed.as_deref(), false) {
+        Ok(d) => {
+            let dest = destinations(s, &d.ranked, shared.settings.max_endpoints);
+            if dest.is_empty() {
+                return reject(Reject::new(503, "the chosen worker has no endpoint"));
+            }
+            shared.metrics.count_request("");
+            protocol::route_response(
+                &dest.join(","),
+                &decision_headers(&d),
+                head.remove.clone(),
+                None,
+            )
+        }
+        Err(e) => reject(route_error(e)),
+    }
+}
+
+type Routed = (Vec<ProcessingResponse>, Option<Booking>, Option<WorkerRank>);
+
+/// Parses, tokenizes and routes a complete request body. Errors carry the model name (for
+/// metrics) and the rejection.
+async fn route_body(
+    shared: &Arc<Shared>,
+    head: &RequestHead,
+    body: Vec<u8>,
+) -> Result<Routed, (String, Reject)> {
+    let started = Instant::now();
+    let m = &shared.metrics;
+    let s = &shared.service;
+    let Some(endpoint) = Endpoint::from_path(&head.path) else {
+        // Not an OpenAI generation endpoint: pass the body through, route by load.
+        let mut out = vec![bodiless(shared, head)];
+        out.extend(protocol::body_chunks(&body, true));
+        return Ok((out, None, None));
+    };
+    if let Some(r) = no_workers(shared.settings.enforce_disagg, s) {
+        return Err((String::new(), r));
+    }
+    let allowed = allowed_targets(s, &head.subset).map_err(|r| (String::new(), r))?;
+    // Parsing and tokenizing scale with the prompt: keep them off the async threads, and
+    // bound them so a pathological prompt cannot hold the request forever.
+    let svc = s.clone();
+    let job = tokio::task::spawn_blocking(move || {
+        let parsed = OpenAiRequest::parse(endpoint, &body)?;
+        let t = Instant::now();
+        let prepared = svc.prepare(&parsed);
+        Ok::<_, kvgate_wire::openai::ParseError>((parsed, prepared, t.elapsed()))
+    });
+    let (parsed, prepared, tokenize_time) =
+        match tokio::time::timeout(shared.settings.tokenize_timeout, job).await {
+            Err(_) => {
+                return Err((
+                    String::new(),
+                    Reject::new(
+                        504,
+                        format!(
+                            "tokenizing the prompt took longer than {:?}",
+                            shared.settings.tokenize_timeout
+                        ),
+                    ),
+                ));
+            }
+            Ok(Err(_)) => return Err((String::new(), Reject::new(500, "request parser failed"))),
+            Ok(Ok(Err(e))) => {
+                let param = (!e.field.is_empty()).then(|| e.field.clone());
+                return Err((
+                    String::new(),
+                    Reject {
+                        param,
+                        ..Reject::new(400, e.to_string())
+                    },
+                ));
+            }
+            Ok(Ok(Ok(x))) => x,
+        };
+    let model = parsed.model.clone();
+    let served_model = s.workers().current().model.clone();
+    if model != served_model {
+        return Err((
+            model.clone(),
+            Reject {
+                param: Some("model".into()),
+                ..Reject::new(
+                    404,
+                    format!(
+                        "The model `{model}` does not exist (this pool serves `{served_model}`)."
+                    ),
+                )
+            },
+        ));
+    }
+    let Prepared {
+        hashes,
+        body,
+        tokens,
+        ..
+    } = prepared.map_err(|e| (model.clone(), Reject::new(400, e.to_string())))?;
+    m.tokenize_seconds.observe(tokenize_time.as_secs_f64());
+    let id = RequestId::from(format!(
+        "epp-{}",
+        shared.next_id.fetch_add(1, Ordering::Relaxed)
+    ));
+    let t = Instant::now();
+    let decision = s.route(&id, &hashes, parsed.max_tokens, allowed.as_deref(), true);
+    m.scheduler_seconds.observe(t.elapsed().as_secs_f64());
+    let d = decision.map_err(|e| (model.clone(), route_error(e)))?;
+    let booking = Booking::new(s.clone(), id, d.predicted_cached_tokens);
+    let dest = destinations(s, &d.ranked, shared.settings.max_endpoints);
+    if dest.is_empty() {
+        return Err((
+            model,
+            Reject::new(503, "the chosen worker has no endpoint (it just left)"),
+        ));
+    }
+    if tokens > 0 {
+        m.hit_ratio
+            .observe(d.predicted_cached_tokens as f64 / tokens as f64);
+    }
+    m.input_tokens.observe(tokens as f64);
+    m.count_request(&model);
+    let mut out = vec![protocol::route_response(
+        &dest.join(","),
+        &decision_headers(&d),
+        head.remove.clone(),
+        Some(body.len()),
+    )];
+    out.extend(protocol::body_chunks(&body, true));
+    m.processing_seconds
+        .observe(started.elapsed().as_secs_f64());
+    Ok((out, Some(booking), Some(d.worker)))
+}

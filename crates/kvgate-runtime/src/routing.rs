@@ -1,0 +1,529 @@
+//! The routing service shared by the EPP and the kv-mode frontend: one [`Router`] behind a lock,
+//! fed by the workers file and the workers' KV events, plus what the servers around it need:
+//! prompt preparation (tokenize, hash, inject `nvext.token_data`), bookings that free themselves,
+//! a log of recent decisions for the debug endpoint, and routing-accuracy counters.
+
+use crate::events::{EventStats, subscribe};
+use crate::prom::PromText;
+use crate::workers::WorkerSet;
+use kvgate_core::config::RouterConfig;
+use kvgate_core::hashing::{BlockHashes, HashSeed};
+use kvgate_core::random::SplitMix64;
+use kvgate_core::router::{Decision, RouteError, RouteRequest, Router, WorkerRole};
+use kvgate_core::scheduler::Explanation;
+use kvgate_core::{RequestId, WorkerRank};
+use kvgate_tokenize::{PromptTokenizer, TokenizeError};
+use kvgate_wire::openai::OpenAiRequest;
+use kvgate_wire::workers::{WorkerEntry, WorkersFile};
+use serde::Serialize;
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// How many decisions the debug log keeps by default.
+pub const DEFAULT_DECISION_LOG: usize = 256;
+
+/// A prompt ready to route: its block hashes and the body to forward (with the token ids).
+pub struct Prepared {
+    pub hashes: BlockHashes,
+    pub body: Vec<u8>,
+    pub tokens: usize,
+    /// Whether the ids came with the request (`nvext.token_data`) instead of our tokenizer.
+    pub client_tokens: bool,
+}
+
+/// One routing decision as the debug endpoint shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct DecisionRecord {
+    pub request_id: String,
+    pub unix_ms: u64,
+    pub worker_id: u64,
+    pub dp_rank: u32,
+    pub worker_name: String,
+    pub isl_tokens: usize,
+    pub overlap_blocks: u32,
+    pub predicted_cached_tokens: u64,
+    /// `usage.prompt_tokens_details.cached_tokens` of the response, once seen.
+    pub actual_cached_tokens: Option<u64>,
+    /// Set when the gateway served the request on another endpoint than chosen.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub served_by: Option<u64>,
+    pub explanation: Explanation,
+}
+
+#[derive(Default)]
+pub struct AccuracyStats {
+    pub decisions: AtomicU64,
+    pub predicted_cached_tokens: AtomicU64,
+    /// Predictions of the decisions whose responses reported usage (compare with `actual`).
+    pub predicted_reported_tokens: AtomicU64,
+    pub actual_cached_tokens: AtomicU64,
+    pub responses_with_usage: AtomicU64,
+    /// Decisions whose actual cached tokens differed from the prediction.
+    pub mispredicted: AtomicU64,
+    pub rebooked: AtomicU64,
+}
+
+pub struct RoutingService {
+    router: Arc<Mutex<Router>>,
+    tokenizer: Arc<PromptTokenizer>,
+    workers: WorkerSet,
+    pub events: Arc<EventStats>,
+    subscriptions: Mutex<HashMap<(u64, u32), tokio::task::JoinHandle<()>>>,
+    rng: Mutex<SplitMix64>,
+    log: Mutex<VecDeque<DecisionRecord>>,
+    log_len: usize,
+    pub accuracy: AccuracyStats,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock cannot leave these structures half-updated in a way that
+    // is worse than stopping routing altogether.
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl RoutingService {
+    /// `tokenizer`: a `tokenizer.json` (or its directory); default: the workers file's, else the
+    /// embedded one.
+    pub fn new(
+        file: WorkersFile,
+        config: RouterConfig,
+        tokenizer: Option<&Path>,
+        log_len: usize,
+    ) -> Result<Arc<Self>, String> {
+        let router = Router::new(config, file.block_size as usize).map_err(|e| e.to_string())?;
+        let tok_path = tokenizer
+            .map(Path::to_path_buf)
+            .or_else(|| file.tokenizer.as_ref().map(PathBuf::from));
+        let tokenizer = PromptTokenizer::load(tok_path.as_deref()).map_err(|e| e.to_string())?;
+        let seed = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64);
+        Ok(Arc::new(Self {
+            router: Arc::new(Mutex::new(router)),
+            tokenizer: Arc::new(tokenizer),
+            workers: WorkerSet::new(file),
+            events: Arc::new(EventStats::default()),
+            subscriptions: Mutex::new(HashMap::new()),
+            rng: Mutex::new(SplitMix64::new(seed)),
+            log: Mutex::new(VecDeque::new()),
+            log_len,
+            accuracy: AccuracyStats::default(),
+        }))
+    }
+
+    /// Registers the workers, subscribes to their events, watches `workers_file` for changes and
+    /// sweeps stale bookings. Needs a Tokio runtime.
+    pub fn start(self: &Arc<Self>, workers_file: PathBuf) {
+        let file = self.workers.current();
+        self.sync_workers(None, &file);
+        let me = self.clone();
+        self.workers.watch(workers_file, move |old, new| {
+            me.sync_workers(Some(old), new)
+        });
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                let Some(me) = me.upgrade() else { return };
+                let freed =
+                    lock(&me.router).sweep(Instant::now(), kvgate_core::load::DEFAULT_STALE_AFTER);
+                if !freed.is_empty() {
+                    tracing::warn!(n = freed.len(), "freed stale bookings");
+                }
+            }
+        });
+    }
+
+    pub fn workers(&self) -> &WorkerSet {
+        &self.workers
+    }
+
+    pub fn tokenizer(&self) -> &Arc<PromptTokenizer> {
+        &self.tokenizer
+    }
+
+    pub fn block_size(&self) -> usize {
+        lock(&self.router).block_size()
+    }
+
+    /// Runs `f` with the router locked (for metrics and tests).
+    pub fn with_router<R>(&self, f: impl FnOnce(&Router) -> R) -> R {
+        f(&lock(&self.router))
+    }
+
+    /// Brings the router and the event subscriptions in line with the workers file.
+    fn sync_workers(&self, old: Option<&WorkersFile>, new: &WorkersFile) {
+        let mut router = lock(&self.router);
+        let mut subs = lock(&self.subscriptions);
+        let new_ids: Vec<u64> = new.workers.iter().map(|w| w.instance_id().0).collect();
+        if let Some(old) = old {
+            for w in &old.workers {
+                let id = w.instance_id();
+                // Only what the subscriptions depend on; capacity edits keep them running.
+                let changed = new
+                    .workers
+                    .iter()
+                    .find(|n| n.instance_id() == id)
+                    .is_none_or(|n| {
+                        n.kv_events != w.kv_events || n.dp_size != w.dp_size || n.url != w.url
+                    });
+                if !new_ids.contains(&id.0) {
+                    router.remove_worker(id);
+                }
+                if changed {
+                    subs.retain(|(wid, _), h| {
+                        let keep = *wid != id.0;
+                        if !keep {
+                            h.abort();
+                        }
+                        keep
+                    });
+                }
+            }
+        }
+        for w in &new.workers {
+            router.upsert_worker(w.info());
+        }
+        drop(router);
+        for w in &new.workers {
+            if let Some(ep) = &w.kv_events {
+                for rank in 0..w.dp_size {
+                    subs.entry((w.instance_id().0, rank)).or_insert_with(|| {
+                        subscribe(
+                            self.router.clone(),
+                            self.events.clone(),
+                            w.instance_id(),
+                            rank,
+                            ep.clone(),
+                            new.block_size,
+                        )
+                    });
+                }
+            }
+        }
+    }
+
+    /// Tokenizes (unless the request carries `nvext.token_data`), hashes and rewrites the body
+    /// with the token ids. CPU-bound: call it from a blocking thread for large prompts.
+    pub fn prepare(&self, req: &OpenAiRequest) -> Result<Prepared, TokenizeError> {
+        let block_size = self.block_size();
+        let (tokens, client_tokens) = match &req.token_data {
+            Some(t) => (t.clone(), true),
+            None => (self.tokenizer.tokenize(req)?, false),
+        };
+        let hashes = BlockHashes::from_tokens(
+            &tokens,
+            block_size,
+            HashSeed::new(None, req.cache_salt.as_deref()),
+        );
+        // The worker gets the ids we routed on: no second tokenization, no drift.
+        let body = req.body_with_token_data(&tokens);
+        Ok(Prepared {
+            hashes,
+            body,
+            tokens: tokens.len(),
+            client_tokens,
+        })
+    }
+
+    /// Chooses (and with `book`, books) a target among aggregated and decode workers, inside
+    /// `allowed` when given. Booked decisions are logged for the debug endpoint.
+    pub fn route(
+        &self,
+        id: &RequestId,
+        hashes: &BlockHashes,
+        expected_output_tokens: Option<u32>,
+        allowed: Option<&[WorkerRank]>,
+        book: bool,
+    ) -> Result<Decision, RouteError> {
+        let decision = {
+            // Lock order: router, then rng.
+            let mut router = lock(&self.router);
+            let mut rng = lock(&self.rng);
+            router.route(
+                RouteRequest {
+                    request: id,
+                    hashes,
+                    expected_output_tokens,
+                    allowed,
+                    book,
+                },
+                Instant::now(),
+                &mut *rng,
+            )?
+        };
+        if book {
+            self.accuracy.decisions.fetch_add(1, Ordering::Relaxed);
+            self.accuracy
+                .predicted_cached_tokens
+                .fetch_add(decision.predicted_cached_tokens, Ordering::Relaxed);
+            let name = self
+                .workers
+                .by_instance_id(decision.worker.worker.0)
+                .map(|w| w.name)
+                .unwrap_or_default();
+            let rec = DecisionRecord {
+                request_id: id.as_str().to_string(),
+                unix_ms: unix_ms(),
+                worker_id: decision.worker.worker.0,
+                dp_rank: decision.worker.dp_rank.0,
+                worker_name: name,
+                isl_tokens: hashes.num_tokens(),
+                overlap_blocks: decision.overlap_blocks,
+                predicted_cached_tokens: decision.predicted_cached_tokens,
+                actual_cached_tokens: None,
+                served_by: None,
+                explanation: decision.explanation.clone(),
+            };
+            let mut log = lock(&self.log);
+            if self.log_len > 0 {
+                if log.len() >= self.log_len {
+                    log.pop_front();
+                }
+                log.push_back(rec);
+            }
+        }
+        Ok(decision)
+    }
+
+    /// Whether any worker of `role` is known.
+    pub fn has_role(&self, role: WorkerRole) -> bool {
+        !lock(&self.router).targets(&[role]).is_empty()
+    }
+
+    pub fn prefill_complete(&self, id: &RequestId) {
+        lock(&self.router).prefill_complete(id);
+    }
+
+    pub fn free(&self, id: &RequestId) {
+        lock(&self.router).free(id);
+    }
+
+    /// The request was served by `to` instead of the booked target: move its load there.
+    pub fn rebook(&self, id: &RequestId, to: WorkerRank) {
+        let changed = lock(&self.router).rebook(id, to, Instant::now());
+        if changed == kvgate_core::load::Change::Applied {
+            self.accuracy.rebooked.fetch_add(1, Ordering::Relaxed);
+            self.update_log(id, |r| r.served_by = Some(to.worker.0));
+        }
+    }
+
+    /// Records the cached tokens the worker reported for a routed request.
+    pub fn record_actual_cached(&self, id: &RequestId, predicted: u64, actual: u64) {
+        let a = &self.accuracy;
+        a.responses_with_usage.fetch_add(1, Ordering::Relaxed);
+        a.actual_cached_tokens.fetch_add(actual, Ordering::Relaxed);
+        a.predicted_reported_tokens
+            .fetch_add(predicted, Ordering::Relaxed);
+        if actual != predicted {
+            a.mispredicted.fetch_add(1, Ordering::Relaxed);
+        }
+        self.update_log(id, |r| r.actual_cached_tokens = Some(actual));
+    }
+
+    fn update_log(&self, id: &RequestId, f: impl FnOnce(&mut DecisionRecord)) {
+        let mut log = lock(&self.log);
+        if let Some(r) = log.iter_mut().rev().find(|r| r.request_id == id.as_str()) {
+            f(r);
+        }
+    }
+
+    /// The last `n` decisions, newest first.
+    pub fn recent_decisions(&self, n: usize) -> Vec<DecisionRecord> {
+        lock(&self.log).iter().rev().take(n).cloned().collect()
+    }
+
+    /// The worker entry and target for `host:port` (what a gateway calls an endpoint).
+    pub fn endpoint_worker(&self, endpoint: &str) -> Option<WorkerEntry> {
+        self.workers
+            .current()
+            .workers
+            .iter()
+            .find(|w| w.host_port() == Some(endpoint))
+            .cloned()
+    }
+
+    /// Router, event and accuracy series.
+    pub fn render_metrics(&self, p: &mut PromText) {
+        let a = &self.accuracy;
+        let e = &self.events;
+        let counters: [(&str, &str, &AtomicU64); 13] = [
+            (
+                "kvgate_router_decisions_total",
+                "Routing decisions that booked a worker.",
+                &a.decisions,
+            ),
+            (
+                "kvgate_router_predicted_cached_tokens_total",
+                "Prompt tokens the router predicted cached on the chosen worker.",
+                &a.predicted_cached_tokens,
+            ),
+            (
+                "kvgate_router_reported_predicted_cached_tokens_total",
+                "Predicted cached tokens of the decisions whose responses reported usage.",
+                &a.predicted_reported_tokens,
+            ),
+            (
+                "kvgate_router_actual_cached_tokens_total",
+                "Cached prompt tokens the workers reported (usage.prompt_tokens_details.cached_tokens).",
+                &a.actual_cached_tokens,
+            ),
+            (
+                "kvgate_router_responses_with_usage_total",
+                "Routed responses that reported cached tokens.",
+                &a.responses_with_usage,
+            ),
+            (
+                "kvgate_router_mispredicted_total",
+                "Routed responses whose cached tokens differed from the prediction.",
+                &a.mispredicted,
+            ),
+            (
+                "kvgate_router_rebooked_total",
+                "Requests the gateway served elsewhere than chosen (booking moved).",
+                &a.rebooked,
+            ),
+            (
+                "kvgate_kv_event_batches_total",
+                "KV event batches received.",
+                &e.batches,
+            ),
+            (
+                "kvgate_kv_events_applied_total",
+                "KV events applied to the index.",
+                &e.events,
+            ),
+            (
+                "kvgate_kv_events_rejected_total",
+                "KV events refused (e.g. block size mismatch).",
+                &e.rejected,
+            ),
+            (
+                "kvgate_kv_event_decode_errors_total",
+                "Undecodable KV event messages.",
+                &e.decode_errors,
+            ),
+            (
+                "kvgate_kv_event_seq_gaps_total",
+                "Breaks in a publisher's sequence (lost messages or restarts).",
+                &e.seq_gaps,
+            ),
+            (
+                "kvgate_kv_event_resyncs_total",
+                "Times a rank's indexed blocks were dropped to rebuild from events.",
+                &e.resyncs,
+            ),
+        ];
+        for (name, help, v) in counters {
+            p.counter(name, help, &[], v.load(Ordering::Relaxed) as f64);
+        }
+        let file = self.workers.current();
+        let names: HashMap<u64, &str> = file
+            .workers
+            .iter()
+            .map(|w| (w.instance_id().0, w.name.as_str()))
+            .collect();
+        let r = lock(&self.router);
+        p.gauge(
+            "kvgate_router_index_nodes",
+            "Distinct prefixes in the index.",
+            &[],
+            r.index().num_nodes() as f64,
+        );
+        p.gauge(
+            "kvgate_router_bookings",
+            "Requests booked as in flight.",
+            &[],
+            r.load().num_bookings() as f64,
+        );
+        p.counter(
+            "kvgate_router_events_unknown_worker_total",
+            "Events from workers or ranks not in discovery.",
+            &[],
+            r.events_unknown_worker() as f64,
+        );
+        let mut loads: Vec<_> = r
+            .load()
+            .workers()
+            .map(|(w, l)| (*w, l.active_blocks(), l.prefill_tokens))
+            .collect();
+        drop(r);
+        loads.sort();
+        for (w, blocks, prefill) in loads {
+            let (id, rank) = (w.worker.0.to_string(), w.dp_rank.0.to_string());
+            let name = names.get(&w.worker.0).copied().unwrap_or("");
+            let labels = [("worker", id.as_str()), ("dp_rank", &rank), ("name", name)];
+            p.gauge(
+                "kvgate_router_active_blocks",
+                "Active KV blocks booked per worker rank.",
+                &labels,
+                blocks as f64,
+            );
+            p.gauge(
+                "kvgate_router_active_prefill_tokens",
+                "Prompt tokens booked and not yet prefilled, per worker rank.",
+                &labels,
+                prefill as f64,
+            );
+        }
+    }
+}
+
+/// A booked request. Marks prefill complete on the first response byte and frees the booking
+/// when dropped, so every way a request can end (completion, error, disconnect, cancellation)
+/// releases its load exactly once.
+pub struct Booking {
+    service: Arc<RoutingService>,
+    id: RequestId,
+    pub predicted_cached_tokens: u64,
+    prefill_done: bool,
+}
+
+impl Booking {
+    pub fn new(service: Arc<RoutingService>, id: RequestId, predicted_cached_tokens: u64) -> Self {
+        Self {
+            service,
+            id,
+            predicted_cached_tokens,
+            prefill_done: false,
+        }
+    }
+
+    pub fn id(&self) -> &RequestId {
+        &self.id
+    }
+
+    pub fn first_byte(&mut self) {
+        if !self.prefill_done {
+            self.prefill_done = true;
+            self.service.prefill_complete(&self.id);
+        }
+    }
+
+    pub fn rebook(&self, to: WorkerRank) {
+        self.service.rebook(&self.id, to);
+    }
+
+    pub fn record_actual_cached(&self, actual: u64) {
+        self.service
+            .record_actual_cached(&self.id, self.predicted_cached_tokens, actual);
+    }
+}
+
+impl Drop for Booking {
+    fn drop(&mut self) {
+        self.service.free(&self.id);
+    }
+}
