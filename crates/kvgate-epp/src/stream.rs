@@ -110,6 +110,25 @@ pub async fn run(shared: Arc<Shared>, mut inbound: tonic::Streaming<ProcessingRe
                     // No body (GET /v1/models): a healthy endpoint by load alone.
                     phase = Phase::Routed;
                     vec![bodiless(&shared, &head)]
+                } else if let Some(n) = head
+                    .content_length
+                    .filter(|n| *n > shared.settings.max_request_body_bytes)
+                {
+                    // Refused before a byte of the body is read.
+                    let limit = shared.settings.max_request_body_bytes;
+                    send_reject(
+                        &shared,
+                        &tx,
+                        "",
+                        Reject::new(
+                            413,
+                            format!(
+                                "request body of {n} bytes exceeds the EPP's limit of {limit} bytes"
+                            ),
+                        ),
+                    )
+                    .await;
+                    return;
                 } else {
                     let cap = head
                         .content_length

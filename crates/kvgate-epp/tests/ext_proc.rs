@@ -1,0 +1,810 @@
+//! The EPP as Envoy sees it, driven in-process over real gRPC: message sequences Envoy sends
+//! (headers, body chunks, trailers, response path, cancellation), checked against what comes
+//! back and against the EPP's metrics. The full path through a real Envoy is in
+//! `crates/kvgate/tests/gateway.rs`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue, Metadata};
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
+use envoy_types::pb::envoy::service::ext_proc::v3::{
+    HttpBody, HttpHeaders, HttpTrailers, ProcessingRequest, ProcessingResponse, body_mutation,
+    processing_request::Request, processing_response::Response,
+};
+use envoy_types::pb::google::protobuf::{ListValue, Struct, Value, value::Kind};
+use kvgate_core::config::RouterConfig;
+use kvgate_epp::{Bound, EppConfig};
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+const WORKERS: &str = "model: qwen3\nblock_size: 16\nworkers:\n  - {name: a, id: 11, url: 'http://10.0.0.1:8000', total_kv_blocks: 100}\n  - {name: b, id: 22, url: 'http://10.0.0.2:8000', total_kv_blocks: 100}\n";
+
+struct Dir(PathBuf);
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn temp_dir(tag: &str) -> Dir {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let d = std::env::temp_dir().join(format!("kvgate-epp-{tag}-{}-{nanos}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    Dir(d)
+}
+
+fn config(workers: PathBuf) -> EppConfig {
+    EppConfig {
+        host: "127.0.0.1".into(),
+        grpc_port: 0,
+        health_port: 0,
+        metrics_port: 0,
+        secure_serving: false,
+        cert_path: None,
+        client_ca: None,
+        workers_file: workers,
+        router: RouterConfig {
+            // No KV events here: approximate mode remembers where prompts went.
+            use_kv_events: false,
+            ..RouterConfig::default()
+        },
+        tokenizer: None,
+        max_request_body_bytes: 1 << 20,
+        max_endpoints: 1,
+        tokenize_timeout: Duration::from_secs(10),
+        decision_log: 64,
+        pool_name: "test".into(),
+    }
+}
+
+async fn start_with(workers: &str, tweak: impl FnOnce(&mut EppConfig)) -> (Bound, Dir) {
+    let dir = temp_dir("w");
+    let path = dir.0.join("workers.yaml");
+    std::fs::write(&path, workers).unwrap();
+    let mut c = config(path);
+    tweak(&mut c);
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        if let Err(e) = kvgate_epp::serve(c, move |b| {
+            let _ = tx.send(b);
+        })
+        .await
+        {
+            panic!("epp failed: {e}");
+        }
+    });
+    (rx.await.unwrap(), dir)
+}
+
+async fn start() -> (Bound, Dir) {
+    start_with(WORKERS, |_| {}).await
+}
+
+/// One ext_proc stream, as Envoy drives it.
+struct Stream {
+    tx: Option<mpsc::Sender<ProcessingRequest>>,
+    rx: tonic::Streaming<ProcessingResponse>,
+}
+
+impl Stream {
+    async fn open(b: &Bound) -> Stream {
+        let mut client = ExternalProcessorClient::connect(format!("http://{}", b.grpc))
+            .await
+            .unwrap();
+        let (tx, rx) = mpsc::channel(16);
+        let resp = client.process(ReceiverStream::new(rx)).await.unwrap();
+        Stream {
+            tx: Some(tx),
+            rx: resp.into_inner(),
+        }
+    }
+
+    async fn send(&self, r: Request) {
+        self.send_msg(ProcessingRequest {
+            request: Some(r),
+            ..Default::default()
+        })
+        .await;
+    }
+
+    async fn send_msg(&self, m: ProcessingRequest) {
+        self.tx.as_ref().unwrap().send(m).await.unwrap();
+    }
+
+    async fn recv(&mut self) -> ProcessingResponse {
+        tokio::time::timeout(Duration::from_secs(10), self.rx.message())
+            .await
+            .expect("EPP answered in time")
+            .expect("stream ok")
+            .expect("a message")
+    }
+}
+
+fn headers(pairs: &[(&str, &str)], eos: bool) -> Request {
+    Request::RequestHeaders(HttpHeaders {
+        headers: Some(HeaderMap {
+            headers: pairs
+                .iter()
+                .map(|(k, v)| HeaderValue {
+                    key: (*k).into(),
+                    value: String::new(),
+                    raw_value: v.as_bytes().to_vec(),
+                })
+                .collect(),
+        }),
+        end_of_stream: eos,
+        ..Default::default()
+    })
+}
+
+fn post(path: &str, extra: &[(&str, &str)]) -> Request {
+    let mut h = vec![(":method", "POST"), (":path", path)];
+    h.extend_from_slice(extra);
+    headers(&h, false)
+}
+
+fn body(b: &[u8], eos: bool) -> Request {
+    Request::RequestBody(HttpBody {
+        body: b.to_vec(),
+        end_of_stream: eos,
+        ..Default::default()
+    })
+}
+
+fn chat(content: &str) -> Vec<u8> {
+    serde_json::json!({"model": "qwen3", "messages": [{"role": "user", "content": content}], "max_tokens": 4})
+        .to_string()
+        .into_bytes()
+}
+
+/// What the request-headers answer says.
+#[derive(Debug)]
+struct Routed {
+    set: Vec<(String, String)>,
+    remove: Vec<String>,
+    metadata_destination: Option<String>,
+    clear_route_cache: bool,
+}
+
+impl Routed {
+    fn get(&self, k: &str) -> Option<&str> {
+        self.set
+            .iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+fn routed(r: &ProcessingResponse) -> Routed {
+    let Some(Response::RequestHeaders(h)) = &r.response else {
+        panic!("expected a request-headers answer, got {r:?}")
+    };
+    let c = h.response.as_ref().unwrap();
+    let m = c.header_mutation.as_ref().unwrap();
+    let md = r
+        .dynamic_metadata
+        .as_ref()
+        .and_then(|md| match &md.fields.get("envoy.lb")?.kind {
+            Some(Kind::StructValue(s)) => {
+                match &s.fields.get("x-gateway-destination-endpoint")?.kind {
+                    Some(Kind::StringValue(v)) => Some(v.clone()),
+                    _ => None,
+                }
+            }
+            _ => None,
+        });
+    Routed {
+        set: m
+            .set_headers
+            .iter()
+            .map(|h| {
+                let h = h.header.as_ref().unwrap();
+                (
+                    h.key.clone(),
+                    String::from_utf8(h.raw_value.clone()).unwrap(),
+                )
+            })
+            .collect(),
+        remove: m.remove_headers.clone(),
+        metadata_destination: md,
+        clear_route_cache: c.clear_route_cache,
+    }
+}
+
+/// Request-body chunks until end_of_stream: the bytes and the chunk count.
+async fn read_body(s: &mut Stream) -> (Vec<u8>, usize) {
+    let mut out = Vec::new();
+    let mut n = 0;
+    loop {
+        let r = s.recv().await;
+        let Some(Response::RequestBody(b)) = r.response else {
+            panic!("expected a request body chunk, got {r:?}")
+        };
+        let Some(body_mutation::Mutation::StreamedResponse(sb)) =
+            b.response.unwrap().body_mutation.unwrap().mutation
+        else {
+            panic!("expected a streamed body")
+        };
+        n += 1;
+        assert!(sb.body.len() <= 62_000, "chunk of {} bytes", sb.body.len());
+        out.extend_from_slice(&sb.body);
+        if sb.end_of_stream {
+            return (out, n);
+        }
+    }
+}
+
+fn immediate(r: &ProcessingResponse) -> (i32, serde_json::Value, Vec<(String, String)>) {
+    let Some(Response::ImmediateResponse(i)) = &r.response else {
+        panic!("expected an immediate response, got {r:?}")
+    };
+    let headers = i
+        .headers
+        .as_ref()
+        .map(|h| {
+            h.set_headers
+                .iter()
+                .map(|o| {
+                    let h = o.header.as_ref().unwrap();
+                    (
+                        h.key.clone(),
+                        String::from_utf8(h.raw_value.clone()).unwrap(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    (
+        i.status.as_ref().unwrap().code,
+        serde_json::from_slice(&i.body).unwrap(),
+        headers,
+    )
+}
+
+async fn metrics(b: &Bound) -> String {
+    reqwest::get(format!("http://{}/metrics", b.metrics))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| l.split([' ', '{']).next() == Some(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Waits until `name` reaches `want` (events and frees are applied asynchronously).
+async fn wait_metric(b: &Bound, name: &str, want: f64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = metric(&metrics(b).await, name);
+        if v == want {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name} stayed {v}, wanted {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Routes one chat request to completion of the request phase; returns the answer and the
+/// rewritten body.
+async fn route(s: &mut Stream, content: &str, extra: &[(&str, &str)]) -> (Routed, Vec<u8>) {
+    s.send(post("/v1/chat/completions", extra)).await;
+    let b = chat(content);
+    let (first, second) = b.split_at(b.len() / 2);
+    s.send(body(first, false)).await;
+    s.send(body(second, false)).await;
+    s.send(body(b"", true)).await;
+    let r = routed(&s.recv().await);
+    let (out, _) = read_body(s).await;
+    (r, out)
+}
+
+async fn finish_response(s: &mut Stream, served: Option<&str>, body_bytes: &[u8]) {
+    let mut m = ProcessingRequest {
+        request: Some(Request::ResponseHeaders(HttpHeaders {
+            headers: Some(HeaderMap {
+                headers: vec![HeaderValue {
+                    key: ":status".into(),
+                    value: String::new(),
+                    raw_value: b"200".to_vec(),
+                }],
+            }),
+            end_of_stream: false,
+            ..Default::default()
+        })),
+        ..Default::default()
+    };
+    if let Some(addr) = served {
+        m.attributes.insert(
+            "envoy.filters.http.ext_proc".into(),
+            Struct {
+                fields: [(
+                    "upstream.address".to_string(),
+                    Value {
+                        kind: Some(Kind::StringValue(addr.into())),
+                    },
+                )]
+                .into_iter()
+                .collect(),
+            },
+        );
+    }
+    s.send_msg(m).await;
+    let r = s.recv().await;
+    assert!(
+        matches!(r.response, Some(Response::ResponseHeaders(_))),
+        "{r:?}"
+    );
+    s.send(Request::ResponseBody(HttpBody {
+        body: body_bytes.to_vec(),
+        end_of_stream: true,
+        ..Default::default()
+    }))
+    .await;
+    let r = s.recv().await;
+    let Some(Response::ResponseBody(b)) = r.response else {
+        panic!("expected a response body chunk, got {r:?}")
+    };
+    let Some(body_mutation::Mutation::StreamedResponse(sb)) =
+        b.response.unwrap().body_mutation.unwrap().mutation
+    else {
+        panic!()
+    };
+    assert_eq!(
+        sb.body, body_bytes,
+        "the response body passes through intact"
+    );
+    assert!(sb.end_of_stream);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_rewrites_the_body_and_strips_client_routing_headers() {
+    let (b, _d) = start().await;
+    let mut s = Stream::open(&b).await;
+    let (r, out) = route(
+        &mut s,
+        "hello there, a prompt",
+        &[
+            ("x-dynamo-worker-instance-id", "999"),
+            ("x-gateway-destination-endpoint", "6.6.6.6:1"),
+            ("x-dynamo-something-new", "x"),
+            ("content-length", "1"),
+        ],
+    )
+    .await;
+    let dest = r.get("x-gateway-destination-endpoint").unwrap();
+    assert!(dest == "10.0.0.1:8000" || dest == "10.0.0.2:8000", "{dest}");
+    assert_eq!(r.metadata_destination.as_deref(), Some(dest));
+    assert!(r.clear_route_cache);
+    let id = r.get("x-dynamo-worker-instance-id").unwrap();
+    assert_eq!(id, if dest == "10.0.0.1:8000" { "11" } else { "22" });
+    assert_eq!(r.get("x-dynamo-dp-rank"), Some("0"));
+    assert_eq!(r.get("x-dynamo-routing-mode"), Some("aggregated"));
+    // Client routing headers are removed or overwritten, never passed on.
+    assert!(r.remove.contains(&"x-dynamo-something-new".to_string()));
+    assert!(
+        r.remove
+            .contains(&"x-gateway-destination-endpoint-subset".to_string())
+    );
+    assert!(!r.set.iter().any(|(_, v)| v == "999" || v == "6.6.6.6:1"));
+    // The body carries the token ids, and content-length is its new length.
+    assert_eq!(
+        r.get("content-length"),
+        Some(out.len().to_string().as_str())
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    let ids = v["nvext"]["token_data"].as_array().unwrap();
+    assert!(ids.len() > 5);
+    assert_eq!(v["messages"][0]["content"], "hello there, a prompt");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_prefix_returns_to_its_worker_and_accuracy_is_measured() {
+    let (b, _d) = start().await;
+    let prefix = "a long shared system prompt ".repeat(40);
+    let mut s = Stream::open(&b).await;
+    let (r1, _) = route(&mut s, &format!("{prefix} question one"), &[]).await;
+    let first = r1
+        .get("x-gateway-destination-endpoint")
+        .unwrap()
+        .to_string();
+    // The worker reports 0 cached tokens for the first request.
+    finish_response(
+        &mut s,
+        Some(&first),
+        br#"{"usage":{"prompt_tokens":300,"prompt_tokens_details":{"cached_tokens":0}}}"#,
+    )
+    .await;
+    for i in 0..3 {
+        let mut s = Stream::open(&b).await;
+        let (r, _) = route(&mut s, &format!("{prefix} question {i}"), &[]).await;
+        assert_eq!(
+            r.get("x-gateway-destination-endpoint"),
+            Some(first.as_str())
+        );
+        // Streamed (SSE) usage split across chunks is found too.
+        finish_response(
+            &mut s,
+            Some(&first),
+            b"data: {\"choices\":[]}\n\ndata: {\"usage\":{\"prompt_tokens_details\":{\"cached_tokens\":160}}}\n\ndata: [DONE]\n\n",
+        )
+        .await;
+    }
+    let m = metrics(&b).await;
+    assert_eq!(metric(&m, "kvgate_router_decisions_total"), 4.0);
+    assert_eq!(metric(&m, "kvgate_router_responses_with_usage_total"), 4.0);
+    assert_eq!(
+        metric(&m, "kvgate_router_actual_cached_tokens_total"),
+        480.0
+    );
+    assert!(metric(&m, "kvgate_router_predicted_cached_tokens_total") > 0.0);
+    wait_metric(&b, "kvgate_router_bookings", 0.0).await;
+    // The debug endpoint explains the decisions, newest first, with the actual cached tokens.
+    let d: serde_json::Value = reqwest::get(format!("http://{}/debug/decisions?n=2", b.metrics))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let d = d["decisions"].as_array().unwrap();
+    assert_eq!(d.len(), 2);
+    assert_eq!(d[0]["actual_cached_tokens"], 160);
+    assert_eq!(
+        d[0]["explanation"]["candidates"].as_array().unwrap().len(),
+        2
+    );
+    assert!(d[0]["predicted_cached_tokens"].as_u64().unwrap() > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_is_booked_moved_to_the_served_endpoint_and_freed_at_the_end() {
+    let (b, _d) = start().await;
+    let mut s = Stream::open(&b).await;
+    let (r, _) = route(&mut s, "some prompt", &[]).await;
+    wait_metric(&b, "kvgate_router_bookings", 1.0).await;
+    let other = if r.get("x-gateway-destination-endpoint") == Some("10.0.0.1:8000") {
+        "10.0.0.2:8000"
+    } else {
+        "10.0.0.1:8000"
+    };
+    finish_response(&mut s, Some(other), b"{}").await;
+    wait_metric(&b, "kvgate_router_bookings", 0.0).await;
+    assert_eq!(
+        metric(&metrics(&b).await, "kvgate_router_rebooked_total"),
+        1.0
+    );
+    let d: serde_json::Value = reqwest::get(format!("http://{}/debug/decisions?n=1", b.metrics))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let served_id = if other == "10.0.0.1:8000" { 11 } else { 22 };
+    assert_eq!(d["decisions"][0]["served_by"], served_id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_streams_free_their_booking() {
+    let (b, _d) = start().await;
+    let mut s = Stream::open(&b).await;
+    route(&mut s, "some prompt", &[]).await;
+    wait_metric(&b, "kvgate_router_bookings", 1.0).await;
+    // The client went away: Envoy resets the stream mid-response.
+    drop(s);
+    wait_metric(&b, "kvgate_router_bookings", 0.0).await;
+    wait_metric(&b, "kvgate_epp_streams_aborted_total", 1.0).await;
+    wait_metric(&b, "kvgate_epp_streams_active", 0.0).await;
+}
+
+fn subset(list: Value) -> ProcessingRequest {
+    let mut md = Metadata::default();
+    md.filter_metadata.insert(
+        "envoy.lb.subset_hint".into(),
+        Struct {
+            fields: [("x-gateway-destination-endpoint-subset".to_string(), list)]
+                .into_iter()
+                .collect(),
+        },
+    );
+    ProcessingRequest {
+        request: Some(post("/v1/chat/completions", &[])),
+        metadata_context: Some(md),
+        ..Default::default()
+    }
+}
+
+fn strings(v: &[&str]) -> Value {
+    Value {
+        kind: Some(Kind::ListValue(ListValue {
+            values: v
+                .iter()
+                .map(|s| Value {
+                    kind: Some(Kind::StringValue((*s).into())),
+                })
+                .collect(),
+        })),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_subset_hint_is_honoured_and_an_empty_subset_is_503() {
+    let (b, _d) = start().await;
+    for _ in 0..6 {
+        let mut s = Stream::open(&b).await;
+        s.send_msg(subset(strings(&["10.0.0.2:8000"]))).await;
+        s.send(body(&chat("hi"), true)).await;
+        let r = routed(&s.recv().await);
+        assert_eq!(
+            r.get("x-gateway-destination-endpoint"),
+            Some("10.0.0.2:8000")
+        );
+    }
+    for list in [strings(&[]), strings(&["192.168.0.9:8000"])] {
+        let mut s = Stream::open(&b).await;
+        s.send_msg(subset(list)).await;
+        s.send(body(&chat("hi"), true)).await;
+        let (code, body, headers) = immediate(&s.recv().await);
+        assert_eq!(code, 503);
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("subset")
+        );
+        assert!(headers.contains(&("retry-after".into(), "1".into())));
+        assert!(headers.contains(&("content-type".into(), "application/json".into())));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_json_errors() {
+    let (b, _d) = start_with(WORKERS, |c| c.max_request_body_bytes = 2000).await;
+    let cases: Vec<(Vec<u8>, i32, &str)> = vec![
+        (b"{not json".to_vec(), 400, "JSON"),
+        (
+            br#"{"messages":[{"role":"user","content":"x"}]}"#.to_vec(),
+            400,
+            "model",
+        ),
+        (
+            br#"{"model":"other","messages":[{"role":"user","content":"x"}]}"#.to_vec(),
+            404,
+            "other",
+        ),
+        (vec![b' '; 3000], 413, "limit"),
+    ];
+    for (payload, want, needle) in cases {
+        let mut s = Stream::open(&b).await;
+        s.send(post("/v1/chat/completions", &[])).await;
+        for c in payload.chunks(700) {
+            s.send(body(c, false)).await;
+        }
+        s.send(body(b"", true)).await;
+        let (code, body, _) = immediate(&s.recv().await);
+        assert_eq!(code, want, "{body}");
+        let msg = body["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(needle), "{msg}");
+    }
+    // A declared length over the limit is refused before the body is read.
+    let mut s = Stream::open(&b).await;
+    s.send(post(
+        "/v1/chat/completions",
+        &[("content-length", "999999")],
+    ))
+    .await;
+    let (code, _, _) = immediate(&s.recv().await);
+    assert_eq!(code, 413);
+    let m = metrics(&b).await;
+    assert!(m.contains("inference_objective_request_error_total{model_name=\"\",target_model_name=\"\",error_code=\"413\"} 2"), "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodiless_requests_and_trailer_terminated_bodies_are_routed() {
+    let (b, _d) = start().await;
+    let mut s = Stream::open(&b).await;
+    s.send(headers(
+        &[(":method", "GET"), (":path", "/v1/models")],
+        true,
+    ))
+    .await;
+    let r = routed(&s.recv().await);
+    assert!(r.get("x-gateway-destination-endpoint").is_some());
+    assert!(r.get("content-length").is_none());
+    // HTTP/2 bodies may end with trailers instead of an end_of_stream chunk.
+    let mut s = Stream::open(&b).await;
+    s.send(post("/v1/chat/completions", &[])).await;
+    s.send(body(&chat("trailers"), false)).await;
+    s.send(Request::RequestTrailers(HttpTrailers::default()))
+        .await;
+    let r = routed(&s.recv().await);
+    assert!(r.get("x-gateway-destination-endpoint").is_some());
+    let (out, _) = read_body(&mut s).await;
+    assert!(serde_json::from_slice::<serde_json::Value>(&out).is_ok());
+    let t = s.recv().await;
+    assert!(
+        matches!(t.response, Some(Response::RequestTrailers(_))),
+        "{t:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_bodies_are_rechunked_under_62000_bytes() {
+    let (b, _d) = start_with(WORKERS, |c| c.max_request_body_bytes = 4 << 20).await;
+    let text = "lorem ipsum dolor sit amet ".repeat(10_000);
+    let mut s = Stream::open(&b).await;
+    s.send(post("/v1/chat/completions", &[])).await;
+    let payload = chat(&text);
+    for c in payload.chunks(16 * 1024) {
+        s.send(body(c, false)).await;
+    }
+    s.send(body(b"", true)).await;
+    let r = routed(&s.recv().await);
+    let (out, n) = read_body(&mut s).await;
+    assert_eq!(
+        n,
+        out.len().div_ceil(62_000),
+        "{n} chunks for {} bytes",
+        out.len()
+    );
+    assert_eq!(
+        r.get("content-length"),
+        Some(out.len().to_string().as_str())
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(v["messages"][0]["content"], text.as_str());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enforce_disagg_without_prefill_workers_is_503_and_admission_is_429() {
+    let (b, _d) = start_with(WORKERS, |c| c.router.enforce_disagg = true).await;
+    let mut s = Stream::open(&b).await;
+    s.send(post("/v1/chat/completions", &[])).await;
+    s.send(body(&chat("x"), true)).await;
+    let (code, body_json, _) = immediate(&s.recv().await);
+    assert_eq!(code, 503);
+    assert!(
+        body_json["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("prefill")
+    );
+
+    // Admission: a worker is busy above 10% of its 100 blocks; a 200-token prompt books 13.
+    let (b, _d) = start_with(WORKERS, |c| {
+        c.router.admission.active_decode_blocks_threshold = Some(0.1);
+    })
+    .await;
+    let prompt = "word ".repeat(200);
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = Stream::open(&b).await;
+        route(&mut s, &prompt, &[]).await;
+        held.push(s);
+    }
+    let mut s = Stream::open(&b).await;
+    s.send(post("/v1/chat/completions", &[])).await;
+    s.send(body(&chat(&prompt), true)).await;
+    let (code, body_json, headers) = immediate(&s.recv().await);
+    assert_eq!(code, 429, "{body_json}");
+    assert!(headers.contains(&("retry-after".into(), "1".into())));
+    drop(held);
+    wait_metric(&b, "kvgate_router_bookings", 0.0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_health_is_served_on_both_ports() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    let (b, _d) = start().await;
+    for (addr, service) in [
+        (b.health, "readiness"),
+        (b.grpc, "envoy.service.ext_proc.v3.ExternalProcessor"),
+        (b.grpc, ""),
+    ] {
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut c = HealthClient::new(ch);
+        let r = c
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.status, 1, "{service} on {addr} is SERVING");
+    }
+}
+
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn any_request() -> impl Strategy<Value = Request> {
+        prop_oneof![
+            (any::<bool>(), "[ -~]{0,12}").prop_map(|(eos, p)| headers(
+                &[(":method", "POST"), (":path", &format!("/v1/{p}"))],
+                eos
+            )),
+            Just(post("/v1/chat/completions", &[])),
+            (
+                proptest::collection::vec(any::<u8>(), 0..300),
+                any::<bool>()
+            )
+                .prop_map(|(b, eos)| body(&b, eos)),
+            Just(body(&chat("fuzz"), true)),
+            Just(Request::RequestTrailers(HttpTrailers::default())),
+            proptest::collection::vec(any::<u8>(), 0..100).prop_map(|b| Request::ResponseBody(
+                HttpBody {
+                    body: b,
+                    end_of_stream: false,
+                    ..Default::default()
+                }
+            )),
+            Just(Request::ResponseHeaders(HttpHeaders::default())),
+            Just(Request::ResponseTrailers(HttpTrailers::default())),
+        ]
+    }
+
+    #[test]
+    fn arbitrary_message_sequences_never_break_the_server() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (b, _d) = rt.block_on(start());
+        let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+            cases: 64,
+            ..ProptestConfig::default()
+        });
+        runner
+            .run(&proptest::collection::vec(any_request(), 1..8), |seq| {
+                rt.block_on(async {
+                    let s = Stream::open(&b).await;
+                    for r in seq {
+                        if s.tx
+                            .as_ref()
+                            .unwrap()
+                            .send(ProcessingRequest {
+                                request: Some(r),
+                                ..Default::default()
+                            })
+                            .await
+                            .is_err()
+                        {
+                            break;
+                        }
+                    }
+                    drop(s);
+                });
+                Ok(())
+            })
+            .unwrap();
+        // The server still routes, and every booking was freed.
+        rt.block_on(async {
+            let mut s = Stream::open(&b).await;
+            route(&mut s, "after the storm", &[]).await;
+            drop(s);
+            wait_metric(&b, "kvgate_router_bookings", 0.0).await;
+            wait_metric(&b, "kvgate_epp_streams_active", 0.0).await;
+        });
+    }
+}
