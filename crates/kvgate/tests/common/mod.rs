@@ -196,3 +196,172 @@ pub fn metric(text: &str, name: &str) -> Option<f64> {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
 }
+
+/// The project's tools folder (filled by `scripts/setup.sh`).
+pub fn tools_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.tools")
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `kvgate epp` on loopback, ephemeral ports, with the given extra flags.
+pub fn epp(workers: &std::path::Path, extra: &[&str]) -> Proc {
+    let w = workers.to_str().unwrap();
+    let mut args = vec![
+        "epp",
+        "--host",
+        "127.0.0.1",
+        "--grpc-port",
+        "0",
+        "--health-port",
+        "0",
+        "--metrics-port",
+        "0",
+        "--workers",
+        w,
+    ];
+    args.extend_from_slice(extra);
+    Proc::start(&args, 3)
+}
+
+impl Proc {
+    /// The `host:port` of the first `grpc://` address printed.
+    pub fn grpc(&self) -> String {
+        self.lines
+            .iter()
+            .find_map(|l| l.split_whitespace().find(|w| w.starts_with("grpc://")))
+            .unwrap()
+            .trim_start_matches("grpc://")
+            .to_string()
+    }
+}
+
+/// A real Envoy started from a template in `deploy/envoy/`, killed on drop.
+pub struct Envoy {
+    child: Child,
+    pub port: u16,
+    pub admin: u16,
+    _dir: TempDir,
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Envoy {
+    /// Renders `deploy/envoy/{template}` with `vars` (plus LISTEN_PORT and ADMIN_PORT) and
+    /// waits until Envoy reports ready.
+    pub fn start(template: &str, vars: &[(&str, &str)]) -> Envoy {
+        let bin = tools_dir().join("bin/envoy");
+        assert!(
+            bin.exists(),
+            "Envoy is not installed at {}: run scripts/setup.sh (the README's test command does)",
+            bin.display()
+        );
+        let src = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../deploy/envoy")
+            .join(template);
+        let mut cfg = std::fs::read_to_string(&src).unwrap();
+        let (port, admin) = (free_port(), free_port());
+        let (p, a) = (port.to_string(), admin.to_string());
+        let mut all: Vec<(&str, &str)> = vec![("LISTEN_PORT", &p), ("ADMIN_PORT", &a)];
+        all.extend_from_slice(vars);
+        for (k, v) in all {
+            cfg = cfg.replace(&format!("${{{k}}}"), v);
+        }
+        assert!(!cfg.contains("${"), "unrendered placeholder in {template}");
+        let dir = TempDir::new("envoy");
+        let path = dir.0.join("envoy.yaml");
+        std::fs::write(&path, cfg).unwrap();
+        let base_id = (std::process::id() as u64 * 1000 + u64::from(port)) % 4_000_000_000;
+        let child = Command::new(&bin)
+            .arg("-c")
+            .arg(&path)
+            .args(["--base-id", &base_id.to_string(), "--disable-hot-restart"])
+            .args(["-l", "error", "--concurrency", "2"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start envoy");
+        let envoy = Envoy {
+            child,
+            port,
+            admin,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = admin_http::get(&format!("http://127.0.0.1:{admin}/ready"))
+                && r == "LIVE"
+            {
+                return envoy;
+            }
+            assert!(Instant::now() < deadline, "envoy did not become ready");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// An Envoy counter from the admin stats (0 when absent).
+    pub fn stat(&self, name: &str) -> u64 {
+        let text =
+            admin_http::get(&format!("http://127.0.0.1:{}/stats", self.admin)).unwrap_or_default();
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+/// Minimal blocking GET for test plumbing (admin endpoints), without an extra client crate.
+mod admin_http {
+    use std::io::{Read, Write};
+
+    pub fn get(url: &str) -> Result<String, std::io::Error> {
+        let rest = url.strip_prefix("http://").unwrap_or(url);
+        let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+        let mut s = std::net::TcpStream::connect(host)?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+        write!(
+            s,
+            "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf)?;
+        let text = String::from_utf8_lossy(&buf);
+        let Some((head, body)) = text.split_once("\r\n\r\n") else {
+            return Ok(String::new());
+        };
+        if !head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
+            return Ok(body.trim().to_string());
+        }
+        // De-chunk: "<hex len>\r\n<data>\r\n" ... "0\r\n\r\n".
+        let mut out = String::new();
+        let mut rest = body;
+        while let Some((len, after)) = rest.split_once("\r\n") {
+            let n = usize::from_str_radix(len.trim(), 16).unwrap_or(0);
+            if n == 0 || after.len() < n {
+                break;
+            }
+            out.push_str(&after[..n]);
+            rest = after[n..].trim_start_matches("\r\n");
+        }
+        Ok(out.trim().to_string())
+    }
+}

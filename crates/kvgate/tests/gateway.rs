@@ -1,0 +1,499 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! The GAIE path end to end with real processes: Envoy 1.40 (from `deploy/envoy/`) as the
+//! gateway, `kvgate epp` as its ext_proc endpoint picker, `kvgate frontend --router-mode direct`
+//! as each worker pod's sidecar, and mockers as the engines (KV events over ZMQ to the EPP).
+//! Needs `.tools/bin/envoy` (scripts/setup.sh installs it); fails, never skips, without it.
+
+mod common;
+
+use common::*;
+use futures::StreamExt;
+use std::time::Duration;
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap()
+}
+
+struct Cluster {
+    _mockers: Vec<Proc>,
+    sidecars: Vec<Proc>,
+    epp: Proc,
+    envoy: Envoy,
+    ids: Vec<u64>,
+    _dir: TempDir,
+}
+
+struct Options<'a> {
+    workers: usize,
+    speedup: f64,
+    epp_flags: &'a [&'a str],
+    tls: bool,
+}
+
+impl Default for Options<'_> {
+    fn default() -> Self {
+        Options {
+            workers: 2,
+            speedup: 20.0,
+            epp_flags: &[],
+            tls: false,
+        }
+    }
+}
+
+fn cluster(o: Options<'_>) -> Cluster {
+    let ids: Vec<u64> = (0..o.workers as u64).map(|i| 1001 + i).collect();
+    let mockers: Vec<Proc> = ids.iter().map(|id| mocker(*id, o.speedup, &[])).collect();
+    let dir = TempDir::new("gw");
+    let pairs: Vec<(&Proc, u64)> = mockers.iter().zip(ids.iter().copied()).collect();
+    // The sidecars know the engine behind each instance id...
+    let sidecar_file = workers_file(&dir, &pairs, None);
+    let sidecars: Vec<Proc> = (0..o.workers)
+        .map(|_| frontend(&sidecar_file, "direct", &[]))
+        .collect();
+    // ...and the EPP knows the pods' sidecar endpoints and the engines' event publishers.
+    let mut y = String::from("model: qwen3\nblock_size: 16\nworkers:\n");
+    for (i, id) in ids.iter().enumerate() {
+        y.push_str(&format!(
+            "  - name: pod-{i}\n    id: {id}\n    url: {}\n    total_kv_blocks: 4096\n    max_num_batched_tokens: 8192\n    kv_events: {}\n",
+            sidecars[i].url(),
+            mockers[i].zmq()
+        ));
+    }
+    let epp_file = dir.0.join("epp-workers.yaml");
+    std::fs::write(&epp_file, y).unwrap();
+    let mut flags: Vec<&str> = Vec::new();
+    if !o.tls {
+        flags.push("--secure-serving=false");
+    }
+    flags.extend_from_slice(o.epp_flags);
+    let epp = epp(&epp_file, &flags);
+    let grpc = epp.grpc();
+    let (host, port) = grpc.rsplit_once(':').unwrap();
+    let envoy = Envoy::start(
+        if o.tls {
+            "gateway-tls.yaml"
+        } else {
+            "gateway.yaml"
+        },
+        &[
+            ("EPP_HOST", host),
+            ("EPP_PORT", port),
+            ("FAILURE_MODE_ALLOW", "false"),
+        ],
+    );
+    Cluster {
+        _mockers: mockers,
+        sidecars,
+        epp,
+        envoy,
+        ids,
+        _dir: dir,
+    }
+}
+
+impl Cluster {
+    async fn epp_metrics(&self) -> String {
+        get_text(&format!("{}/metrics", self.epp.url())).await
+    }
+
+    /// Waits until the EPP has indexed at least `n` prefixes from the workers' KV events.
+    async fn wait_indexed(&self, n: f64) {
+        for _ in 0..200 {
+            if metric(&self.epp_metrics().await, "kvgate_router_index_nodes").unwrap_or(0.0) >= n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the EPP never indexed {n} blocks from the workers' events");
+    }
+
+    async fn wait_bookings(&self, n: f64) {
+        for _ in 0..200 {
+            if metric(&self.epp_metrics().await, "kvgate_router_bookings") == Some(n) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("EPP bookings never returned to {n}");
+    }
+}
+
+async fn get_text(url: &str) -> String {
+    client()
+        .get(url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+struct Reply {
+    status: u16,
+    headers: reqwest::header::HeaderMap,
+    body: serde_json::Value,
+}
+
+impl Reply {
+    fn worker(&self) -> String {
+        self.headers
+            .get("x-kvgate-worker-id")
+            .unwrap_or_else(|| panic!("no worker header: {} {}", self.status, self.body))
+            .to_str()
+            .unwrap()
+            .to_string()
+    }
+
+    fn cached(&self) -> u64 {
+        self.body["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap()
+    }
+}
+
+async fn send(url: &str, body: &[u8], headers: &[(&str, &str)]) -> Reply {
+    let mut rb = client()
+        .post(format!("{url}/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(body.to_vec());
+    for (k, v) in headers {
+        rb = rb.header(*k, *v);
+    }
+    let r = rb.send().await.unwrap();
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    let text = r.text().await.unwrap();
+    Reply {
+        status,
+        headers,
+        body: serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+    }
+}
+
+async fn chat(url: &str, content: &str, headers: &[(&str, &str)]) -> Reply {
+    let body = chat_body(content, 4, false).to_string();
+    send(url, body.as_bytes(), headers).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_prefixes_land_on_their_worker_through_envoy_and_spoofed_headers_change_nothing() {
+    let c = cluster(Options::default());
+    let url = c.envoy.url();
+    let prefix = text("shared", 500);
+    let first = chat(&url, &format!("{prefix} question zero"), &[]).await;
+    assert_eq!(first.status, 200, "{}", first.body);
+    let home = first.worker();
+    c.wait_indexed(20.0).await;
+    for i in 1..4 {
+        let r = chat(&url, &format!("{prefix} question {i}"), &[]).await;
+        assert_eq!(
+            r.worker(),
+            home,
+            "request {i} left the worker holding its prefix"
+        );
+        assert!(
+            r.cached() >= 500,
+            "request {i} reused only {} tokens",
+            r.cached()
+        );
+    }
+    // A client naming another worker, endpoint or routing mode is ignored.
+    let other_id = c
+        .ids
+        .iter()
+        .find(|id| id.to_string() != home)
+        .unwrap()
+        .to_string();
+    let other_pod = c
+        .sidecars
+        .iter()
+        .map(|s| s.url().trim_start_matches("http://").to_string())
+        .collect::<Vec<_>>();
+    for pod in &other_pod {
+        let r = chat(
+            &url,
+            &format!("{prefix} question spoofed"),
+            &[
+                ("x-dynamo-worker-instance-id", other_id.as_str()),
+                ("x-gateway-destination-endpoint", pod.as_str()),
+                ("x-dynamo-routing-mode", "disaggregated"),
+            ],
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(
+            r.worker(),
+            home,
+            "a client-sent routing header moved the request"
+        );
+    }
+    // The engines got the EPP's token ids and agreed with them.
+    let m = c.epp_metrics().await;
+    assert!(metric(&m, "kvgate_router_actual_cached_tokens_total").unwrap() >= 2000.0);
+    assert_eq!(
+        metric(&m, "kvgate_router_responses_with_usage_total"),
+        Some(6.0)
+    );
+    assert!(m.contains(
+        "inference_objective_request_total{model_name=\"qwen3\",target_model_name=\"qwen3\"} 6"
+    ));
+    assert!(m.contains("inference_extension_scheduler_e2e_duration_seconds_count 6"));
+    c.wait_bookings(0.0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_responses_pass_through_intact() {
+    let c = cluster(Options::default());
+    let url = c.envoy.url();
+    let body = chat_body(&text("stream", 200), 24, true).to_string();
+    let r = client()
+        .post(format!("{url}/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert!(
+        r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let text = r.text().await.unwrap();
+    let events: Vec<&str> = text
+        .split("\n\n")
+        .filter(|e| !e.trim().is_empty())
+        .map(|e| e.strip_prefix("data: ").unwrap())
+        .collect();
+    assert_eq!(*events.last().unwrap(), "[DONE]");
+    let chunks: Vec<serde_json::Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let content_chunks = chunks
+        .iter()
+        .filter(|c| c["choices"][0]["delta"]["content"].is_string())
+        .count();
+    let usage = &chunks.last().unwrap()["usage"];
+    assert_eq!(usage["completion_tokens"], 24);
+    assert_eq!(content_chunks, 24, "every token arrived as its own event");
+    c.wait_bookings(0.0).await;
+    // The EPP read the usage from the stream.
+    let m = c.epp_metrics().await;
+    assert_eq!(
+        metric(&m, "kvgate_router_responses_with_usage_total"),
+        Some(1.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn distinct_prompts_spread_and_aborted_streams_release_their_load() {
+    // Slow engines: requests overlap, so load decides.
+    let c = cluster(Options {
+        speedup: 2.0,
+        ..Options::default()
+    });
+    let url = c.envoy.url();
+    let futs: Vec<_> = (0..8)
+        .map(|i| {
+            let url = url.clone();
+            async move {
+                let body = chat_body(&text(&format!("distinct{i}x"), 150), 16, false).to_string();
+                send(&url, body.as_bytes(), &[]).await
+            }
+        })
+        .collect();
+    let replies = futures::future::join_all(futs).await;
+    let mut per_worker = std::collections::HashMap::new();
+    for r in &replies {
+        assert_eq!(r.status, 200, "{}", r.body);
+        *per_worker.entry(r.worker()).or_insert(0) += 1;
+    }
+    assert_eq!(per_worker.len(), 2, "all on one worker: {per_worker:?}");
+    assert!(
+        per_worker.values().all(|n| *n >= 2),
+        "lopsided: {per_worker:?}"
+    );
+    c.wait_bookings(0.0).await;
+
+    // A client that walks away mid-stream: the EPP frees the request's load.
+    let body = chat_body(&text("abort", 150), 2000, true).to_string();
+    let r = client()
+        .post(format!("{url}/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let mut s = r.bytes_stream();
+    let first = s.next().await.unwrap().unwrap();
+    assert!(!first.is_empty());
+    assert_eq!(
+        metric(&c.epp_metrics().await, "kvgate_router_bookings"),
+        Some(1.0)
+    );
+    drop(s);
+    c.wait_bookings(0.0).await;
+    assert!(metric(&c.epp_metrics().await, "kvgate_epp_streams_aborted_total").unwrap() >= 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_reaches_the_epp_over_tls() {
+    // The EPP's default: TLS with a self-signed certificate (Envoy does not verify it).
+    let c = cluster(Options {
+        workers: 1,
+        tls: true,
+        ..Options::default()
+    });
+    assert!(c.epp.lines[0].contains("TLS"), "{:?}", c.epp.lines);
+    let r = chat(&c.envoy.url(), "over tls", &[]).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.worker(), "1001");
+    assert_eq!(c.envoy.stat("http.gateway.ext_proc.streams_started"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_reach_the_client_with_json_bodies() {
+    // One slow worker; busy above 1% of its 4096 blocks (a 1,000-token prompt books ~70).
+    let c = cluster(Options {
+        workers: 1,
+        speedup: 1.0,
+        epp_flags: &[
+            "--max-request-body-bytes",
+            "60000",
+            "--active-decode-blocks-threshold",
+            "0.01",
+        ],
+        ..Options::default()
+    });
+    let url = c.envoy.url();
+    let r = send(&url, b"{\"model\": \"qwen3\", \"messages\": [", &[]).await;
+    assert_eq!(r.status, 400);
+    assert!(
+        r.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("JSON"),
+        "{}",
+        r.body
+    );
+    let r = send(
+        &url,
+        br#"{"messages":[{"role":"user","content":"hi"}]}"#,
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.body["error"]["param"], "model");
+    let big = chat_body(&"x".repeat(70_000), 4, false).to_string();
+    let r = send(&url, big.as_bytes(), &[]).await;
+    assert_eq!(r.status, 413, "{}", r.body);
+    assert!(
+        r.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("60000")
+    );
+
+    // Fill the worker with one long stream, then the next request is shed with 429.
+    let body = chat_body(&text("busy", 400), 2000, true).to_string();
+    let held = client()
+        .post(format!("{url}/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(held.status().as_u16(), 200);
+    let r = chat(&url, &text("shed", 400), &[]).await;
+    assert_eq!(r.status, 429, "{}", r.body);
+    assert_eq!(r.headers["retry-after"], "1");
+    assert!(
+        r.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("busy")
+    );
+    drop(held);
+    c.wait_bookings(0.0).await;
+    let m = c.epp_metrics().await;
+    for code in ["400", "413", "429"] {
+        assert!(
+            m.contains(&format!("error_code=\"{code}\"")),
+            "no {code} in the error metric"
+        );
+    }
+
+    // DYN_ENFORCE_DISAGG without a prefill pool: 503 naming it.
+    let c = cluster(Options {
+        workers: 1,
+        epp_flags: &["--enforce-disagg", "true"],
+        ..Options::default()
+    });
+    let r = chat(&c.envoy.url(), "hello", &[]).await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(
+        r.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("prefill")
+    );
+    assert!(r.headers.contains_key("retry-after"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn epp_down_fails_closed_or_open_as_configured() {
+    // A live worker pod that a client would like to reach directly.
+    let m = mocker(1001, 20.0, &[]);
+    let dir = TempDir::new("fail");
+    let wf = workers_file(&dir, &[(&m, 1001)], None);
+    let pod = frontend(&wf, "direct", &[]);
+    let pod_addr = pod.url().trim_start_matches("http://").to_string();
+    let dead = free_port().to_string();
+    for allow in ["false", "true"] {
+        let envoy = Envoy::start(
+            "gateway.yaml",
+            &[
+                ("EPP_HOST", "127.0.0.1"),
+                ("EPP_PORT", &dead),
+                ("FAILURE_MODE_ALLOW", allow),
+            ],
+        );
+        let url = envoy.url();
+        // A request with a body cannot continue without the EPP in FULL_DUPLEX_STREAMED mode.
+        let r = chat(
+            &url,
+            "hello",
+            &[("x-gateway-destination-endpoint", &pod_addr)],
+        )
+        .await;
+        assert_eq!(r.status, 500, "allow={allow}: {}", r.body);
+        let models = client()
+            .get(format!("{url}/v1/models"))
+            .header("x-gateway-destination-endpoint", &pod_addr)
+            .header("x-dynamo-worker-instance-id", "1001")
+            .send()
+            .await
+            .unwrap();
+        let status = models.status().as_u16();
+        if allow == "false" {
+            // FailClose: the gateway refuses.
+            assert_eq!(status, 500);
+            assert_eq!(envoy.stat("http.gateway.ext_proc.failure_mode_allowed"), 0);
+        } else {
+            // FailOpen: the request goes on without the EPP, but never to the endpoint the
+            // client named (the gateway strips it), so plain ORIGINAL_DST has nowhere to go.
+            assert_eq!(envoy.stat("http.gateway.ext_proc.failure_mode_allowed"), 1);
+            assert_eq!(
+                status, 503,
+                "fail-open must not honour a client-sent destination"
+            );
+        }
+    }
+}
