@@ -80,10 +80,10 @@ impl ExternalProcessor for Epp {
         request: tonic::Request<tonic::Streaming<ProcessingRequest>>,
     ) -> Result<tonic::Response<Self::ProcessStream>, tonic::Status> {
         let inbound = request.into_inner();
-        // A few messages of slack: body chunks are answered in bursts.
-        let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(stream::run(self.shared.clone(), inbound, tx));
-        Ok(tonic::Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(tonic::Response::new(Box::pin(stream::responses(
+            self.shared.clone(),
+            inbound,
+        ))))
     }
 }
 
@@ -159,14 +159,14 @@ pub async fn serve(config: EppConfig, on_bound: impl FnOnce(Bound)) -> Result<()
             match tls {
                 Some(acceptor) => {
                     let incoming = tls_incoming(grpc, acceptor);
-                    tonic::transport::Server::builder()
+                    grpc_builder()
                         .add_service(health_service)
                         .add_service(epp)
                         .serve_with_incoming(incoming)
                         .await
                 }
                 None => {
-                    tonic::transport::Server::builder()
+                    grpc_builder()
                         .add_service(health_service)
                         .add_service(epp)
                         .serve_with_incoming(plain_incoming(grpc))
@@ -194,6 +194,16 @@ pub async fn serve(config: EppConfig, on_bound: impl FnOnce(Bound)) -> Result<()
     };
     on_bound(bound);
     tokio::try_join!(grpc_server, health_server, metrics_server).map(|_| ())
+}
+
+/// HTTP/2 settings for the ext_proc port. Request bodies arrive as a burst of chunks on one
+/// stream: with h2's default 64 KiB stream window, a large prompt would wait on window updates
+/// (a round trip each), so the windows are sized for multi-megabyte prompts.
+fn grpc_builder() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .initial_stream_window_size(Some(16 << 20))
+        .initial_connection_window_size(Some(64 << 20))
+        .max_concurrent_streams(None)
 }
 
 fn accepted(stream: TcpStream) -> TcpStream {

@@ -17,7 +17,6 @@ use kvgate_wire::openai::{Endpoint, OpenAiRequest};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
 use tonic::Status;
 
 /// Settings of the request path.
@@ -35,8 +34,6 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     pub next_id: AtomicU64,
 }
-
-type Tx = mpsc::Sender<Result<ProcessingResponse, Status>>;
 
 /// What the request phase learned from the headers.
 #[derive(Default)]
@@ -75,50 +72,101 @@ enum Phase {
     Routed,
 }
 
-/// Runs one stream until Envoy closes it. The booking (if any) is freed when this returns,
-/// whatever the reason: end of response, stream error, cancellation.
-pub async fn run(shared: Arc<Shared>, mut inbound: tonic::Streaming<ProcessingRequest>, tx: Tx) {
-    let m = &shared.metrics;
-    m.streams_active.fetch_add(1, Ordering::Relaxed);
-    let _active = ActiveGuard(shared.metrics.clone());
-    let mut head = RequestHead::default();
-    let mut phase = Phase::Start;
-    let mut booking: Option<Booking> = None;
-    let mut booked_target: Option<WorkerRank> = None;
-    let mut scanner = CachedTokensScanner::default();
-    let mut response_status: Option<u16> = None;
-    loop {
-        let msg = tokio::select! {
-            m = inbound.message() => m,
-            // Envoy dropped the stream: nothing more will come.
-            _ = tx.closed() => break,
+/// One stream's state. Dropped when the stream ends for any reason (end of response, error,
+/// Envoy's reset on client abort, gRPC cancellation): the booking is freed then.
+struct StreamState {
+    shared: Arc<Shared>,
+    head: RequestHead,
+    phase: Phase,
+    booking: Option<Booking>,
+    booked_target: Option<WorkerRank>,
+    scanner: CachedTokensScanner,
+    response_status: Option<u16>,
+    _active: ActiveGuard,
+}
+
+impl Drop for StreamState {
+    fn drop(&mut self) {
+        if self.booking.is_some() {
+            self.shared.metrics.aborted.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The response stream for one ext_proc stream. Messages are handled inside the stream that
+/// tonic polls (no task or channel per stream: fewer wake-ups per message); when tonic drops
+/// it, the state goes with it.
+pub fn responses(
+    shared: Arc<Shared>,
+    mut inbound: tonic::Streaming<ProcessingRequest>,
+) -> impl futures::Stream<Item = Result<ProcessingResponse, Status>> + Send + 'static {
+    async_stream::stream! {
+        shared.metrics.streams_active.fetch_add(1, Ordering::Relaxed);
+        let mut st = StreamState {
+            _active: ActiveGuard(shared.metrics.clone()),
+            shared,
+            head: RequestHead::default(),
+            phase: Phase::Start,
+            booking: None,
+            booked_target: None,
+            scanner: CachedTokensScanner::default(),
+            response_status: None,
         };
-        let req = match msg {
-            Ok(Some(r)) => r,
-            Ok(None) => break,
-            // Envoy resets the stream when the HTTP request ends or the client goes away.
-            Err(e) => {
-                tracing::debug!(error = %e, "ext_proc stream ended");
+        loop {
+            let req = match inbound.message().await {
+                Ok(Some(r)) => r,
+                Ok(None) => break,
+                // Envoy resets the stream when the HTTP request ends or the client goes away.
+                Err(e) => {
+                    tracing::debug!(error = %e, "ext_proc stream ended");
+                    break;
+                }
+            };
+            let (out, done) = st.handle(req).await;
+            for r in out {
+                yield Ok(r);
+            }
+            if done {
                 break;
             }
-        };
+        }
+    }
+}
+
+impl StreamState {
+    fn reject(&self, model: &str, r: Reject) -> (Vec<ProcessingResponse>, bool) {
+        self.shared.metrics.count_error(model, r.status);
+        (
+            vec![protocol::immediate(
+                r.status,
+                &r.message,
+                r.param.as_deref(),
+                r.retry_after,
+            )],
+            true,
+        )
+    }
+
+    /// Handles one message; returns the answers and whether the stream is finished.
+    async fn handle(&mut self, req: ProcessingRequest) -> (Vec<ProcessingResponse>, bool) {
+        let shared = self.shared.clone();
+        let m = &shared.metrics;
         let out: Vec<ProcessingResponse> = match req.request {
             Some(Request::RequestHeaders(ref h)) => {
-                head = read_head(h);
-                head.subset = protocol::subset_hint(req.metadata_context.as_ref());
+                self.head = read_head(h);
+                self.head.subset = protocol::subset_hint(req.metadata_context.as_ref());
                 if h.end_of_stream {
                     // No body (GET /v1/models): a healthy endpoint by load alone.
-                    phase = Phase::Routed;
-                    vec![bodiless(&shared, &head)]
-                } else if let Some(n) = head
+                    self.phase = Phase::Routed;
+                    vec![bodiless(&shared, &self.head)]
+                } else if let Some(n) = self
+                    .head
                     .content_length
                     .filter(|n| *n > shared.settings.max_request_body_bytes)
                 {
                     // Refused before a byte of the body is read.
                     let limit = shared.settings.max_request_body_bytes;
-                    send_reject(
-                        &shared,
-                        &tx,
+                    return self.reject(
                         "",
                         Reject::new(
                             413,
@@ -126,15 +174,14 @@ pub async fn run(shared: Arc<Shared>, mut inbound: tonic::Streaming<ProcessingRe
                                 "request body of {n} bytes exceeds the EPP's limit of {limit} bytes"
                             ),
                         ),
-                    )
-                    .await;
-                    return;
+                    );
                 } else {
-                    let cap = head
+                    let cap = self
+                        .head
                         .content_length
                         .unwrap_or(0)
                         .min(shared.settings.max_request_body_bytes);
-                    phase = Phase::Body(Vec::with_capacity(cap));
+                    self.phase = Phase::Body(Vec::with_capacity(cap));
                     Vec::new()
                 }
             }
@@ -143,70 +190,65 @@ pub async fn run(shared: Arc<Shared>, mut inbound: tonic::Streaming<ProcessingRe
                 end_of_stream,
                 ..
             })) => {
-                let Phase::Body(buf) = &mut phase else {
+                let Phase::Body(buf) = &mut self.phase else {
                     tracing::debug!("request body outside the body phase; ignored");
-                    continue;
+                    return (Vec::new(), false);
                 };
                 if buf.len() + body.len() > shared.settings.max_request_body_bytes {
                     let limit = shared.settings.max_request_body_bytes;
-                    send_reject(
-                        &shared,
-                        &tx,
+                    return self.reject(
                         "",
                         Reject::new(
                             413,
                             format!("request body exceeds the EPP's limit of {limit} bytes"),
                         ),
-                    )
-                    .await;
-                    return;
+                    );
                 }
-                buf.extend_from_slice(&body);
+                if buf.is_empty() && end_of_stream {
+                    // The whole body in one message: no copy.
+                    *buf = body;
+                } else {
+                    buf.extend_from_slice(&body);
+                }
                 if !end_of_stream {
-                    continue;
+                    return (Vec::new(), false);
                 }
                 let body = std::mem::take(buf);
-                phase = Phase::Routed;
-                match route_body(&shared, &head, body).await {
+                self.phase = Phase::Routed;
+                match route_body(&shared, &self.head, body).await {
                     Ok((out, b, target)) => {
-                        booking = b;
-                        booked_target = target;
+                        self.booking = b;
+                        self.booked_target = target;
                         out
                     }
-                    Err((model, r)) => {
-                        send_reject(&shared, &tx, &model, r).await;
-                        return;
-                    }
+                    Err((model, r)) => return self.reject(&model, r),
                 }
             }
             Some(Request::RequestTrailers(_)) => {
                 let mut out = Vec::new();
                 // HTTP/2 requests may end their body with trailers instead of end_of_stream.
-                if let Phase::Body(buf) = &mut phase {
+                if let Phase::Body(buf) = &mut self.phase {
                     let body = std::mem::take(buf);
-                    phase = Phase::Routed;
-                    match route_body(&shared, &head, body).await {
+                    self.phase = Phase::Routed;
+                    match route_body(&shared, &self.head, body).await {
                         Ok((o, b, target)) => {
-                            booking = b;
-                            booked_target = target;
+                            self.booking = b;
+                            self.booked_target = target;
                             out = o;
                         }
-                        Err((model, r)) => {
-                            send_reject(&shared, &tx, &model, r).await;
-                            return;
-                        }
+                        Err((model, r)) => return self.reject(&model, r),
                     }
                 }
                 out.push(protocol::trailers_continue(true));
                 out
             }
             Some(Request::ResponseHeaders(ref h)) => {
-                response_status = protocol::get_header(h.headers.as_ref(), ":status")
+                self.response_status = protocol::get_header(h.headers.as_ref(), ":status")
                     .and_then(|s| s.parse().ok());
-                if let Some(code) = response_status {
+                if let Some(code) = self.response_status {
                     m.count_response(code);
                 }
-                if let (Some(b), Some(booked)) = (&booking, booked_target)
+                if let (Some(b), Some(booked)) = (&self.booking, self.booked_target)
                     && let Some(served) = protocol::served_endpoint(&req)
                     && let Some(w) = shared.service.endpoint_worker(&served)
                     && w.instance_id() != booked.worker
@@ -224,7 +266,7 @@ pub async fn run(shared: Arc<Shared>, mut inbound: tonic::Streaming<ProcessingRe
                 }
                 if h.end_of_stream {
                     // A response without a body (e.g. 204) ends here.
-                    finish_response(&mut booking, &mut scanner);
+                    self.finish_response();
                 }
                 vec![protocol::response_headers_continue()]
             }
@@ -234,32 +276,35 @@ pub async fn run(shared: Arc<Shared>, mut inbound: tonic::Streaming<ProcessingRe
                 ..
             })) => {
                 if !body.is_empty()
-                    && let Some(b) = &mut booking
+                    && let Some(b) = &mut self.booking
                 {
                     b.first_byte();
                 }
-                if booking.is_some() && response_status.is_none_or(|s| s < 400) {
-                    scanner.feed(&body);
+                if self.booking.is_some() && self.response_status.is_none_or(|s| s < 400) {
+                    self.scanner.feed(&body);
                 }
                 if end_of_stream {
-                    finish_response(&mut booking, &mut scanner);
+                    self.finish_response();
                 }
                 vec![protocol::body_chunk(body, end_of_stream, false)]
             }
             Some(Request::ResponseTrailers(_)) => {
-                finish_response(&mut booking, &mut scanner);
+                self.finish_response();
                 vec![protocol::trailers_continue(false)]
             }
             None => Vec::new(),
         };
-        for r in out {
-            if tx.send(Ok(r)).await.is_err() {
-                return;
-            }
-        }
+        (out, false)
     }
-    if booking.is_some() {
-        m.aborted.fetch_add(1, Ordering::Relaxed);
+
+    fn finish_response(&mut self) {
+        if let Some(b) = self.booking.take() {
+            if let Some(actual) = self.scanner.finish() {
+                b.record_actual_cached(actual);
+            }
+            // Dropping frees the load.
+            drop(b);
+        }
     }
 }
 
@@ -269,16 +314,6 @@ struct ActiveGuard(Arc<Metrics>);
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
         self.0.streams_active.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-fn finish_response(booking: &mut Option<Booking>, scanner: &mut CachedTokensScanner) {
-    if let Some(b) = booking.take() {
-        if let Some(actual) = scanner.finish() {
-            b.record_actual_cached(actual);
-        }
-        // Dropping frees the load.
-        drop(b);
     }
 }
 
@@ -296,18 +331,6 @@ fn read_head(h: &HttpHeaders) -> RequestHead {
         content_length: protocol::get_header(map, "content-length")
             .and_then(|v| v.trim().parse().ok()),
     }
-}
-
-async fn send_reject(shared: &Shared, tx: &Tx, model: &str, r: Reject) {
-    shared.metrics.count_error(model, r.status);
-    let _ = tx
-        .send(Ok(protocol::immediate(
-            r.status,
-            &r.message,
-            r.param.as_deref(),
-            r.retry_after,
-        )))
-        .await;
 }
 
 /// The targets a subset hint allows; `None` = no hint.
@@ -445,6 +468,9 @@ fn bodiless(shared: &Shared, head: &RequestHead) -> ProcessingResponse {
     }
 }
 
+/// Bodies up to this size are parsed and tokenized on the async thread (about 0.2 ms of work).
+const INLINE_PREPARE_BYTES: usize = 8 * 1024;
+
 type Routed = (Vec<ProcessingResponse>, Option<Booking>, Option<WorkerRank>);
 
 /// Parses, tokenizes and routes a complete request body. Errors carry the model name (for
@@ -467,42 +493,53 @@ async fn route_body(
         return Err((String::new(), r));
     }
     let allowed = allowed_targets(s, &head.subset).map_err(|r| (String::new(), r))?;
+    let body_len = body.len();
     // Parsing and tokenizing scale with the prompt: keep them off the async threads, and
     // bound them so a pathological prompt cannot hold the request forever.
     let svc = s.clone();
-    let job = tokio::task::spawn_blocking(move || {
+    let work = move || {
         let parsed = OpenAiRequest::parse(endpoint, &body)?;
         let t = Instant::now();
-        let prepared = svc.prepare(&parsed);
+        let prepared = svc.prepare(&parsed, Some(&body));
         Ok::<_, kvgate_wire::openai::ParseError>((parsed, prepared, t.elapsed()))
-    });
-    let (parsed, prepared, tokenize_time) =
-        match tokio::time::timeout(shared.settings.tokenize_timeout, job).await {
-            Err(_) => {
-                return Err((
-                    String::new(),
-                    Reject::new(
-                        504,
-                        format!(
-                            "tokenizing the prompt took longer than {:?}",
-                            shared.settings.tokenize_timeout
-                        ),
+    };
+    // Small prompts take tens of microseconds: a hop to the blocking pool would cost more than
+    // the work. Large ones go there, bounded by the timeout.
+    let outcome = if body_len <= INLINE_PREPARE_BYTES {
+        Ok(Ok(work()))
+    } else {
+        tokio::time::timeout(
+            shared.settings.tokenize_timeout,
+            tokio::task::spawn_blocking(work),
+        )
+        .await
+    };
+    let (parsed, prepared, tokenize_time) = match outcome {
+        Err(_) => {
+            return Err((
+                String::new(),
+                Reject::new(
+                    504,
+                    format!(
+                        "tokenizing the prompt took longer than {:?}",
+                        shared.settings.tokenize_timeout
                     ),
-                ));
-            }
-            Ok(Err(_)) => return Err((String::new(), Reject::new(500, "request parser failed"))),
-            Ok(Ok(Err(e))) => {
-                let param = (!e.field.is_empty()).then(|| e.field.clone());
-                return Err((
-                    String::new(),
-                    Reject {
-                        param,
-                        ..Reject::new(400, e.to_string())
-                    },
-                ));
-            }
-            Ok(Ok(Ok(x))) => x,
-        };
+                ),
+            ));
+        }
+        Ok(Err(_)) => return Err((String::new(), Reject::new(500, "request parser failed"))),
+        Ok(Ok(Err(e))) => {
+            let param = (!e.field.is_empty()).then(|| e.field.clone());
+            return Err((
+                String::new(),
+                Reject {
+                    param,
+                    ..Reject::new(400, e.to_string())
+                },
+            ));
+        }
+        Ok(Ok(Ok(x))) => x,
+    };
     let model = parsed.model.clone();
     let served_model = s.workers().current().model.clone();
     if model != served_model {

@@ -314,7 +314,8 @@ async fn pick(
             // megabytes, and only a reference crosses threads.
             let p = Arc::clone(parsed);
             let svc = kv.clone();
-            let prepared = tokio::task::spawn_blocking(move || svc.prepare(&p)).await;
+            let raw = body.clone();
+            let prepared = tokio::task::spawn_blocking(move || svc.prepare(&p, Some(&raw))).await;
             let prepared = match prepared {
                 Ok(Ok(x)) => x,
                 Ok(Err(e)) => return Err(bad(StatusCode::BAD_REQUEST, e.to_string())),

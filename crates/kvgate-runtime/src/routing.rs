@@ -217,7 +217,13 @@ impl RoutingService {
 
     /// Tokenizes (unless the request carries `nvext.token_data`), hashes and rewrites the body
     /// with the token ids. CPU-bound: call it from a blocking thread for large prompts.
-    pub fn prepare(&self, req: &OpenAiRequest) -> Result<Prepared, TokenizeError> {
+    /// `raw`: the bytes `req` was parsed from, when at hand (the rewrite then splices instead
+    /// of re-serialising).
+    pub fn prepare(
+        &self,
+        req: &OpenAiRequest,
+        raw: Option<&[u8]>,
+    ) -> Result<Prepared, TokenizeError> {
         let block_size = self.block_size();
         let (tokens, client_tokens) = match &req.token_data {
             Some(t) => (t.clone(), true),
@@ -229,7 +235,10 @@ impl RoutingService {
             HashSeed::new(None, req.cache_salt.as_deref()),
         );
         // The worker gets the ids we routed on: no second tokenization, no drift.
-        let body = req.body_with_token_data(&tokens);
+        let body = match raw {
+            Some(raw) => req.raw_body_with_token_data(raw, &tokens),
+            None => req.body_with_token_data(&tokens),
+        };
         Ok(Prepared {
             hashes,
             body,

@@ -41,8 +41,135 @@ impl Tiktoken {
     }
 }
 
+/// Texts at least this long are encoded on several threads (a 50k-token prompt takes ~6 ms on
+/// one core; a thread costs tens of microseconds).
+const PARALLEL_MIN_BYTES: usize = 32 * 1024;
+const MAX_ENCODE_THREADS: usize = 4;
+
+/// A cut point near `target` where o200k's pre-tokeniser splits whatever the context: an ASCII
+/// letter, one space, an ASCII letter, cut before the space. No piece of the pattern can span a
+/// letter followed by a space (letter runs stop at the space; punctuation and whitespace runs
+/// cannot start on a letter), the piece after it (` word`) starts at the space, and the pattern
+/// has no look-behind, so encoding the two sides apart gives the same ids. Special tokens
+/// contain no space. Looks forward up to `window` bytes.
+pub fn o200k_cut_near(text: &str, target: usize, window: usize) -> Option<usize> {
+    let b = text.as_bytes();
+    let end = (target + window).min(b.len().saturating_sub(1));
+    (target.max(1)..end)
+        .find(|&p| b[p] == b' ' && b[p - 1].is_ascii_alphabetic() && b[p + 1].is_ascii_alphabetic())
+}
+
+type EncodeJob = Box<dyn FnOnce() + Send>;
+
+/// Long-lived encoder threads. Scoped threads would be created per call, and each new thread
+/// meets cold regex caches (tiktoken keeps a regex per thread slot): slower than one core.
+struct EncodePool {
+    workers: Vec<std::sync::Mutex<std::sync::mpsc::Sender<EncodeJob>>>,
+}
+
+fn encode_pool() -> &'static EncodePool {
+    static POOL: std::sync::OnceLock<EncodePool> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let n = cores.clamp(1, MAX_ENCODE_THREADS) - 1;
+        let workers = (0..n)
+            .filter_map(|i| {
+                let (tx, rx) = std::sync::mpsc::channel::<EncodeJob>();
+                std::thread::Builder::new()
+                    .name(format!("kvgate-encode-{i}"))
+                    .spawn(move || {
+                        while let Ok(job) = rx.recv() {
+                            job();
+                        }
+                    })
+                    .ok()
+                    .map(|_| std::sync::Mutex::new(tx))
+            })
+            .collect();
+        EncodePool { workers }
+    })
+}
+
+impl Tiktoken {
+    /// Encodes in up to `parts` pieces cut by [`o200k_cut_near`], the first on this thread and
+    /// the others on the encoder threads; identical to one-piece encoding (property-tested).
+    /// Falls back to one piece when no cut is found or no encoder thread is available.
+    pub fn encode_parallel(&self, text: &str, parts: usize) -> Vec<u32> {
+        let pool = encode_pool();
+        let parts = parts.min(pool.workers.len() + 1);
+        let mut cuts = vec![0];
+        for i in 1..parts {
+            let target = text.len() * i / parts;
+            let last = *cuts.last().unwrap_or(&0);
+            if let Some(c) = o200k_cut_near(text, target.max(last + 1), 4096)
+                && c > last
+            {
+                cuts.push(c);
+            }
+        }
+        cuts.push(text.len());
+        if cuts.len() <= 2 {
+            return self.bpe.encode_with_special_tokens(text);
+        }
+        let bpe = self.bpe;
+        let (tx, rx) = std::sync::mpsc::channel::<(usize, Vec<u32>)>();
+        let mut local: Vec<(usize, String)> = Vec::new();
+        for (i, w) in cuts.windows(2).enumerate().skip(1) {
+            let piece = text[w[0]..w[1]].to_string();
+            let tx = tx.clone();
+            let sent = pool.workers[(i - 1) % pool.workers.len()]
+                .lock()
+                .ok()
+                .and_then(|worker| {
+                    worker
+                        .send(Box::new(move || {
+                            let _ = tx.send((i, bpe.encode_with_special_tokens(&piece)));
+                        }))
+                        .map_err(|e| e.0)
+                        .err()
+                });
+            // A worker that is gone leaves its piece to this thread.
+            if let Some(_job) = sent {
+                local.push((i, text[w[0]..w[1]].to_string()));
+            }
+        }
+        drop(tx);
+        let mut results: Vec<Option<Vec<u32>>> = vec![None; cuts.len() - 1];
+        results[0] = Some(bpe.encode_with_special_tokens(&text[..cuts[1]]));
+        for (i, piece) in local {
+            results[i] = Some(bpe.encode_with_special_tokens(&piece));
+        }
+        for (i, ids) in rx.iter() {
+            results[i] = Some(ids);
+        }
+        let mut out = Vec::new();
+        for (i, r) in results.into_iter().enumerate() {
+            match r {
+                Some(ids) => out.extend(ids),
+                // A worker panicked on its piece: encode it here.
+                None => out.extend(bpe.encode_with_special_tokens(&text[cuts[i]..cuts[i + 1]])),
+            }
+        }
+        out
+    }
+}
+
+fn encode_threads(len: usize) -> usize {
+    if len < PARALLEL_MIN_BYTES {
+        return 1;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    cores
+        .min(MAX_ENCODE_THREADS)
+        .min(len / (PARALLEL_MIN_BYTES / 2))
+}
+
 impl Tokenizer for Tiktoken {
     fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizeError> {
+        let threads = encode_threads(text.len());
+        if threads > 1 {
+            return Ok(self.encode_parallel(text, threads));
+        }
         Ok(self.bpe.encode_with_special_tokens(text))
     }
 

@@ -138,3 +138,53 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+    /// Parallel encoding cuts the text at o200k-safe points; the ids must equal one-piece
+    /// encoding for any text (adversarial pieces: markers, contractions, unicode, digits).
+    #[test]
+    fn parallel_tiktoken_encoding_is_exact(
+        parts in proptest::collection::vec(
+            prop_oneof![
+                content(),
+                Just("'s 're don't".to_string()),
+                Just(" a b c ".to_string()),
+                Just("x  y\t z\r\nw".to_string()),
+            ],
+            1..12,
+        ),
+        pieces in 2usize..6,
+    ) {
+        let text = parts.concat();
+        let t = kvgate_tokenize::Tiktoken::o200k_base().unwrap();
+        let whole = kvgate_tokenize::Tokenizer::encode(&t, &text).unwrap();
+        prop_assert_eq!(t.encode_parallel(&text, pieces), whole);
+    }
+}
+
+#[test]
+fn long_prompts_are_encoded_in_parallel_and_exactly() {
+    let t = kvgate_tokenize::Tiktoken::o200k_base().unwrap();
+    let text: String = (0..20_000)
+        .map(|i| {
+            [
+                "alpha ",
+                "beta, ",
+                "gamma's ",
+                "délta ",
+                "42 ",
+                "\n\n",
+                "<|im_end|>\n",
+            ][i % 7]
+        })
+        .collect();
+    let single = tiktoken_rs::o200k_base_singleton().encode_with_special_tokens(&text);
+    // Cuts are found in this text, so more than one piece really is used.
+    assert!(kvgate_tokenize::o200k_cut_near(&text, text.len() / 2, 4096).is_some());
+    assert_eq!(t.encode_parallel(&text, 4), single);
+    assert_eq!(
+        kvgate_tokenize::Tokenizer::encode(&t, &text).unwrap(),
+        single
+    );
+}

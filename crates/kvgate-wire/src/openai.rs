@@ -352,6 +352,34 @@ impl OpenAiRequest {
         })
     }
 
+    /// Like [`body_with_token_data`](Self::body_with_token_data), but from the request's own
+    /// bytes: when the body has no `nvext`, the ids are appended before its closing brace and
+    /// the rest is copied as is (no re-serialisation of a prompt that may be megabytes).
+    /// `raw` must be the bytes this request was parsed from.
+    pub fn raw_body_with_token_data(&self, raw: &[u8], tokens: &[u32]) -> Vec<u8> {
+        let end = raw.iter().rposition(|b| !b.is_ascii_whitespace());
+        match end {
+            Some(end) if raw[end] == b'}' && !self.body.contains_key("nvext") => {
+                let mut out = Vec::with_capacity(end + 32 + tokens.len() * 7);
+                out.extend_from_slice(&raw[..end]);
+                if !self.body.is_empty() {
+                    out.push(b',');
+                }
+                out.extend_from_slice(b"\"nvext\":{\"token_data\":[");
+                let mut buf = itoa::Buffer::new();
+                for (i, t) in tokens.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    out.extend_from_slice(buf.format(*t).as_bytes());
+                }
+                out.extend_from_slice(b"]}}");
+                out
+            }
+            _ => self.body_with_token_data(tokens),
+        }
+    }
+
     /// The body with `nvext.token_data` set to `tokens`, other `nvext` fields preserved.
     pub fn body_with_token_data(&self, tokens: &[u32]) -> Vec<u8> {
         let mut body = self.body.clone();
@@ -379,6 +407,27 @@ pub fn set_token_data(body: &mut Map<String, Value>, tokens: &[u32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn raw_splice_equals_the_reserialised_body() {
+        for raw in [
+            r#"{"model":"m","messages":[{"role":"user","content":"h\u00e9 \"x\""}]}"#,
+            "  {\"model\": \"m\", \"prompt\": \"p\"}  \n",
+            r#"{"model":"m","prompt":"p","nvext":{"keep":1}}"#,
+        ] {
+            let ep = if raw.contains("messages") {
+                Endpoint::Chat
+            } else {
+                Endpoint::Completion
+            };
+            let req = OpenAiRequest::parse(ep, raw.as_bytes()).unwrap();
+            let spliced = req.raw_body_with_token_data(raw.as_bytes(), &[1, 20, 4_000_000_000]);
+            let a: Value = serde_json::from_slice(&spliced).unwrap();
+            let b: Value =
+                serde_json::from_slice(&req.body_with_token_data(&[1, 20, 4_000_000_000])).unwrap();
+            assert_eq!(a, b, "{raw}");
+        }
+    }
     use serde_json::json;
 
     fn chat(v: Value) -> Result<OpenAiRequest, ParseError> {

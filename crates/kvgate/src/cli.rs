@@ -37,8 +37,18 @@ pub enum Command {
     Epp(Box<crate::epp_args::EppArgs>),
     /// Run the OpenAI-compatible frontend (EPP sidecar, in-process KV router, or a baseline).
     Frontend(Box<FrontendArgs>),
+    /// Benchmarks that start real processes and print figures.
+    #[command(subcommand)]
+    Bench(BenchCommand),
     /// The local demo: mock workers, round-robin vs the KV router on trace conversations, results.
     Demo(Box<crate::demo::DemoArgs>),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// What the EPP adds: Envoy+EPP vs Envoy straight to one worker, side by side, at 2k/8k/50k
+    /// token prompts and multi-turn 8k conversations (added latency p50/p99, EPP CPU/request).
+    Epp(Box<crate::bench_epp::BenchEppArgs>),
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -187,6 +197,9 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 }))
                 .map_err(CliError)
         }
+        Command::Bench(BenchCommand::Epp(args)) => runtime()?
+            .block_on(crate::bench_epp::run(*args))
+            .map_err(CliError),
         Command::Demo(args) => runtime()?
             .block_on(crate::demo::run(*args))
             .map_err(CliError),
