@@ -30,6 +30,7 @@ pub struct Booking {
     pub prefill_done: bool,
     pub expected_output_tokens: Option<u32>,
     pub output_tokens: u32,
+    /// When it was booked, or last seen alive (`touch`); the stale sweep measures from here.
     pub booked_at: Instant,
 }
 
@@ -259,6 +260,18 @@ impl LoadTracker {
     }
 
     /// Frees bookings older than `max_age` (leaked by a lost end-of-stream); returns their ids.
+    /// The request is still alive (its response is flowing): restart its stale clock, so a
+    /// generation longer than the stale timeout keeps its load.
+    pub fn touch(&mut self, request: &RequestId, now: Instant) -> Change {
+        match self.bookings.get_mut(request) {
+            Some(b) => {
+                b.booked_at = now;
+                Change::Applied
+            }
+            None => Change::NoChange,
+        }
+    }
+
     pub fn sweep_stale(&mut self, now: Instant, max_age: Duration) -> Vec<RequestId> {
         let stale: Vec<RequestId> = self
             .bookings
@@ -381,6 +394,22 @@ mod tests {
         assert_eq!(t.load(&W).unwrap().output_blocks, 5.0);
         t.record_output(&"a".into(), 400);
         assert_eq!(t.load(&W).unwrap().output_blocks, 0.0);
+    }
+
+    #[test]
+    fn touched_bookings_survive_the_stale_sweep() {
+        let mut t = LoadTracker::new(16);
+        let t0 = Instant::now();
+        book(&mut t, "long", W, &seqs(&[1]), 16);
+        book(&mut t, "leaked", W, &seqs(&[2]), 16);
+        let age = Duration::from_secs(300);
+        assert_eq!(t.touch(&"long".into(), t0 + Duration::from_secs(200)), Change::Applied);
+        assert_eq!(t.touch(&"nope".into(), t0), Change::NoChange);
+        let freed = t.sweep_stale(t0 + Duration::from_secs(400), age);
+        assert_eq!(freed, vec![RequestId::from("leaked")]);
+        assert!(t.booking(&"long".into()).is_some());
+        let freed = t.sweep_stale(t0 + Duration::from_secs(600), age);
+        assert_eq!(freed, vec![RequestId::from("long")]);
     }
 
     #[test]

@@ -398,6 +398,11 @@ impl Router {
         change
     }
 
+    /// The request is still alive: keep its booking from being swept as stale.
+    pub fn touch(&mut self, request: &RequestId, now: Instant) -> Change {
+        self.load.touch(request, now)
+    }
+
     pub fn free(&mut self, request: &RequestId) -> Change {
         self.load.free(request)
     }

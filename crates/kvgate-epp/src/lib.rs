@@ -204,6 +204,9 @@ fn grpc_builder() -> tonic::transport::Server {
         .initial_stream_window_size(Some(16 << 20))
         .initial_connection_window_size(Some(64 << 20))
         .max_concurrent_streams(None)
+        // A gateway that vanished without closing must not hold streams (and bodies) forever.
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
 }
 
 fn accepted(stream: TcpStream) -> TcpStream {

@@ -186,14 +186,15 @@ pub fn route_response(
 
 /// The body re-emitted as streamed chunks of at most [`BODY_CHUNK_BYTES`]; the last one carries
 /// `end_of_stream`. An empty body is one empty final chunk.
-pub fn body_chunks(body: &[u8], request: bool) -> Vec<ProcessingResponse> {
+/// `end_of_stream`: false when trailers follow the body.
+pub fn body_chunks(body: &[u8], request: bool, end_of_stream: bool) -> Vec<ProcessingResponse> {
     if body.is_empty() {
-        return vec![body_chunk(Vec::new(), true, request)];
+        return vec![body_chunk(Vec::new(), end_of_stream, request)];
     }
     let n = body.len().div_ceil(BODY_CHUNK_BYTES);
     body.chunks(BODY_CHUNK_BYTES)
         .enumerate()
-        .map(|(i, c)| body_chunk(c.to_vec(), i + 1 == n, request))
+        .map(|(i, c)| body_chunk(c.to_vec(), end_of_stream && i + 1 == n, request))
         .collect()
 }
 
@@ -310,6 +311,10 @@ impl CachedTokensScanner {
                 .copied()
                 .collect();
             digits.push_str(&String::from_utf8_lossy(&more));
+            if digits.len() > 20 {
+                // Longer than any u64: not a token count; drop it.
+                digits.clear();
+            }
             if more.len() == buf.len() - start_new {
                 self.pending = Some(digits);
                 self.keep_tail(buf);
@@ -514,7 +519,7 @@ mod tests {
     #[test]
     fn bodies_are_rechunked_with_end_of_stream_last() {
         let body = vec![b'x'; BODY_CHUNK_BYTES * 2 + 5];
-        let chunks = body_chunks(&body, true);
+        let chunks = body_chunks(&body, true, true);
         assert_eq!(chunks.len(), 3);
         let mut total = 0;
         for (i, c) in chunks.iter().enumerate() {
@@ -538,7 +543,7 @@ mod tests {
             total += s.body.len();
         }
         assert_eq!(total, body.len());
-        assert_eq!(body_chunks(&[], false).len(), 1);
+        assert_eq!(body_chunks(&[], false, true).len(), 1);
     }
 
     #[test]

@@ -66,8 +66,9 @@ impl Reject {
 enum Phase {
     /// Waiting for request headers.
     Start,
-    /// Gathering the request body.
-    Body(Vec<u8>),
+    /// Gathering the request body (`seen`: a body message arrived; a request may end with
+    /// trailers without any).
+    Body { buf: Vec<u8>, seen: bool },
     /// Routed (or passed through); following the response.
     Routed,
 }
@@ -158,7 +159,10 @@ impl StreamState {
                 if h.end_of_stream {
                     // No body (GET /v1/models): a healthy endpoint by load alone.
                     self.phase = Phase::Routed;
-                    vec![bodiless(&shared, &self.head)]
+                    match bodiless(&shared, &self.head) {
+                        Ok(r) => vec![r],
+                        Err(r) => return self.reject("", r),
+                    }
                 } else if let Some(n) = self
                     .head
                     .content_length
@@ -176,12 +180,18 @@ impl StreamState {
                         ),
                     );
                 } else {
+                    // Trust the declared length only so far: a lying client must not make us
+                    // reserve the whole limit up front.
                     let cap = self
                         .head
                         .content_length
                         .unwrap_or(0)
-                        .min(shared.settings.max_request_body_bytes);
-                    self.phase = Phase::Body(Vec::with_capacity(cap));
+                        .min(shared.settings.max_request_body_bytes)
+                        .min(PREALLOC_MAX_BYTES);
+                    self.phase = Phase::Body {
+                        buf: Vec::with_capacity(cap),
+                        seen: false,
+                    };
                     Vec::new()
                 }
             }
@@ -190,10 +200,11 @@ impl StreamState {
                 end_of_stream,
                 ..
             })) => {
-                let Phase::Body(buf) = &mut self.phase else {
+                let Phase::Body { buf, seen } = &mut self.phase else {
                     tracing::debug!("request body outside the body phase; ignored");
                     return (Vec::new(), false);
                 };
+                *seen = true;
                 if buf.len() + body.len() > shared.settings.max_request_body_bytes {
                     let limit = shared.settings.max_request_body_bytes;
                     return self.reject(
@@ -215,7 +226,7 @@ impl StreamState {
                 }
                 let body = std::mem::take(buf);
                 self.phase = Phase::Routed;
-                match route_body(&shared, &self.head, body).await {
+                match route_body(&shared, &self.head, body, BodyEnd::EndOfStream).await {
                     Ok((out, b, target)) => {
                         self.booking = b;
                         self.booked_target = target;
@@ -227,10 +238,15 @@ impl StreamState {
             Some(Request::RequestTrailers(_)) => {
                 let mut out = Vec::new();
                 // HTTP/2 requests may end their body with trailers instead of end_of_stream.
-                if let Phase::Body(buf) = &mut self.phase {
+                if let Phase::Body { buf, seen } = &mut self.phase {
                     let body = std::mem::take(buf);
+                    let end = if *seen {
+                        BodyEnd::Trailers
+                    } else {
+                        BodyEnd::NoBodyMessages
+                    };
                     self.phase = Phase::Routed;
-                    match route_body(&shared, &self.head, body).await {
+                    match route_body(&shared, &self.head, body, end).await {
                         Ok((o, b, target)) => {
                             self.booking = b;
                             self.booked_target = target;
@@ -279,6 +295,7 @@ impl StreamState {
                     && let Some(b) = &mut self.booking
                 {
                     b.first_byte();
+                    b.alive();
                 }
                 if self.booking.is_some() && self.response_status.is_none_or(|s| s < 400) {
                     self.scanner.feed(&body);
@@ -340,9 +357,10 @@ fn allowed_targets(
 ) -> Result<Option<Vec<WorkerRank>>, Reject> {
     let Some(list) = subset else { return Ok(None) };
     let file = service.workers().current();
+    let wanted: std::collections::HashSet<&str> = list.iter().map(String::as_str).collect();
     let mut out = Vec::new();
     for w in &file.workers {
-        if w.host_port().is_some_and(|hp| list.iter().any(|s| s == hp)) {
+        if w.host_port().is_some_and(|hp| wanted.contains(hp)) {
             out.extend((0..w.dp_size).map(|r| WorkerRank {
                 worker: w.instance_id(),
                 dp_rank: DpRank(r),
@@ -357,9 +375,10 @@ fn allowed_targets(
                 if list.is_empty() {
                     "the gateway's endpoint subset is empty".to_string()
                 } else {
+                    // Endpoint addresses are internal: count them, do not echo them.
                     format!(
-                        "no known worker among the gateway's endpoint subset ({})",
-                        list.join(",")
+                        "none of the {} endpoints in the gateway's subset is a known worker",
+                        list.len()
                     )
                 },
             )
@@ -390,6 +409,13 @@ fn destinations(service: &RoutingService, ranked: &[WorkerRank], max: usize) -> 
 }
 
 fn no_workers(enforce_disagg: bool, service: &RoutingService) -> Option<Reject> {
+    if enforce_disagg && service.has_role(WorkerRole::Prefill) {
+        // Routing aggregated would break the operator's explicit demand.
+        return Some(Reject::new(
+            501,
+            "DYN_ENFORCE_DISAGG is true, and disaggregated prefill/decode routing is not available in this version of the EPP; set DYN_ENFORCE_DISAGG=false to route aggregated",
+        ));
+    }
     if enforce_disagg && !service.has_role(WorkerRole::Prefill) {
         return Some(Reject {
             retry_after: Some(5),
@@ -432,41 +458,35 @@ fn decision_headers(d: &Decision) -> Vec<(&'static str, String)> {
 }
 
 /// A request without a body: the least-loaded endpoint, nothing booked.
-fn bodiless(shared: &Shared, head: &RequestHead) -> ProcessingResponse {
+fn bodiless(shared: &Shared, head: &RequestHead) -> Result<ProcessingResponse, Reject> {
     let s = &shared.service;
-    let reject = |r: Reject| {
-        shared.metrics.count_error("", r.status);
-        protocol::immediate(r.status, &r.message, None, r.retry_after)
-    };
     if let Some(r) = no_workers(shared.settings.enforce_disagg, s) {
-        return reject(r);
+        return Err(r);
     }
-    let allowed = match allowed_targets(s, &head.subset) {
-        Ok(a) => a,
-        Err(r) => return reject(r),
-    };
+    let allowed = allowed_targets(s, &head.subset)?;
     let id = RequestId::from("epp-bodiless");
     let empty = kvgate_core::hashing::BlockHashes::new(
         s.block_size(),
         kvgate_core::hashing::HashSeed::new(None, None),
     );
-    match s.route(&id, &empty, None, allowed.as_deref(), false) {
-        Ok(d) => {
-            let dest = destinations(s, &d.ranked, shared.settings.max_endpoints);
-            if dest.is_empty() {
-                return reject(Reject::new(503, "the chosen worker has no endpoint"));
-            }
-            shared.metrics.count_request("");
-            protocol::route_response(
-                &dest.join(","),
-                &decision_headers(&d),
-                head.remove.clone(),
-                None,
-            )
-        }
-        Err(e) => reject(route_error(e)),
+    let d = s
+        .route(&id, &empty, None, allowed.as_deref(), false)
+        .map_err(route_error)?;
+    let dest = destinations(s, &d.ranked, shared.settings.max_endpoints);
+    if dest.is_empty() {
+        return Err(Reject::new(503, "the chosen worker has no endpoint"));
     }
+    shared.metrics.count_request("");
+    Ok(protocol::route_response(
+        &dest.join(","),
+        &decision_headers(&d),
+        head.remove.clone(),
+        None,
+    ))
 }
+
+/// The most a declared `content-length` reserves before the bytes arrive.
+const PREALLOC_MAX_BYTES: usize = 1 << 20;
 
 /// Bodies up to this size are parsed and tokenized on the async thread (about 0.2 ms of work).
 const INLINE_PREPARE_BYTES: usize = 8 * 1024;
@@ -475,18 +495,38 @@ type Routed = (Vec<ProcessingResponse>, Option<Booking>, Option<WorkerRank>);
 
 /// Parses, tokenizes and routes a complete request body. Errors carry the model name (for
 /// metrics) and the rejection.
+/// How the request body ended, which decides how it is re-emitted.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum BodyEnd {
+    /// A body message with `end_of_stream`.
+    EndOfStream,
+    /// Trailers after body messages: the re-emitted body must not claim end of stream.
+    Trailers,
+    /// Trailers and no body message at all: Envoy expects no body response.
+    NoBodyMessages,
+}
+
+fn reemit(body: &[u8], end: BodyEnd) -> Vec<ProcessingResponse> {
+    match end {
+        BodyEnd::EndOfStream => protocol::body_chunks(body, true, true),
+        BodyEnd::Trailers => protocol::body_chunks(body, true, false),
+        BodyEnd::NoBodyMessages => Vec::new(),
+    }
+}
+
 async fn route_body(
     shared: &Arc<Shared>,
     head: &RequestHead,
     body: Vec<u8>,
+    end: BodyEnd,
 ) -> Result<Routed, (String, Reject)> {
     let started = Instant::now();
     let m = &shared.metrics;
     let s = &shared.service;
     let Some(endpoint) = Endpoint::from_path(&head.path) else {
         // Not an OpenAI generation endpoint: pass the body through, route by load.
-        let mut out = vec![bodiless(shared, head)];
-        out.extend(protocol::body_chunks(&body, true));
+        let mut out = vec![bodiless(shared, head).map_err(|r| (String::new(), r))?];
+        out.extend(reemit(&body, end));
         return Ok((out, None, None));
     };
     if let Some(r) = no_workers(shared.settings.enforce_disagg, s) {
@@ -500,7 +540,7 @@ async fn route_body(
     let work = move || {
         let parsed = OpenAiRequest::parse(endpoint, &body)?;
         let t = Instant::now();
-        let prepared = svc.prepare(&parsed, Some(&body));
+        let prepared = svc.prepare(&parsed, Some(&body), false);
         Ok::<_, kvgate_wire::openai::ParseError>((parsed, prepared, t.elapsed()))
     };
     // Small prompts take tens of microseconds: a hop to the blocking pool would cost more than
@@ -544,7 +584,8 @@ async fn route_body(
     let served_model = s.workers().current().model.clone();
     if model != served_model {
         return Err((
-            model.clone(),
+            // Not the client's string: labels must not grow with what clients send.
+            "unknown".to_string(),
             Reject {
                 param: Some("model".into()),
                 ..Reject::new(
@@ -591,7 +632,7 @@ async fn route_body(
         head.remove.clone(),
         Some(body.len()),
     )];
-    out.extend(protocol::body_chunks(&body, true));
+    out.extend(reemit(&body, end));
     m.processing_seconds
         .observe(started.elapsed().as_secs_f64());
     Ok((out, Some(booking), Some(d.worker)))

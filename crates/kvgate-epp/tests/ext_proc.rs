@@ -112,6 +112,18 @@ impl Stream {
         .await;
     }
 
+    async fn try_send(&self, r: Request) {
+        let _ = self
+            .tx
+            .as_ref()
+            .unwrap()
+            .send(ProcessingRequest {
+                request: Some(r),
+                ..Default::default()
+            })
+            .await;
+    }
+
     async fn send_msg(&self, m: ProcessingRequest) {
         self.tx.as_ref().unwrap().send(m).await.unwrap();
     }
@@ -591,10 +603,12 @@ async fn bad_requests_get_json_errors() {
     for (payload, want, needle) in cases {
         let mut s = Stream::open(&b).await;
         s.send(post("/v1/chat/completions", &[])).await;
+        // The EPP may answer 413 and end the stream before the last chunks: a refused send is
+        // expected then.
         for c in payload.chunks(700) {
-            s.send(body(c, false)).await;
+            s.try_send(body(c, false)).await;
         }
-        s.send(body(b"", true)).await;
+        s.try_send(body(b"", true)).await;
         let (code, body, _) = immediate(&s.recv().await);
         assert_eq!(code, want, "{body}");
         let msg = body["error"]["message"].as_str().unwrap();
@@ -611,6 +625,12 @@ async fn bad_requests_get_json_errors() {
     assert_eq!(code, 413);
     let m = metrics(&b).await;
     assert!(m.contains("inference_objective_request_error_total{model_name=\"\",target_model_name=\"\",error_code=\"413\"} 2"), "{m}");
+    // A client's model name never becomes a label.
+    assert!(
+        m.contains("model_name=\"unknown\",target_model_name=\"unknown\",error_code=\"404\"} 1"),
+        "{m}"
+    );
+    assert!(!m.contains("\"other\""));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -633,13 +653,56 @@ async fn bodiless_requests_and_trailer_terminated_bodies_are_routed() {
         .await;
     let r = routed(&s.recv().await);
     assert!(r.get("x-gateway-destination-endpoint").is_some());
-    let (out, _) = read_body(&mut s).await;
-    assert!(serde_json::from_slice::<serde_json::Value>(&out).is_ok());
+    // The body is re-emitted without end_of_stream (the trailers end the request), then the
+    // trailers are answered.
+    let c = s.recv().await;
+    let Some(Response::RequestBody(rb)) = c.response else {
+        panic!("expected the body, got {c:?}")
+    };
+    let Some(body_mutation::Mutation::StreamedResponse(sb)) =
+        rb.response.unwrap().body_mutation.unwrap().mutation
+    else {
+        panic!()
+    };
+    assert!(!sb.end_of_stream);
+    assert!(serde_json::from_slice::<serde_json::Value>(&sb.body).is_ok());
     let t = s.recv().await;
     assert!(
         matches!(t.response, Some(Response::RequestTrailers(_))),
         "{t:?}"
     );
+
+    // Headers then trailers with no body message at all: no body answer may be sent (Envoy
+    // treats one as a spurious message and fails the request).
+    let mut s = Stream::open(&b).await;
+    s.send(post("/other", &[])).await;
+    s.send(Request::RequestTrailers(HttpTrailers::default()))
+        .await;
+    let r = routed(&s.recv().await);
+    assert!(r.get("x-gateway-destination-endpoint").is_some());
+    let t = s.recv().await;
+    assert!(
+        matches!(t.response, Some(Response::RequestTrailers(_))),
+        "{t:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_token_ids_are_never_trusted() {
+    let (b, _d) = start().await;
+    let mut s = Stream::open(&b).await;
+    s.send(post("/v1/chat/completions", &[])).await;
+    let body_json = serde_json::json!({"model": "qwen3",
+        "messages": [{"role": "user", "content": "hello world"}],
+        "nvext": {"token_data": [4000000000u32, 1], "keep": true}});
+    s.send(body(body_json.to_string().as_bytes(), true)).await;
+    let _ = routed(&s.recv().await);
+    let (out, _) = read_body(&mut s).await;
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    let ids = v["nvext"]["token_data"].as_array().unwrap();
+    assert!(!ids.contains(&serde_json::json!(4000000000u32)), "{ids:?}");
+    assert!(ids.len() > 2);
+    assert_eq!(v["nvext"]["keep"], true, "other nvext fields are kept");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -683,6 +746,15 @@ async fn enforce_disagg_without_prefill_workers_is_503_and_admission_is_429() {
             .unwrap()
             .contains("prefill")
     );
+    // With a prefill pool, enforcing disaggregation must not silently route aggregated.
+    let with_prefill =
+        format!("{WORKERS}  - {{name: p, id: 33, url: 'http://10.0.0.3:8000', role: prefill}}\n");
+    let (b, _d) = start_with(&with_prefill, |c| c.router.enforce_disagg = true).await;
+    let mut s = Stream::open(&b).await;
+    s.send(post("/v1/chat/completions", &[])).await;
+    s.send(body(&chat("x"), true)).await;
+    let (code, body_json, _) = immediate(&s.recv().await);
+    assert_eq!(code, 501, "{body_json}");
 
     // Admission: a worker is busy above 10% of its 100 blocks; a 200-token prompt books 13.
     let (b, _d) = start_with(WORKERS, |c| {

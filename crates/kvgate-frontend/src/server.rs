@@ -315,7 +315,8 @@ async fn pick(
             let p = Arc::clone(parsed);
             let svc = kv.clone();
             let raw = body.clone();
-            let prepared = tokio::task::spawn_blocking(move || svc.prepare(&p, Some(&raw))).await;
+            let prepared =
+                tokio::task::spawn_blocking(move || svc.prepare(&p, Some(&raw), false)).await;
             let prepared = match prepared {
                 Ok(Ok(x)) => x,
                 Ok(Err(e)) => return Err(bad(StatusCode::BAD_REQUEST, e.to_string())),
@@ -444,6 +445,7 @@ async fn forward(
                 Ok(b) => {
                     if let Some(g) = &mut guard {
                         g.first_byte();
+                        g.alive();
                     }
                     yield Ok::<_, std::io::Error>(b);
                 }

@@ -219,15 +219,21 @@ impl RoutingService {
     /// with the token ids. CPU-bound: call it from a blocking thread for large prompts.
     /// `raw`: the bytes `req` was parsed from, when at hand (the rewrite then splices instead
     /// of re-serialising).
+    ///
+    /// `trust_client_tokens`: route on `nvext.token_data` when the request carries it. Only for
+    /// callers whose clients are trusted to tokenize (the ids bypass the chat template and
+    /// steer routing); the EPP and the client-facing frontend always tokenize themselves and
+    /// overwrite whatever ids came in.
     pub fn prepare(
         &self,
         req: &OpenAiRequest,
         raw: Option<&[u8]>,
+        trust_client_tokens: bool,
     ) -> Result<Prepared, TokenizeError> {
         let block_size = self.block_size();
         let (tokens, client_tokens) = match &req.token_data {
-            Some(t) => (t.clone(), true),
-            None => (self.tokenizer.tokenize(req)?, false),
+            Some(t) if trust_client_tokens => (t.clone(), true),
+            _ => (self.tokenizer.tokenize(req)?, false),
         };
         let hashes = BlockHashes::from_tokens(
             &tokens,
@@ -314,6 +320,10 @@ impl RoutingService {
 
     pub fn prefill_complete(&self, id: &RequestId) {
         lock(&self.router).prefill_complete(id);
+    }
+
+    pub fn touch(&self, id: &RequestId) {
+        lock(&self.router).touch(id, Instant::now());
     }
 
     pub fn free(&self, id: &RequestId) {
@@ -498,7 +508,11 @@ pub struct Booking {
     id: RequestId,
     pub predicted_cached_tokens: u64,
     prefill_done: bool,
+    last_touch: Instant,
 }
+
+/// How often a streaming response refreshes its booking against the stale sweep.
+const TOUCH_EVERY: Duration = Duration::from_secs(30);
 
 impl Booking {
     pub fn new(service: Arc<RoutingService>, id: RequestId, predicted_cached_tokens: u64) -> Self {
@@ -507,6 +521,16 @@ impl Booking {
             id,
             predicted_cached_tokens,
             prefill_done: false,
+            last_touch: Instant::now(),
+        }
+    }
+
+    /// Response data is flowing: keeps a long generation from being swept as stale.
+    pub fn alive(&mut self) {
+        let now = Instant::now();
+        if now.duration_since(self.last_touch) >= TOUCH_EVERY {
+            self.last_touch = now;
+            self.service.touch(&self.id);
         }
     }
 
