@@ -403,7 +403,10 @@ mod tests {
         book(&mut t, "long", W, &seqs(&[1]), 16);
         book(&mut t, "leaked", W, &seqs(&[2]), 16);
         let age = Duration::from_secs(300);
-        assert_eq!(t.touch(&"long".into(), t0 + Duration::from_secs(200)), Change::Applied);
+        assert_eq!(
+            t.touch(&"long".into(), t0 + Duration::from_secs(200)),
+            Change::Applied
+        );
         assert_eq!(t.touch(&"nope".into(), t0), Change::NoChange);
         let freed = t.sweep_stale(t0 + Duration::from_secs(400), age);
         assert_eq!(freed, vec![RequestId::from("leaked")]);

@@ -116,6 +116,9 @@ pub async fn serve(config: EppConfig, on_bound: impl FnOnce(Bound)) -> Result<()
         },
         metrics: metrics.clone(),
         next_id: AtomicU64::new(1),
+        prepare_slots: Arc::new(tokio::sync::Semaphore::new(
+            2 * std::thread::available_parallelism().map_or(2, |n| n.get()),
+        )),
     });
     let tls = if config.secure_serving {
         let (cfg, resolver) =

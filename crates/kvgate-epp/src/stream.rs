@@ -33,6 +33,8 @@ pub struct Shared {
     pub settings: StreamSettings,
     pub metrics: Arc<Metrics>,
     pub next_id: AtomicU64,
+    /// Concurrent large-prompt preparations (parse + tokenize on the blocking pool).
+    pub prepare_slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// What the request phase learned from the headers.
@@ -548,10 +550,18 @@ async fn route_body(
     let outcome = if body_len <= INLINE_PREPARE_BYTES {
         Ok(Ok(work()))
     } else {
-        tokio::time::timeout(
-            shared.settings.tokenize_timeout,
-            tokio::task::spawn_blocking(work),
-        )
+        // Large prompts queue for a bounded number of slots (CPU and memory stay bounded under
+        // a burst); the wait counts against the timeout, so an overloaded EPP answers 504
+        // rather than piling up work.
+        tokio::time::timeout(shared.settings.tokenize_timeout, async {
+            // The slot travels with the work: one that outlives its timeout still holds it.
+            let slot = shared.prepare_slots.clone().acquire_owned().await;
+            tokio::task::spawn_blocking(move || {
+                let _slot = slot;
+                work()
+            })
+            .await
+        })
         .await
     };
     let (parsed, prepared, tokenize_time) = match outcome {

@@ -880,3 +880,22 @@ mod fuzz {
         });
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_tokenization_is_504() {
+    // Any prompt large enough for the blocking pool takes longer than a microsecond.
+    let (b, _d) = start_with(WORKERS, |c| c.tokenize_timeout = Duration::from_micros(1)).await;
+    let mut s = Stream::open(&b).await;
+    s.send(post("/v1/chat/completions", &[])).await;
+    s.send(body(&chat(&"many words here ".repeat(4000)), true))
+        .await;
+    let (code, body_json, _) = immediate(&s.recv().await);
+    assert_eq!(code, 504, "{body_json}");
+    assert!(
+        body_json["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("tokeniz")
+    );
+    wait_metric(&b, "kvgate_router_bookings", 0.0).await;
+}

@@ -63,6 +63,14 @@ fn bench(c: &mut Criterion) {
         g.bench_function(format!("body_with_token_data/{name}"), |b| {
             b.iter(|| parsed.body_with_token_data(black_box(&tokens)))
         });
+        g.bench_function(format!("raw_body_with_token_data/{name}"), |b| {
+            b.iter(|| parsed.raw_body_with_token_data(black_box(&raw), black_box(&tokens)))
+        });
+        g.bench_function(format!("tokenize_one_thread/{name}"), |b| {
+            let text = warm.render(&parsed).unwrap();
+            let bpe = tiktoken_rs::o200k_base_singleton();
+            b.iter(|| bpe.encode_with_special_tokens(black_box(&text)))
+        });
     }
     g.finish();
 }
