@@ -9,6 +9,7 @@
 //! - [`tls`]: certificates (self-signed default, rotation, mutual TLS);
 //! - [`metrics`]: Prometheus series and the debug endpoint.
 
+pub mod echo;
 pub mod metrics;
 pub mod protocol;
 pub mod stream;

@@ -49,6 +49,16 @@ pub enum BenchCommand {
     /// What the EPP adds: Envoy+EPP vs Envoy straight to one worker, side by side, at 2k/8k/50k
     /// token prompts and multi-turn 8k conversations (added latency p50/p99, EPP CPU/request).
     Epp(Box<crate::bench_epp::BenchEppArgs>),
+    /// (internal) the do-nothing ext_proc picker `bench epp` uses to measure the protocol floor.
+    #[command(hide = true)]
+    EchoPicker {
+        #[arg(long)]
+        destination: String,
+        #[arg(long)]
+        worker_id: u64,
+        #[arg(long)]
+        plaintext: bool,
+    },
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -197,6 +207,22 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 }))
                 .map_err(CliError)
         }
+        Command::Bench(BenchCommand::EchoPicker {
+            destination,
+            worker_id,
+            plaintext,
+        }) => runtime()?
+            .block_on(async move {
+                let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .map_err(|e| e.to_string())?;
+                println!(
+                    "kvgate echo picker on grpc://{}",
+                    l.local_addr().map_err(|e| e.to_string())?
+                );
+                kvgate_epp::echo::serve(l, destination, worker_id, !plaintext).await
+            })
+            .map_err(CliError),
         Command::Bench(BenchCommand::Epp(args)) => runtime()?
             .block_on(crate::bench_epp::run(*args))
             .map_err(CliError),
