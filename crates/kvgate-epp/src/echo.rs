@@ -82,13 +82,10 @@ pub async fn serve(
     .max_decoding_message_size(64 << 20)
     .max_encoding_message_size(64 << 20);
     let r = if tls {
-        let (cfg, _) = crate::tls::server_config(None, None)?;
+        let tls = crate::tls::ReloadingTls::new(None, None)?;
         crate::grpc_builder()
             .add_service(svc)
-            .serve_with_incoming(crate::tls_incoming(
-                listener,
-                tokio_rustls::TlsAcceptor::from(cfg),
-            ))
+            .serve_with_incoming(crate::tls_incoming(listener, tls))
             .await
     } else {
         crate::grpc_builder()

@@ -122,12 +122,9 @@ pub async fn serve(config: EppConfig, on_bound: impl FnOnce(Bound)) -> Result<()
         )),
     });
     let tls = if config.secure_serving {
-        let (cfg, resolver) =
-            tls::server_config(config.cert_path.as_deref(), config.client_ca.as_deref())?;
-        if let Some(dir) = &config.cert_path {
-            resolver.watch(dir.clone(), Duration::from_secs(2));
-        }
-        Some(tokio_rustls::TlsAcceptor::from(cfg))
+        let tls = tls::ReloadingTls::new(config.cert_path.as_deref(), config.client_ca.as_deref())?;
+        tls.watch(Duration::from_secs(2));
+        Some(tls)
     } else {
         if config.client_ca.is_some() {
             return Err(
@@ -161,8 +158,8 @@ pub async fn serve(config: EppConfig, on_bound: impl FnOnce(Bound)) -> Result<()
         let health_service = health_service.clone();
         async move {
             match tls {
-                Some(acceptor) => {
-                    let incoming = tls_incoming(grpc, acceptor);
+                Some(tls) => {
+                    let incoming = tls_incoming(grpc, tls);
                     grpc_builder()
                         .add_service(health_service)
                         .add_service(epp)
@@ -243,7 +240,7 @@ fn plain_incoming(listener: TcpListener) -> impl Stream<Item = Result<TcpStream,
 /// cannot stall the others), yielding the finished streams.
 fn tls_incoming(
     listener: TcpListener,
-    acceptor: tokio_rustls::TlsAcceptor,
+    tls: Arc<tls::ReloadingTls>,
 ) -> impl Stream<Item = Result<tokio_rustls::server::TlsStream<TcpStream>, std::io::Error>> {
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
@@ -256,7 +253,8 @@ fn tls_incoming(
                     continue;
                 }
             };
-            let acceptor = acceptor.clone();
+            // The configuration current now: rotated certificates apply to new connections.
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls.config());
             let tx = tx.clone();
             tokio::spawn(async move {
                 let hs =

@@ -78,51 +78,83 @@ fn certified(
     Ok(Arc::new(ck))
 }
 
-/// Serves whatever certificate is current; [`watch`](Self::watch) swaps in rotated files.
-#[derive(Debug)]
-pub struct ReloadingCert {
-    current: RwLock<Arc<CertifiedKey>>,
+/// The server TLS configuration, rebuilt when its files change: the serving pair in
+/// `cert_dir` (cert-manager rotates it in place) and the client CA bundle (a CA rotation must
+/// not need a restart either). New connections get the current configuration; a bad file is
+/// reported and the previous configuration kept.
+pub struct ReloadingTls {
+    cert_dir: Option<PathBuf>,
+    client_ca: Option<PathBuf>,
+    current: RwLock<Arc<rustls::ServerConfig>>,
 }
 
-impl ResolvesServerCert for ReloadingCert {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(match self.current.read() {
+type Stamp = Vec<Option<SystemTime>>;
+
+impl ReloadingTls {
+    /// `cert_dir`: `tls.crt`/`tls.key`, else a self-signed certificate (generated once).
+    /// `client_ca`: PEM bundle; when given, clients must present a certificate it signed.
+    pub fn new(cert_dir: Option<&Path>, client_ca: Option<&Path>) -> Result<Arc<Self>, String> {
+        Ok(Arc::new(Self {
+            cert_dir: cert_dir.map(Path::to_path_buf),
+            client_ca: client_ca.map(Path::to_path_buf),
+            current: RwLock::new(server_config(cert_dir, client_ca)?),
+        }))
+    }
+
+    /// The configuration for a new connection.
+    pub fn config(&self) -> Arc<rustls::ServerConfig> {
+        match self.current.read() {
             Ok(g) => g.clone(),
             Err(p) => p.into_inner().clone(),
-        })
+        }
     }
-}
 
-impl ReloadingCert {
-    /// Polls the directory's files and reloads after a change. A bad file is reported and the
-    /// previous certificate kept.
-    pub fn watch(self: &Arc<Self>, dir: PathBuf, every: Duration) {
+    fn stamp(&self) -> Stamp {
+        let m = |p: PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        let mut files = Vec::new();
+        if let Some(d) = &self.cert_dir {
+            files.push(m(d.join("tls.crt")));
+            files.push(m(d.join("tls.key")));
+        }
+        if let Some(ca) = &self.client_ca {
+            files.push(m(ca.clone()));
+        }
+        files
+    }
+
+    /// Polls the files every `every` and rebuilds after a change. Nothing to watch for a
+    /// self-signed configuration without a client CA.
+    pub fn watch(self: &Arc<Self>, every: Duration) {
+        if self.cert_dir.is_none() && self.client_ca.is_none() {
+            return;
+        }
         let me = Arc::downgrade(self);
         tokio::spawn(async move {
-            let stamp = |d: &Path| -> Option<(SystemTime, SystemTime)> {
-                let m = |f: &str| std::fs::metadata(d.join(f)).and_then(|m| m.modified()).ok();
-                Some((m("tls.crt")?, m("tls.key")?))
+            let mut last = match me.upgrade() {
+                Some(me) => me.stamp(),
+                None => return,
             };
-            let mut last = stamp(&dir);
             loop {
                 tokio::time::sleep(every).await;
                 let Some(me) = me.upgrade() else { return };
-                let now = stamp(&dir);
+                let now = me.stamp();
                 if now == last {
                     continue;
                 }
-                match load_dir(&dir).and_then(|(c, k)| certified(c, k)) {
-                    Ok(ck) => {
+                // (With no cert_dir, the rebuild also generates a new self-signed certificate;
+                // gateways do not pin it.)
+                match server_config(me.cert_dir.as_deref(), me.client_ca.as_deref()) {
+                    Ok(cfg) => {
                         last = now;
                         match me.current.write() {
-                            Ok(mut g) => *g = ck,
-                            Err(p) => *p.into_inner() = ck,
+                            Ok(mut g) => *g = cfg,
+                            Err(p) => *p.into_inner() = cfg,
                         }
-                        tracing::info!(dir = %dir.display(), "TLS certificate reloaded");
+                        tracing::info!("TLS configuration reloaded");
                     }
-                    // Not marked as seen: a half-written pair is retried.
+                    // Not marked as seen: a half-written file is retried.
                     Err(e) => {
-                        tracing::warn!(error = %e, "TLS certificate reload failed; keeping the previous one")
+                        tracing::warn!(error = %e, "TLS reload failed; keeping the previous configuration")
                     }
                 }
             }
@@ -130,20 +162,16 @@ impl ReloadingCert {
     }
 }
 
-/// The server TLS configuration. `cert_dir`: `tls.crt`/`tls.key` (watched for rotation), else
-/// a self-signed certificate. `client_ca`: PEM bundle; when given, clients must present a
-/// certificate it signed.
+/// Builds the server TLS configuration (ALPN h2). `cert_dir`: `tls.crt`/`tls.key`, else a
+/// self-signed certificate. `client_ca`: PEM bundle for mutual TLS.
 pub fn server_config(
     cert_dir: Option<&Path>,
     client_ca: Option<&Path>,
-) -> Result<(Arc<rustls::ServerConfig>, Arc<ReloadingCert>), String> {
+) -> Result<Arc<rustls::ServerConfig>, String> {
     let (certs, key) = match cert_dir {
         Some(d) => load_dir(d)?,
         None => self_signed()?,
     };
-    let resolver = Arc::new(ReloadingCert {
-        current: RwLock::new(certified(certs, key)?),
-    });
     let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?;
@@ -167,9 +195,19 @@ pub fn server_config(
             builder.with_client_cert_verifier(verifier)
         }
     };
-    let mut config = builder.with_cert_resolver(resolver.clone());
+    let key = certified(certs, key)?;
+    let mut config = builder.with_cert_resolver(Arc::new(FixedCert(key)));
     config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok((Arc::new(config), resolver))
+    Ok(Arc::new(config))
+}
+
+#[derive(Debug)]
+struct FixedCert(Arc<CertifiedKey>);
+
+impl ResolvesServerCert for FixedCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
 }
 
 #[cfg(test)]
@@ -179,7 +217,7 @@ mod tests {
 
     #[test]
     fn self_signed_config_builds_and_loads_from_files() {
-        let (c, _) = server_config(None, None).unwrap();
+        let c = server_config(None, None).unwrap();
         assert_eq!(c.alpn_protocols, vec![b"h2".to_vec()]);
         let dir = std::env::temp_dir().join(format!("kvgate-tls-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();

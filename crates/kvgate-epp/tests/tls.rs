@@ -165,3 +165,38 @@ async fn mutual_tls_requires_a_client_certificate_from_the_ca() {
     assert!(check(&b, &server_ca.pem(), Some(&bad)).await.is_err());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_client_ca_applies_without_restart() {
+    let dir = temp_dir("ca-rotate");
+    std::fs::create_dir_all(dir.join("certs")).unwrap();
+    let server_ca = Ca::new("server ca");
+    let (old_ca, new_ca) = (Ca::new("old client ca"), Ca::new("new client ca"));
+    write_pair(&dir.join("certs"), &server_ca.leaf("localhost"));
+    std::fs::write(dir.join("client-ca.pem"), old_ca.pem()).unwrap();
+    let b = start(&dir, Some(dir.join("client-ca.pem"))).await;
+    let (old_client, new_client) = (old_ca.leaf("gw"), new_ca.leaf("gw"));
+    assert_eq!(check(&b, &server_ca.pem(), Some(&old_client)).await, Ok(1));
+    assert!(
+        check(&b, &server_ca.pem(), Some(&new_client))
+            .await
+            .is_err()
+    );
+    let tmp = dir.join("client-ca.pem.tmp");
+    std::fs::write(&tmp, new_ca.pem()).unwrap();
+    std::fs::rename(&tmp, dir.join("client-ca.pem")).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while check(&b, &server_ca.pem(), Some(&new_client)).await != Ok(1) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "new client CA never applied"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        check(&b, &server_ca.pem(), Some(&old_client))
+            .await
+            .is_err()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

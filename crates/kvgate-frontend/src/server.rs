@@ -439,6 +439,10 @@ async fn forward(
     }
     out = out.header("x-kvgate-routed-to", t.worker.name.as_str());
     let mut stream = upstream.bytes_stream();
+    // Routing accuracy: the cached tokens the worker reports, against the prediction.
+    let mut scanner = status
+        .is_success()
+        .then(kvgate_wire::response::CachedTokensScanner::default);
     let body = async_stream::stream! {
         while let Some(chunk) = stream.next().await {
             match chunk {
@@ -446,6 +450,9 @@ async fn forward(
                     if let Some(g) = &mut guard {
                         g.first_byte();
                         g.alive();
+                        if let Some(sc) = &mut scanner {
+                            sc.feed(&b);
+                        }
                     }
                     yield Ok::<_, std::io::Error>(b);
                 }
@@ -454,6 +461,11 @@ async fn forward(
                     break;
                 }
             }
+        }
+        if let Some(g) = &guard
+            && let Some(actual) = scanner.as_mut().and_then(|sc| sc.finish())
+        {
+            g.record_actual_cached(actual);
         }
         drop(guard);
     };

@@ -625,5 +625,44 @@ mod tests {
                 }
             }
         }
+
+        /// Splicing the ids into the client's bytes gives the same document as re-serialising,
+        /// for any accepted body, pretty-printed or compact, with trailing whitespace.
+        #[test]
+        fn splice_equals_reserialise(
+            content in "\\PC{0,40}",
+            extra in proptest::collection::btree_map("[a-z_]{1,8}", arb_json(), 0..4),
+            pretty in proptest::prelude::any::<bool>(),
+            tokens in proptest::collection::vec(proptest::prelude::any::<u32>(), 0..20),
+        ) {
+            let mut m: Map<String, Value> = extra.into_iter().collect();
+            m.insert("model".into(), Value::String("m".into()));
+            m.insert("messages".into(), serde_json::json!([{"role": "user", "content": content}]));
+            let v = Value::Object(m);
+            let mut raw = if pretty {
+                serde_json::to_vec_pretty(&v).unwrap_or_default()
+            } else {
+                v.to_string().into_bytes()
+            };
+            raw.extend_from_slice(b" \n");
+            let parsed = OpenAiRequest::parse(Endpoint::Chat, &raw);
+            // Extra fields may legitimately be refused (e.g. a mistyped `stream`); the rest
+            // must splice exactly.
+            if let Ok(r) = parsed {
+                {
+                    let spliced: Value = serde_json::from_slice(&r.raw_body_with_token_data(&raw, &tokens)).unwrap();
+                    // The client's document (as parsed from its own bytes) plus the ids. Not the
+                    // re-serialised body: that one rounds some floats a second time.
+                    let expected = if r.body.contains_key("nvext") {
+                        serde_json::from_slice(&r.body_with_token_data(&tokens)).unwrap()
+                    } else {
+                        let mut doc: Map<String, Value> = serde_json::from_slice(&raw).unwrap();
+                        set_token_data(&mut doc, &tokens);
+                        Value::Object(doc)
+                    };
+                    proptest::prop_assert_eq!(spliced, expected);
+                }
+            }
+        }
     }
 }

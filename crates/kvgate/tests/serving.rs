@@ -92,6 +92,12 @@ async fn kv_mode_follows_the_cache_and_spreads_load() {
         "{m}"
     );
     assert!(metric(&m, "kvgate_router_predicted_cached_tokens_total").unwrap() > 0.0);
+    // The frontend read what the workers actually had cached, for all five responses.
+    assert_eq!(
+        metric(&m, "kvgate_router_responses_with_usage_total"),
+        Some(5.0)
+    );
+    assert!(metric(&m, "kvgate_router_actual_cached_tokens_total").unwrap() > 0.0);
 
     // Distinct prompts sent together: the router sees the in-flight load and uses both workers.
     let futs: Vec<_> = (0..8)
