@@ -50,6 +50,10 @@ pub struct EngineRequest {
     pub output_seed: u64,
     /// Cache namespace (LoRA / salt) of the prompt's blocks.
     pub hash_seed: HashSeed,
+    /// The prompt's KV was computed elsewhere and transferred here (the decode side of
+    /// disaggregated serving): at its first admission the prompt costs no compute, its blocks
+    /// are allocated and enter the prefix cache as if computed, and decoding starts at once.
+    pub kv_transferred: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -119,6 +123,9 @@ struct Seq {
     /// Set at the first admission: a preempted request's later admissions must not rewrite its
     /// reported cache hit nor count its prompt again.
     admitted_once: bool,
+    /// See [`EngineRequest::kv_transferred`]; only the first admission uses it (a preempted
+    /// request recomputes).
+    kv_transferred: bool,
 }
 
 #[derive(Debug)]
@@ -233,6 +240,7 @@ impl Engine {
             generated: 0,
             admitted_at: 0,
             admitted_once: false,
+            kv_transferred: req.kv_transferred,
         });
         Ok(())
     }
@@ -427,10 +435,15 @@ impl Engine {
                 self.waiting.push_front(seq);
                 break;
             }
-            let chunk = (seq.prefill_target - seq.computed).min(budget);
-            budget -= chunk;
-            new_prefill += chunk;
-            seq.computed += chunk;
+            if first_time && seq.kv_transferred {
+                // The KV arrived with the request: no prefill compute, no budget.
+                seq.computed = seq.prefill_target;
+            } else {
+                let chunk = (seq.prefill_target - seq.computed).min(budget);
+                budget -= chunk;
+                new_prefill += chunk;
+                seq.computed += chunk;
+            }
             Self::register_full(&mut self.pool, &mut seq, bs);
             if seq.computed >= seq.prefill_target {
                 let out = emit_token(&mut seq);

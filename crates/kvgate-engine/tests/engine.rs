@@ -29,6 +29,7 @@ fn req(id: u64, prompt: Vec<u32>, out: u32) -> EngineRequest {
         max_output_tokens: out,
         output_seed: id,
         hash_seed: HashSeed::default(),
+        kv_transferred: false,
     }
 }
 
@@ -102,6 +103,47 @@ fn one_request_prefills_then_decodes() {
     );
     assert_eq!(e.stats().finished, 1);
     assert_eq!(e.pool().active(), 0);
+}
+
+#[test]
+fn transferred_kv_skips_prefill_but_fills_the_cache() {
+    let prompt: Vec<u32> = (0..4000).map(|i| 100 + i % 5000).collect();
+    // Computed here: a long prefill step.
+    let mut local = Engine::new(config(1024));
+    let mut idx = PrefixIndex::new();
+    let mut id = 0;
+    local.submit(req(1, prompt.clone(), 3)).unwrap();
+    let (_, _, computed_time) = drain(&mut local, &mut idx, &mut id);
+    // Transferred: no prefill compute, the first token at once, the same blocks cached and
+    // announced as stored, and a later request with that prefix hits them.
+    let mut remote = Engine::new(config(1024));
+    let mut ridx = PrefixIndex::new();
+    let mut rid = 0;
+    remote
+        .submit(EngineRequest {
+            kv_transferred: true,
+            ..req(1, prompt.clone(), 3)
+        })
+        .unwrap();
+    let first = remote.step().unwrap();
+    assert_eq!(first.new_prefill_tokens, 0);
+    assert_eq!(first.outputs.len(), 1, "decoding starts in the first step");
+    for ev in &first.events {
+        ridx.apply(&ev.to_kv_event(W, rid));
+        rid += 1;
+    }
+    let (outs, _, rest) = drain(&mut remote, &mut ridx, &mut rid);
+    assert_eq!(outs.len(), 2);
+    assert!(
+        first.duration + rest < computed_time / 4,
+        "{:?} vs {computed_time:?}",
+        first.duration + rest
+    );
+    assert_eq!(cached(&remote), cached(&local));
+    assert_eq!(indexed(&ridx), cached(&remote));
+    remote.submit(req(2, prompt.clone(), 1)).unwrap();
+    let (outs, _, _) = drain(&mut remote, &mut ridx, &mut rid);
+    assert!(outs[0].cached_tokens >= 3984, "{}", outs[0].cached_tokens);
 }
 
 #[test]

@@ -147,6 +147,124 @@ struct Target {
     dp_rank: u32,
     booking: Option<Booking>,
     body: bytes::Bytes,
+    /// Disaggregated: the prefill leg to run first.
+    prefill: Option<PrefillLeg>,
+}
+
+/// The prefill half of a disaggregated request.
+struct PrefillLeg {
+    worker: WorkerEntry,
+    dp_rank: u32,
+    /// The request as the prefill worker gets it: one token, not streamed, `do_remote_decode`.
+    body: bytes::Bytes,
+    parsed: Arc<OpenAiRequest>,
+}
+
+/// Reads and checks the EPP's prefill headers and prepares the prefill leg.
+fn prefill_leg(
+    s: &Arc<AppState>,
+    headers: &HeaderMap,
+    parsed: &Arc<OpenAiRequest>,
+) -> Result<PrefillLeg, Box<Response>> {
+    let bad = |status: StatusCode, msg: String| Box::new(error(status, &msg, None));
+    let id = header_u64(headers, "x-dynamo-prefill-instance-id")
+        .map_err(|m| bad(StatusCode::BAD_REQUEST, m))?
+        .ok_or_else(|| {
+            bad(
+                StatusCode::BAD_REQUEST,
+                "x-dynamo-routing-mode: disaggregated needs x-dynamo-prefill-instance-id".into(),
+            )
+        })?;
+    let worker = s.workers.by_instance_id(id).ok_or_else(|| {
+        bad(
+            StatusCode::NOT_FOUND,
+            format!("unknown prefill worker instance id {id} (x-dynamo-prefill-instance-id)"),
+        )
+    })?;
+    let rank = header_u64(headers, "x-dynamo-prefill-dp-rank")
+        .map_err(|m| bad(StatusCode::BAD_REQUEST, m))?
+        .unwrap_or(0);
+    if rank >= u64::from(worker.dp_size) {
+        return Err(bad(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "x-dynamo-prefill-dp-rank {rank} is out of range for worker {id} (dp_size {})",
+                worker.dp_size
+            ),
+        ));
+    }
+    let mut body = parsed.body.clone();
+    body.insert(
+        "kv_transfer_params".into(),
+        serde_json::json!({"do_remote_decode": true, "do_remote_prefill": false}),
+    );
+    body.insert("max_tokens".into(), serde_json::json!(1));
+    body.remove("max_completion_tokens");
+    body.insert("stream".into(), serde_json::json!(false));
+    body.remove("stream_options");
+    let bytes = serde_json::to_vec(&serde_json::Value::Object(body)).unwrap_or_default();
+    Ok(PrefillLeg {
+        worker,
+        dp_rank: rank as u32,
+        body: bytes::Bytes::from(bytes),
+        parsed: Arc::clone(parsed),
+    })
+}
+
+/// Runs the prefill leg; returns the `kv_transfer_params` the decode leg must carry, or the
+/// error response for the client.
+async fn run_prefill(
+    s: &AppState,
+    leg: &PrefillLeg,
+    path: &str,
+) -> Result<serde_json::Value, Response> {
+    let url = format!("{}{}", leg.worker.url.trim_end_matches('/'), path);
+    let name = &leg.worker.name;
+    let sent = s
+        .client
+        .post(&url)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header("x-dynamo-dp-rank", leg.dp_rank.to_string())
+        .header(
+            "x-dynamo-worker-instance-id",
+            leg.worker.instance_id().0.to_string(),
+        )
+        .body(leg.body.clone())
+        .send()
+        .await;
+    let r = sent.map_err(|e| {
+        error(
+            StatusCode::BAD_GATEWAY,
+            &format!("prefill worker {name} ({url}) is unreachable: {e}"),
+            None,
+        )
+    })?;
+    let status = r.status().as_u16();
+    let v: serde_json::Value = r.json().await.unwrap_or(serde_json::Value::Null);
+    if !(200..300).contains(&status) {
+        let msg = v["error"]["message"].as_str().unwrap_or("no message");
+        // The client's own mistakes (4xx) keep their status; the worker's failures are 502.
+        let code = if (400..500).contains(&status) {
+            StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY)
+        } else {
+            StatusCode::BAD_GATEWAY
+        };
+        return Err(error(
+            code,
+            &format!("prefill worker {name} answered {status}: {msg}"),
+            None,
+        ));
+    }
+    match v.get("kv_transfer_params") {
+        Some(p) if p.is_object() => Ok(p.clone()),
+        _ => Err(error(
+            StatusCode::BAD_GATEWAY,
+            &format!(
+                "prefill worker {name} returned no kv_transfer_params (is it running with a P/D connector, role prefill?)"
+            ),
+            None,
+        )),
+    }
 }
 
 fn header_u64(headers: &HeaderMap, name: &str) -> Result<Option<u64>, String> {
@@ -237,14 +355,21 @@ async fn pick(
     let bad = |status: StatusCode, msg: String| Box::new(error(status, &msg, None));
     match s.config.mode {
         RouterMode::Direct => {
-            if let Some(mode) = headers.get("x-dynamo-routing-mode")
-                && mode.as_bytes() == b"disaggregated"
-            {
-                return Err(bad(
-                    StatusCode::NOT_IMPLEMENTED,
-                    "x-dynamo-routing-mode: disaggregated is not supported by this frontend yet; route aggregated".into(),
-                ));
-            }
+            let disaggregated = match headers.get("x-dynamo-routing-mode").map(|v| v.as_bytes()) {
+                None | Some(b"aggregated") => false,
+                Some(b"disaggregated") => true,
+                Some(_) => {
+                    return Err(bad(
+                        StatusCode::BAD_REQUEST,
+                        "x-dynamo-routing-mode must be aggregated or disaggregated".into(),
+                    ));
+                }
+            };
+            let prefill = if disaggregated {
+                Some(prefill_leg(s, headers, parsed)?)
+            } else {
+                None
+            };
             let id = header_u64(headers, "x-dynamo-worker-instance-id")
                 .map_err(|m| bad(StatusCode::BAD_REQUEST, m))?
                 .ok_or_else(|| {
@@ -276,6 +401,7 @@ async fn pick(
                 dp_rank: rank as u32,
                 booking: None,
                 body,
+                prefill,
             })
         }
         RouterMode::RoundRobin | RouterMode::Random => {
@@ -300,6 +426,7 @@ async fn pick(
                 dp_rank: targets[i].1,
                 booking: None,
                 body,
+                prefill: None,
             })
         }
         RouterMode::Kv => {
@@ -363,6 +490,7 @@ async fn pick(
                 dp_rank: d.worker.dp_rank.0,
                 booking: Some(booking),
                 body: bytes::Bytes::from(prepared.body),
+                prefill: None,
             })
         }
     }
@@ -375,9 +503,23 @@ async fn forward(
     headers: &HeaderMap,
     stream: bool,
 ) -> Response {
-    let mut guard = t.booking;
+    let mut t = t;
+    let mut guard = t.booking.take();
     if let Ok(mut m) = s.counters.routed.lock() {
         *m.entry(t.worker.name.clone()).or_insert(0) += 1;
+    }
+    if let Some(leg) = t.prefill.take() {
+        // Disaggregated: the prefill worker computes the prompt, then the decode worker
+        // continues from the KV it hands over.
+        let params = match run_prefill(&s, &leg, path).await {
+            Ok(p) => p,
+            Err(r) => return r,
+        };
+        let mut body = leg.parsed.body.clone();
+        body.insert("kv_transfer_params".into(), params);
+        t.body = bytes::Bytes::from(
+            serde_json::to_vec(&serde_json::Value::Object(body)).unwrap_or_default(),
+        );
     }
     let url = format!("{}{}", t.worker.url.trim_end_matches('/'), path);
     let mut rb = s

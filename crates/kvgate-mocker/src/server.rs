@@ -47,6 +47,11 @@ pub struct MockerConfig {
     pub zmq_kv_events: Option<String>,
     pub zmq_topic: String,
     pub tokenizer: Option<std::path::PathBuf>,
+    /// KV cache bytes per token (all layers, K and V), for the transfer time of a
+    /// disaggregated request's prompt.
+    pub kv_bytes_per_token: u64,
+    /// Bandwidth of the prefill -> decode KV transfer, GB/s.
+    pub kv_transfer_gbps: f64,
 }
 
 impl Default for MockerConfig {
@@ -61,6 +66,9 @@ impl Default for MockerConfig {
             engine: EngineConfig::default(),
             speedup_ratio: 1.0,
             default_max_tokens: 64,
+            // 36 layers x 8 KV heads x 128 dims x (K, V) x 2 bytes: an 8B-class model in bf16.
+            kv_bytes_per_token: 147_456,
+            kv_transfer_gbps: 25.0,
             max_body_bytes: 32 << 20,
             zmq_kv_events: None,
             zmq_topic: String::new(),
@@ -70,6 +78,11 @@ impl Default for MockerConfig {
 }
 
 struct Metrics {
+    /// Prefill legs served for a remote decode worker.
+    remote_prefills: AtomicU64,
+    /// Decode legs whose prompt KV came from a prefill worker, and the simulated transfer time.
+    kv_transfers: AtomicU64,
+    kv_transfer_micros: AtomicU64,
     token_data_requests: AtomicU64,
     token_data_mismatch: AtomicU64,
     success_length: AtomicU64,
@@ -122,6 +135,9 @@ pub async fn serve(
         tokenizer,
         next_id: AtomicU64::new(1),
         metrics: Metrics {
+            remote_prefills: AtomicU64::new(0),
+            kv_transfers: AtomicU64::new(0),
+            kv_transfer_micros: AtomicU64::new(0),
             token_data_requests: AtomicU64::new(0),
             token_data_mismatch: AtomicU64::new(0),
             success_length: AtomicU64::new(0),
@@ -171,6 +187,47 @@ fn pick_rank(s: &AppState, headers: &HeaderMap) -> Result<usize, String> {
         .map_or(0, |(i, _)| i))
 }
 
+/// What a request's `kv_transfer_params` (vLLM's P/D connector field) ask of this worker.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Transfer {
+    /// An ordinary request.
+    None,
+    /// `do_remote_decode`: compute the prompt and one token, hand the KV to a decode worker.
+    PrefillForRemote,
+    /// `do_remote_prefill`: the prompt's KV comes from the prefill worker named in the params.
+    FromRemote,
+}
+
+fn transfer_mode(role: Role, body: &serde_json::Map<String, Value>) -> Result<Transfer, String> {
+    let Some(p) = body.get("kv_transfer_params") else {
+        return Ok(Transfer::None);
+    };
+    if p.is_null() {
+        return Ok(Transfer::None);
+    }
+    let Some(p) = p.as_object() else {
+        return Err("`kv_transfer_params` must be an object".into());
+    };
+    let flag = |k: &str| p.get(k).and_then(Value::as_bool).unwrap_or(false);
+    match (flag("do_remote_decode"), flag("do_remote_prefill")) {
+        (true, true) => Err(
+            "`kv_transfer_params` cannot ask for both do_remote_decode and do_remote_prefill"
+                .into(),
+        ),
+        (true, false) if role == Role::Prefill => Ok(Transfer::PrefillForRemote),
+        (true, false) => Err(format!(
+            "do_remote_decode needs a prefill worker; this one is {role:?}"
+        )
+        .to_lowercase()),
+        (false, true) if role == Role::Decode => Ok(Transfer::FromRemote),
+        (false, true) => Err(format!(
+            "do_remote_prefill needs a decode worker; this one is {role:?}"
+        )
+        .to_lowercase()),
+        (false, false) => Ok(Transfer::None),
+    }
+}
+
 async fn completions(State(s): State<Arc<AppState>>, req: Request) -> Response {
     let Some(endpoint) = Endpoint::from_path(req.uri().path()) else {
         return error(StatusCode::NOT_FOUND, "unknown endpoint", None);
@@ -192,6 +249,17 @@ async fn completions(State(s): State<Arc<AppState>>, req: Request) -> Response {
             StatusCode::NOT_FOUND,
             &format!("The model `{}` does not exist.", parsed.model),
             Some("model"),
+        );
+    }
+    let transfer = match transfer_mode(s.config.role, &parsed.body) {
+        Ok(t) => t,
+        Err(msg) => return error(StatusCode::BAD_REQUEST, &msg, Some("kv_transfer_params")),
+    };
+    if transfer == Transfer::PrefillForRemote && parsed.stream {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "a prefill leg (do_remote_decode) is answered in one piece: set stream to false",
+            Some("stream"),
         );
     }
     let rank = match pick_rank(&s, &headers) {
@@ -227,10 +295,28 @@ async fn completions(State(s): State<Arc<AppState>>, req: Request) -> Response {
         None => own,
     };
     let id = s.next_id.fetch_add(1, Ordering::Relaxed);
-    let max_tokens = parsed
-        .max_tokens
-        .unwrap_or(s.config.default_max_tokens)
-        .max(1);
+    let max_tokens = if transfer == Transfer::PrefillForRemote {
+        1
+    } else {
+        parsed
+            .max_tokens
+            .unwrap_or(s.config.default_max_tokens)
+            .max(1)
+    };
+    if transfer == Transfer::FromRemote {
+        // The prompt's KV crosses the wire before decoding can start.
+        let bytes = prompt.len() as f64 * s.config.kv_bytes_per_token as f64;
+        let secs = bytes / (s.config.kv_transfer_gbps * 1e9) / s.config.speedup_ratio;
+        tokio::time::sleep(std::time::Duration::from_secs_f64(secs)).await;
+        s.metrics.kv_transfers.fetch_add(1, Ordering::Relaxed);
+        s.metrics
+            .kv_transfer_micros
+            .fetch_add((secs * 1e6) as u64, Ordering::Relaxed);
+    }
+    if transfer == Transfer::PrefillForRemote {
+        s.metrics.remote_prefills.fetch_add(1, Ordering::Relaxed);
+    }
+    let prompt_len = prompt.len();
     let engine = &s.engines[rank];
     let rx = match engine
         .submit(EngineRequest {
@@ -239,6 +325,7 @@ async fn completions(State(s): State<Arc<AppState>>, req: Request) -> Response {
             max_output_tokens: max_tokens,
             output_seed: id,
             hash_seed: HashSeed::new(None, parsed.cache_salt.as_deref()),
+            kv_transferred: transfer == Transfer::FromRemote,
         })
         .await
     {
@@ -278,7 +365,20 @@ async fn completions(State(s): State<Arc<AppState>>, req: Request) -> Response {
             id,
         )
     } else {
-        collect_response(&s, engine, rx, chat, &rid, id).await
+        // A prefill leg tells the decode worker where to fetch the KV from (the fields
+        // vLLM's NIXL connector returns).
+        let params = (transfer == Transfer::PrefillForRemote).then(|| {
+            serde_json::json!({
+                "do_remote_prefill": true,
+                "do_remote_decode": false,
+                "remote_engine_id": format!("{}-{rank}", s.config.worker_id),
+                "remote_block_ids": (0..prompt_len.div_ceil(s.config.engine.block_size.max(1))).collect::<Vec<usize>>(),
+                "remote_host": s.config.host,
+                "remote_port": s.config.port,
+                "num_tokens": prompt_len,
+            })
+        });
+        collect_response(&s, engine, rx, chat, &rid, id, params).await
     };
     let h = response.headers_mut();
     h.insert("x-kvgate-worker-id", HeaderValue::from(s.config.worker_id));
@@ -310,6 +410,7 @@ async fn collect_response(
     chat: bool,
     rid: &str,
     id: u64,
+    kv_transfer_params: Option<Value>,
 ) -> Response {
     let mut guard = AbortOnDrop {
         engine: engine.clone(),
@@ -325,7 +426,7 @@ async fn collect_response(
             s.metrics.success_length.fetch_add(1, Ordering::Relaxed);
             let text = s.tokenizer.tokenizer().decode(&ids);
             let usage = resp::usage(f.prompt_tokens, f.completion_tokens, f.cached_tokens);
-            let body = resp::completion(
+            let mut body = resp::completion(
                 chat,
                 rid,
                 s.created,
@@ -334,6 +435,9 @@ async fn collect_response(
                 "length",
                 usage,
             );
+            if let (Some(p), Some(o)) = (kv_transfer_params, body.as_object_mut()) {
+                o.insert("kv_transfer_params".into(), p);
+            }
             return axum::Json(body).into_response();
         }
     }
@@ -493,6 +597,24 @@ async fn metrics(State(s): State<Arc<AppState>>) -> Response {
         "Requests that carried nvext.token_data.",
         &[],
         m.token_data_requests.load(Ordering::Relaxed) as f64,
+    );
+    p.counter(
+        "kvgate_mocker_remote_prefills_total",
+        "Prefill legs computed for a remote decode worker (kv_transfer_params.do_remote_decode).",
+        &[],
+        m.remote_prefills.load(Ordering::Relaxed) as f64,
+    );
+    p.counter(
+        "kvgate_mocker_kv_transfers_total",
+        "Decode legs whose prompt KV was transferred from a prefill worker.",
+        &[],
+        m.kv_transfers.load(Ordering::Relaxed) as f64,
+    );
+    p.counter(
+        "kvgate_mocker_kv_transfer_seconds_total",
+        "Simulated KV transfer time of those decode legs (after the speedup ratio).",
+        &[],
+        m.kv_transfer_micros.load(Ordering::Relaxed) as f64 / 1e6,
     );
     p.counter(
         "kvgate_mocker_token_data_mismatch_total",

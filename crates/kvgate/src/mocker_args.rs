@@ -60,6 +60,13 @@ pub struct MockerArgs {
     /// HF tokenizer (`tokenizer.json` or a directory with it); default: embedded o200k + ChatML.
     #[arg(long)]
     pub tokenizer: Option<std::path::PathBuf>,
+    /// KV cache bytes per token (all layers, K and V): sets the simulated transfer time of a
+    /// disaggregated request's prompt (default: an 8B-class model in bf16).
+    #[arg(long, default_value_t = 147_456)]
+    pub kv_bytes_per_token: u64,
+    /// Prefill -> decode KV transfer bandwidth in GB/s (decode role).
+    #[arg(long, default_value_t = 25.0)]
+    pub kv_transfer_gbps: f64,
 }
 
 impl MockerArgs {
@@ -68,6 +75,12 @@ impl MockerArgs {
             return Err(format!(
                 "--speedup-ratio {} must be a number > 0",
                 self.speedup_ratio
+            ));
+        }
+        if !(self.kv_transfer_gbps.is_finite() && self.kv_transfer_gbps > 0.0) {
+            return Err(format!(
+                "--kv-transfer-gbps {} must be a number > 0",
+                self.kv_transfer_gbps
             ));
         }
         Ok(MockerConfig {
@@ -95,6 +108,8 @@ impl MockerArgs {
             zmq_kv_events: self.zmq_kv_events.clone(),
             zmq_topic: self.zmq_topic.clone(),
             tokenizer: self.tokenizer.clone(),
+            kv_bytes_per_token: self.kv_bytes_per_token,
+            kv_transfer_gbps: self.kv_transfer_gbps,
         })
     }
 }

@@ -473,3 +473,104 @@ async fn a_restarted_worker_is_not_credited_with_its_old_cache() {
     }
     assert!(ok, "{}", get_text(&format!("{url}/metrics")).await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_mode_runs_both_legs_of_a_disaggregated_request() {
+    let p = mocker(2001, 20.0, &["--role", "prefill"]);
+    let d = mocker(2002, 20.0, &["--role", "decode"]);
+    let agg = mocker(2003, 20.0, &[]);
+    let dir = TempDir::new("pd");
+    let wf = workers_file(&dir, &[(&p, 2001), (&d, 2002), (&agg, 2003)], None);
+    let fe = frontend(&wf, "direct", &[]);
+    let url = fe.url();
+    let send = |headers: Vec<(&'static str, &'static str)>, stream: bool| {
+        let url = url.clone();
+        async move {
+            let mut rb = client()
+                .post(format!("{url}/v1/chat/completions"))
+                .json(&chat_body(&text("disagg", 300), 12, stream));
+            for (k, v) in headers {
+                rb = rb.header(k, v);
+            }
+            let r = rb.send().await.unwrap();
+            let status = r.status().as_u16();
+            let h = r.headers().clone();
+            (status, h, r.text().await.unwrap())
+        }
+    };
+    let pd = vec![
+        ("x-dynamo-routing-mode", "disaggregated"),
+        ("x-dynamo-worker-instance-id", "2002"),
+        ("x-dynamo-prefill-instance-id", "2001"),
+    ];
+    let (status, h, body) = send(pd.clone(), false).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(worker_of(&h), "2002", "the decode worker answers");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["usage"]["completion_tokens"], 12);
+    // Streaming through the decode leg.
+    let (status, _, body) = send(pd.clone(), true).await;
+    assert_eq!(status, 200);
+    assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
+    let pm = get_text(&format!("{}/metrics", p.url())).await;
+    let dm = get_text(&format!("{}/metrics", d.url())).await;
+    assert_eq!(
+        metric(&pm, "kvgate_mocker_remote_prefills_total"),
+        Some(2.0)
+    );
+    assert_eq!(metric(&dm, "kvgate_mocker_kv_transfers_total"), Some(2.0));
+    assert!(metric(&dm, "kvgate_mocker_kv_transfer_seconds_total").unwrap() > 0.0);
+    // The decode worker cached the transferred prompt: a later aggregated request reuses it.
+    let (status, _, body) = send(vec![("x-dynamo-worker-instance-id", "2002")], false).await;
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        v["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap()
+            > 300
+    );
+
+    // Clear errors for each way the headers or the workers can be wrong.
+    let cases: Vec<(Vec<(&'static str, &'static str)>, u16, &str)> = vec![
+        (
+            vec![
+                ("x-dynamo-routing-mode", "disaggregated"),
+                ("x-dynamo-worker-instance-id", "2002"),
+            ],
+            400,
+            "x-dynamo-prefill-instance-id",
+        ),
+        (
+            vec![
+                ("x-dynamo-routing-mode", "disaggregated"),
+                ("x-dynamo-worker-instance-id", "2002"),
+                ("x-dynamo-prefill-instance-id", "99"),
+            ],
+            404,
+            "unknown prefill worker",
+        ),
+        (
+            vec![
+                ("x-dynamo-routing-mode", "disaggregated"),
+                ("x-dynamo-worker-instance-id", "2002"),
+                ("x-dynamo-prefill-instance-id", "2003"),
+            ],
+            400,
+            "needs a prefill worker",
+        ),
+        (
+            vec![
+                ("x-dynamo-routing-mode", "sideways"),
+                ("x-dynamo-worker-instance-id", "2002"),
+            ],
+            400,
+            "aggregated or disaggregated",
+        ),
+    ];
+    for (headers, want, needle) in cases {
+        let (status, _, body) = send(headers, false).await;
+        assert_eq!(status, want, "{body}");
+        assert!(body.contains(needle), "{body}");
+    }
+}
