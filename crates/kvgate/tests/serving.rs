@@ -532,7 +532,8 @@ async fn direct_mode_runs_both_legs_of_a_disaggregated_request() {
     );
 
     // Clear errors for each way the headers or the workers can be wrong.
-    let cases: Vec<(Vec<(&'static str, &'static str)>, u16, &str)> = vec![
+    type Headers = Vec<(&'static str, &'static str)>;
+    let cases: Vec<(Headers, u16, &str)> = vec![
         (
             vec![
                 ("x-dynamo-routing-mode", "disaggregated"),
