@@ -83,6 +83,8 @@ struct StreamState {
     phase: Phase,
     booking: Option<Booking>,
     booked_target: Option<WorkerRank>,
+    /// A disaggregated request's prefill leg: done when the decode worker's first byte comes.
+    prefill_booking: Option<Booking>,
     scanner: CachedTokensScanner,
     response_status: Option<u16>,
     _active: ActiveGuard,
@@ -112,6 +114,7 @@ pub fn responses(
             phase: Phase::Start,
             booking: None,
             booked_target: None,
+            prefill_booking: None,
             scanner: CachedTokensScanner::default(),
             response_status: None,
         };
@@ -229,10 +232,11 @@ impl StreamState {
                 let body = std::mem::take(buf);
                 self.phase = Phase::Routed;
                 match route_body(&shared, &self.head, body, BodyEnd::EndOfStream).await {
-                    Ok((out, b, target)) => {
-                        self.booking = b;
-                        self.booked_target = target;
-                        out
+                    Ok(r) => {
+                        self.booking = r.booking;
+                        self.booked_target = r.target;
+                        self.prefill_booking = r.prefill_booking;
+                        r.out
                     }
                     Err((model, r)) => return self.reject(&model, r),
                 }
@@ -249,10 +253,11 @@ impl StreamState {
                     };
                     self.phase = Phase::Routed;
                     match route_body(&shared, &self.head, body, end).await {
-                        Ok((o, b, target)) => {
-                            self.booking = b;
-                            self.booked_target = target;
-                            out = o;
+                        Ok(r) => {
+                            self.booking = r.booking;
+                            self.booked_target = r.target;
+                            self.prefill_booking = r.prefill_booking;
+                            out = r.out;
                         }
                         Err((model, r)) => return self.reject(&model, r),
                     }
@@ -299,6 +304,10 @@ impl StreamState {
                     b.first_byte();
                     b.alive();
                 }
+                if !body.is_empty() {
+                    // The decode worker answers only after the prefill leg: it is over.
+                    self.prefill_booking = None;
+                }
                 if self.booking.is_some() && self.response_status.is_none_or(|s| s < 400) {
                     self.scanner.feed(&body);
                 }
@@ -317,6 +326,7 @@ impl StreamState {
     }
 
     fn finish_response(&mut self) {
+        self.prefill_booking = None;
         if let Some(b) = self.booking.take() {
             if let Some(actual) = self.scanner.finish() {
                 b.record_actual_cached(actual);
@@ -411,12 +421,17 @@ fn destinations(service: &RoutingService, ranked: &[WorkerRank], max: usize) -> 
 }
 
 fn no_workers(enforce_disagg: bool, service: &RoutingService) -> Option<Reject> {
-    if enforce_disagg && service.has_role(WorkerRole::Prefill) {
-        // Routing aggregated would break the operator's explicit demand.
-        return Some(Reject::new(
-            501,
-            "DYN_ENFORCE_DISAGG is true, and disaggregated prefill/decode routing is not available in this version of the EPP; set DYN_ENFORCE_DISAGG=false to route aggregated",
-        ));
+    if enforce_disagg
+        && service.has_role(WorkerRole::Prefill)
+        && !service.has_role(WorkerRole::Decode)
+    {
+        return Some(Reject {
+            retry_after: Some(5),
+            ..Reject::new(
+                503,
+                "DYN_ENFORCE_DISAGG is true but the decode pool has no worker (no worker with role decode); refusing to route aggregated",
+            )
+        });
     }
     if enforce_disagg && !service.has_role(WorkerRole::Prefill) {
         return Some(Reject {
@@ -493,7 +508,14 @@ const PREALLOC_MAX_BYTES: usize = 1 << 20;
 /// Bodies up to this size are parsed and tokenized on the async thread (about 0.2 ms of work).
 const INLINE_PREPARE_BYTES: usize = 8 * 1024;
 
-type Routed = (Vec<ProcessingResponse>, Option<Booking>, Option<WorkerRank>);
+/// A routed request body: the answers, the booking, the booked target, and for a
+/// disaggregated request the prefill leg's booking.
+struct Routed {
+    out: Vec<ProcessingResponse>,
+    booking: Option<Booking>,
+    target: Option<WorkerRank>,
+    prefill_booking: Option<Booking>,
+}
 
 /// Parses, tokenizes and routes a complete request body. Errors carry the model name (for
 /// metrics) and the rejection.
@@ -529,7 +551,12 @@ async fn route_body(
         // Not an OpenAI generation endpoint: pass the body through, route by load.
         let mut out = vec![bodiless(shared, head).map_err(|r| (String::new(), r))?];
         out.extend(reemit(&body, end));
-        return Ok((out, None, None));
+        return Ok(Routed {
+            out,
+            booking: None,
+            target: None,
+            prefill_booking: None,
+        });
     };
     if let Some(r) = no_workers(shared.settings.enforce_disagg, s) {
         return Err((String::new(), r));
@@ -619,9 +646,19 @@ async fn route_body(
         shared.next_id.fetch_add(1, Ordering::Relaxed)
     ));
     let t = Instant::now();
-    let decision = s.route(&id, &hashes, parsed.max_tokens, allowed.as_deref(), true);
-    m.scheduler_seconds.observe(t.elapsed().as_secs_f64());
-    let d = decision.map_err(|e| (model.clone(), route_error(e)))?;
+    // Disaggregated as soon as both pools exist (discovery can add a prefill pool at any time);
+    // aggregated otherwise (`no_workers` refused the request if disaggregation is enforced).
+    let (d, prefill) = if s.disaggregated_available() {
+        let r = s.route_disaggregated(&id, &hashes, parsed.max_tokens, allowed.as_deref());
+        m.scheduler_seconds.observe(t.elapsed().as_secs_f64());
+        let (prefill_id, p, d) = r.map_err(|e| (model.clone(), route_error(e)))?;
+        let pb = Booking::new(s.clone(), prefill_id, p.predicted_cached_tokens);
+        (d, Some((p, pb)))
+    } else {
+        let r = s.route(&id, &hashes, parsed.max_tokens, allowed.as_deref(), true);
+        m.scheduler_seconds.observe(t.elapsed().as_secs_f64());
+        (r.map_err(|e| (model.clone(), route_error(e)))?, None)
+    };
     let booking = Booking::new(s.clone(), id, d.predicted_cached_tokens);
     let dest = destinations(s, &d.ranked, shared.settings.max_endpoints);
     if dest.is_empty() {
@@ -636,14 +673,30 @@ async fn route_body(
     }
     m.input_tokens.observe(tokens as f64);
     m.count_request(&model);
+    let mut headers = decision_headers(&d);
+    let prefill_booking = prefill.map(|(p, pb)| {
+        headers.retain(|(k, _)| *k != "x-dynamo-routing-mode");
+        headers.push(("x-dynamo-routing-mode", "disaggregated".to_string()));
+        headers.push((
+            "x-dynamo-prefill-instance-id",
+            p.worker.worker.0.to_string(),
+        ));
+        headers.push(("x-dynamo-prefill-dp-rank", p.worker.dp_rank.0.to_string()));
+        pb
+    });
     let mut out = vec![protocol::route_response(
         &dest.join(","),
-        &decision_headers(&d),
+        &headers,
         head.remove.clone(),
         Some(body.len()),
     )];
     out.extend(reemit(&body, end));
     m.processing_seconds
         .observe(started.elapsed().as_secs_f64());
-    Ok((out, Some(booking), Some(d.worker)))
+    Ok(Routed {
+        out,
+        booking: Some(booking),
+        target: Some(d.worker),
+        prefill_booking,
+    })
 }

@@ -754,7 +754,13 @@ async fn enforce_disagg_without_prefill_workers_is_503_and_admission_is_429() {
     s.send(post("/v1/chat/completions", &[])).await;
     s.send(body(&chat("x"), true)).await;
     let (code, body_json, _) = immediate(&s.recv().await);
-    assert_eq!(code, 501, "{body_json}");
+    assert_eq!(code, 503, "{body_json}");
+    assert!(
+        body_json["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("decode")
+    );
 
     // Admission: a worker is busy above 10% of its 100 blocks; a 200-token prompt books 13.
     let (b, _d) = start_with(WORKERS, |c| {
@@ -898,4 +904,37 @@ async fn slow_tokenization_is_504() {
             .contains("tokeniz")
     );
     wait_metric(&b, "kvgate_router_bookings", 0.0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disaggregated_requests_name_both_workers_and_book_both_legs() {
+    let pd = "model: qwen3\nblock_size: 16\nworkers:\n  - {name: p, id: 33, url: 'http://10.0.0.3:8000', role: prefill, total_kv_blocks: 100}\n  - {name: d1, id: 44, url: 'http://10.0.0.4:8000', role: decode, total_kv_blocks: 100}\n  - {name: d2, id: 55, url: 'http://10.0.0.5:8000', role: decode, total_kv_blocks: 100, dp_size: 2}\n";
+    let (b, _d) = start_with(pd, |c| c.router.enforce_disagg = true).await;
+    let mut decode_targets = std::collections::BTreeSet::new();
+    let mut open = Vec::new();
+    for i in 0..3 {
+        let mut s = Stream::open(&b).await;
+        let (r, _) = route(&mut s, &format!("prompt number {i} with some words"), &[]).await;
+        assert_eq!(r.get("x-dynamo-routing-mode"), Some("disaggregated"));
+        assert_eq!(r.get("x-dynamo-prefill-instance-id"), Some("33"));
+        assert_eq!(r.get("x-dynamo-prefill-dp-rank"), Some("0"));
+        let dest = r.get("x-gateway-destination-endpoint").unwrap().to_string();
+        let id = r.get("x-dynamo-worker-instance-id").unwrap().to_string();
+        assert!(
+            (dest == "10.0.0.4:8000" && id == "44") || (dest == "10.0.0.5:8000" && id == "55"),
+            "{dest} {id}"
+        );
+        decode_targets.insert((id, r.get("x-dynamo-dp-rank").unwrap().to_string()));
+        // Both legs are booked.
+        wait_metric(&b, "kvgate_router_bookings", 2.0 * (i as f64 + 1.0)).await;
+        open.push(s);
+    }
+    // In-flight decode load spreads the three requests over the three decode ranks (the
+    // overlap credit is off for the decode leg).
+    assert_eq!(decode_targets.len(), 3, "{decode_targets:?}");
+    // The prefill leg ends with the decode worker's first byte; the rest at the end.
+    for (i, mut s) in open.into_iter().enumerate() {
+        finish_response(&mut s, None, b"{}").await;
+        wait_metric(&b, "kvgate_router_bookings", 2.0 * (2 - i) as f64).await;
+    }
 }

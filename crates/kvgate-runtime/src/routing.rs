@@ -10,7 +10,7 @@ use kvgate_core::config::RouterConfig;
 use kvgate_core::hashing::{BlockHashes, HashSeed};
 use kvgate_core::random::SplitMix64;
 use kvgate_core::router::{Decision, RouteError, RouteRequest, Router, WorkerRole};
-use kvgate_core::scheduler::Explanation;
+use kvgate_core::scheduler::{CostWeights, Explanation};
 use kvgate_core::{RequestId, WorkerRank};
 use kvgate_tokenize::{PromptTokenizer, TokenizeError};
 use kvgate_wire::openai::OpenAiRequest;
@@ -263,11 +263,85 @@ impl RoutingService {
         allowed: Option<&[WorkerRank]>,
         book: bool,
     ) -> Result<Decision, RouteError> {
+        self.route_among(
+            id,
+            hashes,
+            expected_output_tokens,
+            allowed,
+            book,
+            &[WorkerRole::Aggregated, WorkerRole::Decode],
+            None,
+        )
+    }
+
+    /// Whether requests are routed disaggregated now: a prefill pool and a decode pool exist.
+    pub fn disaggregated_available(&self) -> bool {
+        let r = lock(&self.router);
+        !r.targets(&[WorkerRole::Prefill]).is_empty()
+            && !r.targets(&[WorkerRole::Decode]).is_empty()
+    }
+
+    /// A disaggregated decision, both legs booked: the prefill worker by the full KV cost
+    /// among prefill workers (their caches count), the decode worker among decode workers by
+    /// load alone (overlap credit off: the KV arrives by transfer), as Dynamo does. The prefill
+    /// leg is booked as `<id>/prefill`. `allowed` (the gateway's subset) applies to the decode
+    /// worker, the endpoint the gateway connects to.
+    pub fn route_disaggregated(
+        &self,
+        id: &RequestId,
+        hashes: &BlockHashes,
+        expected_output_tokens: Option<u32>,
+        allowed: Option<&[WorkerRank]>,
+    ) -> Result<(RequestId, Decision, Decision), RouteError> {
+        let prefill_id = RequestId::from(format!("{}/prefill", id.as_str()));
+        let prefill = self.route_among(
+            &prefill_id,
+            hashes,
+            Some(1),
+            None,
+            true,
+            &[WorkerRole::Prefill],
+            None,
+        )?;
+        let weights = CostWeights {
+            overlap_score_credit: 0.0,
+            ..CostWeights::from(lock(&self.router).config())
+        };
+        match self.route_among(
+            id,
+            hashes,
+            expected_output_tokens,
+            allowed,
+            true,
+            &[WorkerRole::Decode],
+            Some(weights),
+        ) {
+            Ok(decode) => Ok((prefill_id, prefill, decode)),
+            Err(e) => {
+                self.free(&prefill_id);
+                Err(e)
+            }
+        }
+    }
+
+    /// Routes among workers of `roles` with `weights` (default: the configured cost).
+    #[allow(clippy::too_many_arguments)]
+    pub fn route_among(
+        &self,
+        id: &RequestId,
+        hashes: &BlockHashes,
+        expected_output_tokens: Option<u32>,
+        allowed: Option<&[WorkerRank]>,
+        book: bool,
+        roles: &[WorkerRole],
+        weights: Option<CostWeights>,
+    ) -> Result<Decision, RouteError> {
         let decision = {
             // Lock order: router, then rng.
             let mut router = lock(&self.router);
             let mut rng = lock(&self.rng);
-            router.route(
+            let weights = weights.unwrap_or_else(|| CostWeights::from(router.config()));
+            router.route_among(
                 RouteRequest {
                     request: id,
                     hashes,
@@ -275,6 +349,8 @@ impl RoutingService {
                     allowed,
                     book,
                 },
+                roles,
+                weights,
                 Instant::now(),
                 &mut *rng,
             )?

@@ -497,3 +497,136 @@ async fn epp_down_fails_closed_or_open_as_configured() {
         }
     }
 }
+
+/// A sample of a labelled Prometheus series (`name{...label="v"...}`), 0 when absent.
+fn labelled(text: &str, name: &str, label: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disaggregated_serving_through_envoy_and_a_prefill_pool_appearing_at_runtime() {
+    // Engines: one prefill worker, two decode workers (one with two data-parallel ranks).
+    let prefill = mocker(3001, 20.0, &["--role", "prefill"]);
+    let d1 = mocker(3002, 20.0, &["--role", "decode"]);
+    let d2 = mocker(3003, 20.0, &["--role", "decode", "--dp-size", "2"]);
+    let dir = TempDir::new("gw-pd");
+    // The decode pods' sidecars know every engine (they call the prefill worker themselves).
+    let engines = workers_file(&dir, &[(&prefill, 3001), (&d1, 3002), (&d2, 3003)], None);
+    let s1 = frontend(&engines, "direct", &[]);
+    let s2 = frontend(&engines, "direct", &[]);
+    // The EPP starts with the decode pool only: requests are served aggregated.
+    let decode_only = format!(
+        "model: qwen3\nblock_size: 16\nworkers:\n  - {{name: dec-0, id: 3002, url: {}, role: decode, total_kv_blocks: 4096, kv_events: {}}}\n  - {{name: dec-1, id: 3003, url: {}, role: decode, dp_size: 2, total_kv_blocks: 4096, kv_events: {}}}\n",
+        s1.url(),
+        d1.zmq(),
+        s2.url(),
+        d2.zmq()
+    );
+    let pool = dir.0.join("pool.yaml");
+    std::fs::write(&pool, &decode_only).unwrap();
+    let epp = epp(&pool, &["--secure-serving=false"]);
+    let grpc = epp.grpc();
+    let (host, port) = grpc.rsplit_once(':').unwrap();
+    let envoy = Envoy::start(
+        "gateway.yaml",
+        &[
+            ("EPP_HOST", host),
+            ("EPP_PORT", port),
+            ("FAILURE_MODE_ALLOW", "false"),
+        ],
+    );
+    let url = envoy.url();
+    let r = chat(&url, &text("before", 200), &[]).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let pm = get_text(&format!("{}/metrics", prefill.url())).await;
+    assert_eq!(
+        metric(&pm, "kvgate_mocker_remote_prefills_total"),
+        Some(0.0)
+    );
+
+    // The prefill pool scales from 0 to 1: the EPP switches to disaggregated, no restart.
+    let prefill_entry = format!(
+        "  - {{name: pre-0, id: 3001, url: {}, role: prefill, total_kv_blocks: 4096, kv_events: {}}}\n",
+        prefill.url(),
+        prefill.zmq()
+    );
+    std::fs::write(&pool, format!("{decode_only}{prefill_entry}")).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let r = chat(&url, &text("switch", 200), &[]).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        let pm = get_text(&format!("{}/metrics", prefill.url())).await;
+        if metric(&pm, "kvgate_mocker_remote_prefills_total").unwrap_or(0.0) > 0.0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never switched to disaggregated"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Disaggregated requests sharing a prefix, several in flight at once: both legs run, the
+    // prefill worker reuses the prefix, decode load spreads over workers and ranks.
+    let prefix = text("pdshared", 400);
+    let pm0 = get_text(&format!("{}/metrics", prefill.url())).await;
+    let hits0 = labelled(&pm0, "vllm:prefix_cache_hits_total", "engine=\"0\"");
+    let futs: Vec<_> = (0..6)
+        .map(|i| {
+            let url = url.clone();
+            let content = format!("{prefix} question {i}");
+            async move {
+                let body = chat_body(&content, 24, false).to_string();
+                send(&url, body.as_bytes(), &[]).await
+            }
+        })
+        .collect();
+    let replies = futures::future::join_all(futs).await;
+    let mut seen = std::collections::BTreeSet::new();
+    for r in &replies {
+        assert_eq!(r.status, 200, "{}", r.body);
+        let rank = r.headers["x-kvgate-dp-rank"].to_str().unwrap().to_string();
+        seen.insert((r.worker(), rank));
+    }
+    assert!(
+        seen.iter().all(|(w, _)| w != "3001"),
+        "the prefill worker never answers: {seen:?}"
+    );
+    assert!(seen.len() >= 2, "decode load did not spread: {seen:?}");
+    let pm = get_text(&format!("{}/metrics", prefill.url())).await;
+    let hits = labelled(&pm, "vllm:prefix_cache_hits_total", "engine=\"0\"") - hits0;
+    assert!(
+        hits >= 5.0 * 300.0,
+        "the prefill worker did not reuse the shared prefix ({hits} tokens)"
+    );
+    let d1m = get_text(&format!("{}/metrics", d1.url())).await;
+    let d2m = get_text(&format!("{}/metrics", d2.url())).await;
+    let transfers = metric(&d1m, "kvgate_mocker_kv_transfers_total").unwrap_or(0.0)
+        + metric(&d2m, "kvgate_mocker_kv_transfers_total").unwrap_or(0.0);
+    let prefills = metric(&pm, "kvgate_mocker_remote_prefills_total").unwrap();
+    assert_eq!(transfers, prefills, "every prefill leg has its decode leg");
+
+    // DP ranks are honoured: the two-rank decode worker serves on both ranks.
+    for i in 0..12 {
+        let body = chat_body(&text(&format!("dp{i}x"), 120), 48, false).to_string();
+        let url = url.clone();
+        tokio::spawn(async move { send(&url, body.as_bytes(), &[]).await });
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let d2m = get_text(&format!("{}/metrics", d2.url())).await;
+        let r0 = labelled(&d2m, "vllm:generation_tokens_total", "engine=\"0\"");
+        let r1 = labelled(&d2m, "vllm:generation_tokens_total", "engine=\"1\"");
+        if r0 > 0.0 && r1 > 0.0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "rank use: {r0} / {r1}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
