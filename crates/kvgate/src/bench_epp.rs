@@ -17,7 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const GATEWAY_TLS: &str = include_str!("../../../deploy/envoy/gateway-tls.yaml");
-const GATEWAY_PLAIN: &str = include_str!("../../../deploy/envoy/gateway.yaml");
+pub(crate) const GATEWAY_PLAIN: &str = include_str!("../../../deploy/envoy/gateway.yaml");
 const DIRECT: &str = include_str!("../../../deploy/envoy/direct.yaml");
 
 #[derive(clap::Args, Debug, Clone)]
@@ -46,7 +46,7 @@ pub struct BenchEppArgs {
 }
 
 /// A child process killed on drop, with the lines it printed at start-up.
-struct Spawned {
+pub(crate) struct Spawned {
     child: Child,
     lines: Vec<String>,
 }
@@ -92,14 +92,14 @@ impl Spawned {
     }
 }
 
-fn free_port() -> Result<u16, String> {
+pub(crate) fn free_port() -> Result<u16, String> {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .map_err(|e| e.to_string())
 }
 
-fn start_envoy(
+pub(crate) fn start_envoy(
     bin: &PathBuf,
     template: &str,
     vars: &[(&str, String)],

@@ -49,6 +49,9 @@ pub enum BenchCommand {
     /// What the EPP adds: Envoy+EPP vs Envoy straight to one worker, side by side, at 2k/8k/50k
     /// token prompts and multi-turn 8k conversations (added latency p50/p99, EPP CPU/request).
     Epp(Box<crate::bench_epp::BenchEppArgs>),
+    /// Aggregated vs disaggregated prefill/decode on the same simulated engines and trace,
+    /// through Envoy + EPP + sidecars (TTFT, end-to-end latency, throughput).
+    Disagg(Box<crate::bench_disagg::BenchDisaggArgs>),
     /// (internal) the do-nothing ext_proc picker `bench epp` uses to measure the protocol floor.
     #[command(hide = true)]
     EchoPicker {
@@ -223,6 +226,9 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 kvgate_epp::echo::serve(l, destination, worker_id, !plaintext).await
             })
             .map_err(CliError),
+        Command::Bench(BenchCommand::Disagg(args)) => quiet_runtime()?
+            .block_on(crate::bench_disagg::run(*args))
+            .map_err(CliError),
         Command::Bench(BenchCommand::Epp(args)) => runtime()?
             .block_on(crate::bench_epp::run(*args))
             .map_err(CliError),
@@ -244,16 +250,27 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
-    init_tracing();
+    init_tracing("info");
+    build_runtime()
+}
+
+/// For commands that run servers in-process and print a report: warnings only, unless
+/// RUST_LOG says otherwise.
+fn quiet_runtime() -> Result<tokio::runtime::Runtime, CliError> {
+    init_tracing("warn");
+    build_runtime()
+}
+
+fn build_runtime() -> Result<tokio::runtime::Runtime, CliError> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| CliError(format!("cannot start the async runtime: {e}")))
 }
 
-fn init_tracing() {
+fn init_tracing(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

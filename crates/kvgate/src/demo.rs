@@ -60,10 +60,10 @@ struct TraceRow {
     hash_ids: Vec<u64>,
 }
 
-struct DemoRequest {
-    at: Duration,
-    prompt: Vec<u32>,
-    max_tokens: u32,
+pub(crate) struct DemoRequest {
+    pub(crate) at: Duration,
+    pub(crate) prompt: Vec<u32>,
+    pub(crate) max_tokens: u32,
 }
 
 /// The demo's sampling rule (see data/README.md): group by the second block id, keep groups of
@@ -93,7 +93,7 @@ fn block_tokens(id: u64, n: usize) -> impl Iterator<Item = u32> {
     })
 }
 
-fn workload(args: &DemoArgs) -> Result<(Vec<DemoRequest>, f64), String> {
+pub(crate) fn workload(args: &DemoArgs) -> Result<(Vec<DemoRequest>, f64), String> {
     let text = match &args.trace {
         Some(p) => {
             std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?
@@ -150,17 +150,17 @@ fn workload(args: &DemoArgs) -> Result<(Vec<DemoRequest>, f64), String> {
 }
 
 #[derive(Default, Clone)]
-struct Outcome {
-    ttft: Vec<f64>,
-    e2e: Vec<f64>,
-    prompt_tokens: u64,
-    cached_tokens: u64,
-    output_tokens: u64,
-    errors: usize,
-    wall: f64,
+pub(crate) struct Outcome {
+    pub(crate) ttft: Vec<f64>,
+    pub(crate) e2e: Vec<f64>,
+    pub(crate) prompt_tokens: u64,
+    pub(crate) cached_tokens: u64,
+    pub(crate) output_tokens: u64,
+    pub(crate) errors: usize,
+    pub(crate) wall: f64,
 }
 
-fn pct(v: &mut [f64], p: f64) -> f64 {
+pub(crate) fn pct(v: &mut [f64], p: f64) -> f64 {
     if v.is_empty() {
         return f64::NAN;
     }
@@ -223,7 +223,7 @@ async fn start_frontend(workers: PathBuf, mode: RouterMode) -> Result<SocketAddr
         .map_err(|_| "the frontend did not start".to_string())
 }
 
-fn progress(label: &str, done: usize, total: usize) {
+pub(crate) fn progress(label: &str, done: usize, total: usize) {
     let width = 30;
     let filled = done * width / total.max(1);
     eprint!(
@@ -234,7 +234,7 @@ fn progress(label: &str, done: usize, total: usize) {
     let _ = std::io::stderr().flush();
 }
 
-async fn one(
+pub(crate) async fn one(
     client: &reqwest::Client,
     url: &str,
     r: &DemoRequest,
