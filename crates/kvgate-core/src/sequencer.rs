@@ -2,8 +2,9 @@
 //! reports gaps (lost events: the caller must recover, e.g. replay or rebuild that worker) and
 //! publisher restarts (the engine's cache started empty again).
 //!
-//! - A restart is an id of 0 after more than a window of events, or a jump back of more than
-//!   2^20 ids (a durable replay never goes that far back).
+//! - A restart is a `cleared` event with an id already passed (how a publisher that starts over
+//!   announces itself), an id of 0 after more than a window of events, or a jump back of more
+//!   than 2^20 ids (a durable replay never goes that far back).
 //! - Ids below the first one seen (reordering right at start-up) are applied late, not dropped:
 //!   the index tolerates reordering, losing them would not be.
 //! - A gap is declared when the window overflows or when the oldest missing id has been missing
@@ -86,7 +87,10 @@ impl EventSequencer {
             return out;
         };
         if id < next {
-            let restart = (id == 0 && p.applied > window) || next - id > RESTART_JUMP;
+            // A publisher that starts over announces it with `cleared` (the mocker does), or
+            // betrays it by an id of 0 after a while, or by a large jump back.
+            let announced = matches!(event.data, crate::events::KvEventData::Cleared);
+            let restart = announced || (id == 0 && p.applied > window) || next - id > RESTART_JUMP;
             if restart {
                 p.pending.clear();
                 p.gap_since = None;
@@ -200,8 +204,35 @@ mod tests {
             source: WorkerRank::new(1, 0),
             event_id: id,
             tier: StorageTier::Device,
-            data: KvEventData::Cleared,
+            data: KvEventData::Removed { blocks: vec![] },
         }
+    }
+
+    fn cleared(id: u64) -> KvEvent {
+        KvEvent {
+            data: KvEventData::Cleared,
+            ..ev(id)
+        }
+    }
+
+    #[test]
+    fn a_cleared_event_going_back_is_a_restart_even_early() {
+        let t = Instant::now();
+        let mut s = EventSequencer::new(64, Duration::from_secs(1));
+        for id in 0..5 {
+            assert_eq!(ids(&s.offer(ev(id), t)), vec![id]);
+        }
+        // A publisher that restarted after 5 events (fewer than the window) and announced it.
+        let out = s.offer(cleared(0), t);
+        assert!(out.restarted);
+        assert_eq!(ids(&out), vec![0]);
+        assert_eq!(ids(&s.offer(ev(1), t)), vec![1]);
+        // Without the announcement, an early id 0 is taken for a duplicate.
+        assert!(s.offer(ev(0), t).duplicate);
+        // A cleared event in sequence is applied like any other.
+        let out = s.offer(cleared(2), t);
+        assert!(!out.restarted);
+        assert_eq!(ids(&out), vec![2]);
     }
 
     fn ids(s: &Sequenced) -> Vec<u64> {

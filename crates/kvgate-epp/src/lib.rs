@@ -56,6 +56,8 @@ pub struct EppConfig {
     pub decision_log: usize,
     /// Pool name in metric labels.
     pub pool_name: String,
+    /// Where the router reads KV events.
+    pub event_plane: kvgate_runtime::routing::EventPlane,
 }
 
 /// Where the servers listen (useful with port 0).
@@ -105,7 +107,7 @@ pub async fn serve(config: EppConfig, on_bound: impl FnOnce(Bound)) -> Result<()
         config.tokenizer.as_deref(),
         config.decision_log,
     )?;
-    service.start(config.workers_file.clone());
+    service.start_with(config.workers_file.clone(), config.event_plane.clone());
     let metrics = Arc::new(Metrics::new(&config.pool_name));
     let shared = Arc::new(Shared {
         service: service.clone(),

@@ -1,5 +1,6 @@
 //! The EPP's Prometheus series (GAIE names where GAIE has one, `kvgate_*` otherwise) and the
-//! HTTP server on the metrics port: `/metrics`, `/debug/decisions?n=N`, `/health`.
+//! HTTP server on the metrics port: `/metrics`, `/debug/decisions?n=N`, `/debug/index` (the
+//! blocks the router believes each worker rank caches), `/health`.
 
 use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
@@ -176,6 +177,12 @@ pub fn app(state: MetricsState) -> axum::Router {
     axum::Router::new()
         .route("/metrics", axum::routing::get(metrics))
         .route("/debug/decisions", axum::routing::get(decisions))
+        .route(
+            "/debug/index",
+            axum::routing::get(|State(s): State<MetricsState>| async move {
+                axum::Json(s.service.index_dump()).into_response()
+            }),
+        )
         .route("/health", axum::routing::get(|| async { "ok" }))
         .fallback(kvgate_runtime::http::not_found)
         .with_state(state)

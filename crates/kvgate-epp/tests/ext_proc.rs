@@ -59,6 +59,7 @@ fn config(workers: PathBuf) -> EppConfig {
         tokenize_timeout: Duration::from_secs(10),
         decision_log: 64,
         pool_name: "test".into(),
+        event_plane: kvgate_runtime::routing::EventPlane::Zmq,
     }
 }
 

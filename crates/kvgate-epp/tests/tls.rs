@@ -82,6 +82,7 @@ async fn start(dir: &Path, client_ca: Option<PathBuf>) -> Bound {
         tokenize_timeout: Duration::from_secs(10),
         decision_log: 8,
         pool_name: "t".into(),
+        event_plane: kvgate_runtime::routing::EventPlane::Zmq,
     };
     let (tx, rx) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {

@@ -57,6 +57,8 @@ pub struct FrontendConfig {
     pub max_body_bytes: usize,
     /// How long a worker may take to answer with response headers.
     pub request_timeout: Duration,
+    /// Where kv mode reads KV events.
+    pub event_plane: kvgate_runtime::routing::EventPlane,
 }
 
 #[derive(Default)]
@@ -94,7 +96,7 @@ pub async fn serve(
             config.tokenizer.as_deref(),
             DEFAULT_DECISION_LOG,
         )?;
-        svc.start(config.workers_file.clone());
+        svc.start_with(config.workers_file.clone(), config.event_plane.clone());
         (svc.workers().clone(), Some(svc))
     } else {
         let workers = WorkerSet::new(file);
@@ -129,6 +131,19 @@ pub async fn serve(
         .route("/v1/models", get(models))
         .route("/health", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
+        .route(
+            "/debug/index",
+            get(|State(s): State<Arc<AppState>>| async move {
+                match &s.kv {
+                    Some(kv) => axum::Json(kv.index_dump()).into_response(),
+                    None => error(
+                        StatusCode::NOT_FOUND,
+                        "/debug/index exists in --router-mode kv only",
+                        None,
+                    ),
+                }
+            }),
+        )
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
         .with_state(state);

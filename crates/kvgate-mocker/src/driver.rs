@@ -17,6 +17,8 @@ enum Command {
         oneshot::Sender<Result<(), SubmitError>>,
     ),
     Abort(u64),
+    /// The engine hashes of every cached block, sorted.
+    Dump(oneshot::Sender<Vec<u64>>),
 }
 
 /// A handle on one running engine.
@@ -64,6 +66,13 @@ impl EngineHandle {
         let _ = self.tx.send(Command::Abort(id));
     }
 
+    /// The engine hashes of the blocks this rank caches now (what its KV events announced).
+    pub async fn dump(&self) -> Option<Vec<u64>> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Command::Dump(tx)).ok()?;
+        rx.await.ok()
+    }
+
     pub fn stats(&self) -> EngineStats {
         self.stats.lock().map(|s| *s).unwrap_or_default()
     }
@@ -94,6 +103,15 @@ async fn run(
             Command::Abort(id) => {
                 engine.abort(id);
                 streams.remove(&id);
+            }
+            Command::Dump(reply) => {
+                let mut blocks: Vec<u64> = engine
+                    .pool()
+                    .cached_seqs()
+                    .map(|s| kvgate_engine::pool::engine_hash(s).0)
+                    .collect();
+                blocks.sort_unstable();
+                let _ = reply.send(blocks);
             }
         }
     };

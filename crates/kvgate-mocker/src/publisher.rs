@@ -148,3 +148,133 @@ impl EventSink for ZmqSink {
         }
     }
 }
+
+/// Counters of the NATS publisher.
+#[derive(Default)]
+pub struct NatsPublishStats {
+    /// Messages (one per engine step and rank: a batch of `RouterEvent`s) acknowledged.
+    pub published: std::sync::atomic::AtomicU64,
+    pub events: std::sync::atomic::AtomicU64,
+    /// Failed attempts (NATS away): the message is retried, in order.
+    pub retries: std::sync::atomic::AtomicU64,
+    /// Messages dropped because the backlog was full (the router sees a gap).
+    pub dropped: std::sync::atomic::AtomicU64,
+    /// Messages waiting to be published.
+    pub backlog: std::sync::atomic::AtomicU64,
+}
+
+/// Most messages held while NATS is unreachable; beyond, new ones are dropped.
+const MAX_BACKLOG: u64 = 1 << 20;
+
+/// Dynamo's NATS event plane publisher: `RouterEvent` JSON batches, event ids counting from 0
+/// per dp rank. The first event of each rank is `cleared` (a restarted worker starts empty and
+/// says so). With JetStream every message is acknowledged by the server before the next one is
+/// sent; failed publishes are retried in order, so a NATS outage delays events but loses none
+/// (up to [`MAX_BACKLOG`] messages).
+pub struct NatsSink {
+    tx: mpsc::UnboundedSender<Vec<u8>>,
+    worker_id: u64,
+    next_ids: Vec<std::sync::atomic::AtomicU64>,
+    pub stats: Arc<NatsPublishStats>,
+}
+
+impl NatsSink {
+    pub async fn start(
+        cfg: kvgate_runtime::nats::NatsEventConfig,
+        worker_id: u64,
+        dp_size: u32,
+    ) -> Result<Self, String> {
+        use std::sync::atomic::Ordering;
+        let client = kvgate_runtime::nats::connect(&cfg.url, "kvgate-mocker", |_| {}).await?;
+        let subject = cfg.publish_subject();
+        let js = if cfg.durable {
+            let js = async_nats::jetstream::new(client.clone());
+            kvgate_runtime::nats::ensure_stream(&js, &cfg).await?;
+            Some(js)
+        } else {
+            None
+        };
+        let stats = Arc::new(NatsPublishStats::default());
+        let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+        let task_stats = stats.clone();
+        tokio::spawn(async move {
+            while let Some(msg) = rx.recv().await {
+                let payload = Bytes::from(msg);
+                let mut delay = std::time::Duration::from_millis(50);
+                loop {
+                    let sent = match &js {
+                        Some(js) => match js.publish(subject.clone(), payload.clone()).await {
+                            Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+                            Err(e) => Err(e.to_string()),
+                        },
+                        None => client
+                            .publish(subject.clone(), payload.clone())
+                            .await
+                            .map_err(|e| e.to_string()),
+                    };
+                    match sent {
+                        Ok(()) => break,
+                        Err(e) => {
+                            task_stats.retries.fetch_add(1, Ordering::Relaxed);
+                            tracing::debug!(error = %e, "KV event publish failed; retrying");
+                            tokio::time::sleep(delay).await;
+                            delay = (delay * 2).min(std::time::Duration::from_secs(1));
+                        }
+                    }
+                }
+                task_stats.published.fetch_add(1, Ordering::Relaxed);
+                task_stats.backlog.fetch_sub(1, Ordering::Relaxed);
+            }
+        });
+        let sink = Self {
+            tx,
+            worker_id,
+            next_ids: (0..dp_size.max(1))
+                .map(|_| std::sync::atomic::AtomicU64::new(0))
+                .collect(),
+            stats,
+        };
+        for rank in 0..dp_size.max(1) {
+            sink.publish(rank, &[CacheEvent::Cleared]);
+        }
+        Ok(sink)
+    }
+}
+
+impl EventSink for NatsSink {
+    fn publish(&self, rank: u32, events: &[CacheEvent]) {
+        use std::sync::atomic::Ordering;
+        let Some(next) = self.next_ids.get(rank as usize) else {
+            return;
+        };
+        if events.is_empty() {
+            return;
+        }
+        let source = kvgate_core::WorkerRank::new(self.worker_id, rank);
+        let first = next.fetch_add(events.len() as u64, Ordering::Relaxed);
+        let batch: Vec<kvgate_wire::dynamo::RouterEvent> = events
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                kvgate_wire::dynamo::RouterEvent::from_kv_event(
+                    &e.to_kv_event(source, first + i as u64),
+                )
+            })
+            .collect();
+        if self.stats.backlog.load(Ordering::Relaxed) >= MAX_BACKLOG {
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        // Serialising plain integers and enums cannot fail.
+        let Ok(bytes) = serde_json::to_vec(&batch) else {
+            return;
+        };
+        self.stats.backlog.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .events
+            .fetch_add(events.len() as u64, Ordering::Relaxed);
+        if self.tx.send(bytes).is_err() {
+            self.stats.backlog.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}

@@ -1,7 +1,9 @@
 //! The mocker's HTTP server.
 
 use crate::driver::EngineHandle;
-use crate::publisher::{EventSink, NoEvents, ZmqPublisher, ZmqSink};
+use crate::publisher::{
+    EventSink, Fanout, NatsPublishStats, NatsSink, NoEvents, ZmqPublisher, ZmqSink,
+};
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -46,6 +48,8 @@ pub struct MockerConfig {
     /// `tcp://HOST:PORT` of the vLLM-format ZMQ publisher (rank r binds PORT + r).
     pub zmq_kv_events: Option<String>,
     pub zmq_topic: String,
+    /// Publish Dynamo-format KV events on the NATS event plane.
+    pub nats_kv_events: Option<kvgate_runtime::nats::NatsEventConfig>,
     pub tokenizer: Option<std::path::PathBuf>,
     /// KV cache bytes per token (all layers, K and V), for the transfer time of a
     /// disaggregated request's prompt.
@@ -72,6 +76,7 @@ impl Default for MockerConfig {
             max_body_bytes: 32 << 20,
             zmq_kv_events: None,
             zmq_topic: String::new(),
+            nats_kv_events: None,
             tokenizer: None,
         }
     }
@@ -95,6 +100,7 @@ struct AppState {
     tokenizer: Arc<PromptTokenizer>,
     next_id: AtomicU64,
     metrics: Metrics,
+    nats: Option<Arc<NatsPublishStats>>,
     created: u64,
 }
 
@@ -107,14 +113,25 @@ pub async fn serve(
     let tokenizer =
         Arc::new(PromptTokenizer::load(config.tokenizer.as_deref()).map_err(|e| e.to_string())?);
     let mut zmq_endpoints = Vec::new();
-    let sink: Arc<dyn EventSink> = match &config.zmq_kv_events {
-        None => Arc::new(NoEvents),
-        Some(ep) => {
-            let (publisher, bound) =
-                ZmqPublisher::bind(ep, config.dp_size, &config.zmq_topic).await?;
-            zmq_endpoints = bound;
-            Arc::new(ZmqSink::new(publisher, config.engine.block_size as u32))
-        }
+    let mut sinks: Vec<Arc<dyn EventSink>> = Vec::new();
+    if let Some(ep) = &config.zmq_kv_events {
+        let (publisher, bound) = ZmqPublisher::bind(ep, config.dp_size, &config.zmq_topic).await?;
+        zmq_endpoints = bound;
+        sinks.push(Arc::new(ZmqSink::new(
+            publisher,
+            config.engine.block_size as u32,
+        )));
+    }
+    let mut nats = None;
+    if let Some(cfg) = &config.nats_kv_events {
+        let sink = NatsSink::start(cfg.clone(), config.worker_id, config.dp_size).await?;
+        nats = Some(sink.stats.clone());
+        sinks.push(Arc::new(sink));
+    }
+    let sink: Arc<dyn EventSink> = match sinks.len() {
+        0 => Arc::new(NoEvents),
+        1 => sinks.remove(0),
+        _ => Arc::new(Fanout(sinks)),
     };
     let engines = (0..config.dp_size.max(1))
         .map(|rank| {
@@ -143,6 +160,7 @@ pub async fn serve(
             success_length: AtomicU64::new(0),
             aborted: AtomicU64::new(0),
         },
+        nats,
         created: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
@@ -154,6 +172,7 @@ pub async fn serve(
         .route("/v1/models", get(models))
         .route("/health", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
+        .route("/debug/kv", get(debug_kv))
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
         .with_state(state);
@@ -497,6 +516,18 @@ fn stream_response(
         .unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "response", None))
 }
 
+/// The blocks each rank caches, by engine hash (to compare with a router's index).
+async fn debug_kv(State(s): State<Arc<AppState>>) -> Response {
+    let mut ranks = Vec::new();
+    for e in &s.engines {
+        let Some(blocks) = e.dump().await else {
+            return error(StatusCode::SERVICE_UNAVAILABLE, "engine stopped", None);
+        };
+        ranks.push(serde_json::json!({"dp_rank": e.rank, "blocks": blocks}));
+    }
+    axum::Json(serde_json::json!({"worker_id": s.config.worker_id, "ranks": ranks})).into_response()
+}
+
 async fn metrics(State(s): State<Arc<AppState>>) -> Response {
     let model = s.config.model.as_str();
     let mut p = PromText::new();
@@ -604,6 +635,48 @@ async fn metrics(State(s): State<Arc<AppState>>) -> Response {
         &[],
         m.remote_prefills.load(Ordering::Relaxed) as f64,
     );
+    if let Some(n) = &s.nats {
+        let rows: [(&str, &str, &AtomicU64, bool); 5] = [
+            (
+                "kvgate_mocker_nats_messages_published_total",
+                "KV event messages acknowledged by NATS.",
+                &n.published,
+                true,
+            ),
+            (
+                "kvgate_mocker_nats_events_total",
+                "KV events handed to the NATS publisher.",
+                &n.events,
+                true,
+            ),
+            (
+                "kvgate_mocker_nats_publish_retries_total",
+                "Failed NATS publish attempts (retried in order).",
+                &n.retries,
+                true,
+            ),
+            (
+                "kvgate_mocker_nats_messages_dropped_total",
+                "KV event messages dropped because the backlog was full.",
+                &n.dropped,
+                true,
+            ),
+            (
+                "kvgate_mocker_nats_backlog",
+                "KV event messages waiting for NATS.",
+                &n.backlog,
+                false,
+            ),
+        ];
+        for (name, help, v, counter) in rows {
+            let v = v.load(Ordering::Relaxed) as f64;
+            if counter {
+                p.counter(name, help, &[], v);
+            } else {
+                p.gauge(name, help, &[], v);
+            }
+        }
+    }
     p.counter(
         "kvgate_mocker_kv_transfers_total",
         "Decode legs whose prompt KV was transferred from a prefill worker.",

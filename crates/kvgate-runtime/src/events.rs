@@ -1,9 +1,11 @@
-//! KV event ingestion from workers' vLLM-style ZMQ publishers into the router.
+//! KV event ingestion into the router: workers' vLLM-style ZMQ publishers (here) and the
+//! NATS event plane ([`crate::nats`]); both count into [`EventStats`].
 
 use kvgate_core::router::Router;
+use kvgate_core::sequencer::Sequenced;
 use kvgate_core::{DpRank, WorkerId, WorkerRank};
 use kvgate_wire::vllm::{decode_batch, to_kv_event};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use zeromq::{Socket, SocketRecv};
 
@@ -17,6 +19,66 @@ pub struct EventStats {
     /// Times a worker rank's indexed blocks were dropped because its event stream could not be
     /// trusted any more (new subscription, publisher restart, lost events).
     pub resyncs: AtomicU64,
+    /// Events seen twice (redelivery) and dropped.
+    pub duplicates: AtomicU64,
+    /// NATS event plane: connected now (ZMQ: always true).
+    pub plane_connected: AtomicBool,
+    pub plane_disconnects: AtomicU64,
+}
+
+impl EventStats {
+    pub fn new() -> Self {
+        Self {
+            plane_connected: AtomicBool::new(true),
+            ..Default::default()
+        }
+    }
+}
+
+/// Applies what the sequencer released: a restart or a gap first drops the rank's blocks (its
+/// state can no longer be trusted: under-reporting a cache costs a hit, over-reporting sends
+/// requests to blocks that are gone), then the ready events go into the index.
+pub fn apply_sequenced(router: &Mutex<Router>, stats: &EventStats, out: Sequenced) {
+    if out.duplicate {
+        stats.duplicates.fetch_add(1, Ordering::Relaxed);
+    }
+    let Ok(mut r) = router.lock() else { return };
+    let clear = |r: &mut Router, source: WorkerRank, event_id: u64| {
+        r.apply_event(&kvgate_core::KvEvent {
+            source,
+            event_id,
+            tier: kvgate_core::StorageTier::Device,
+            data: kvgate_core::KvEventData::Cleared,
+        });
+        stats.resyncs.fetch_add(1, Ordering::Relaxed);
+    };
+    if let Some(gap) = out.gap {
+        stats.seq_gaps.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            worker = gap.source.worker.0,
+            dp_rank = gap.source.dp_rank.0,
+            first_missing = gap.first_missing,
+            missing = gap.missing,
+            "KV events lost; dropping this rank's indexed blocks to rebuild them from new events"
+        );
+        clear(&mut r, gap.source, gap.first_missing);
+    }
+    if out.restarted
+        && let Some(first) = out.ready.first()
+    {
+        tracing::info!(
+            worker = first.source.worker.0,
+            dp_rank = first.source.dp_rank.0,
+            "KV event publisher restarted"
+        );
+        clear(&mut r, first.source, first.event_id);
+    }
+    for e in &out.ready {
+        // Events of unknown workers are counted by the router itself.
+        if r.apply_event(e) {
+            stats.events.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// Forgets what the index believes a rank caches. Used whenever events may have been missed:

@@ -8,6 +8,7 @@
 
 pub mod events;
 pub mod http;
+pub mod nats;
 pub mod prom;
 pub mod routing;
 pub mod workers;

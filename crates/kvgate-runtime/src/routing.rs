@@ -66,11 +66,23 @@ pub struct AccuracyStats {
     pub rebooked: AtomicU64,
 }
 
+/// Where the router's KV events come from.
+#[derive(Clone, Debug)]
+pub enum EventPlane {
+    /// Each worker's vLLM ZMQ publisher (`kv_events` in the workers file).
+    Zmq,
+    /// Dynamo's NATS event plane.
+    Nats(crate::nats::NatsEventConfig),
+}
+
 pub struct RoutingService {
     router: Arc<Mutex<Router>>,
     tokenizer: Arc<PromptTokenizer>,
     workers: WorkerSet,
     pub events: Arc<EventStats>,
+    /// ZMQ subscriptions follow the workers file; off when events come over NATS.
+    zmq_events: std::sync::atomic::AtomicBool,
+    nats: Mutex<Option<(crate::nats::NatsEventConfig, tokio::task::JoinHandle<()>)>>,
     subscriptions: Mutex<HashMap<(u64, u32), tokio::task::JoinHandle<()>>>,
     rng: Mutex<SplitMix64>,
     log: Mutex<VecDeque<DecisionRecord>>,
@@ -114,7 +126,9 @@ impl RoutingService {
             router: Arc::new(Mutex::new(router)),
             tokenizer: Arc::new(tokenizer),
             workers: WorkerSet::new(file),
-            events: Arc::new(EventStats::default()),
+            events: Arc::new(EventStats::new()),
+            zmq_events: std::sync::atomic::AtomicBool::new(true),
+            nats: Mutex::new(None),
             subscriptions: Mutex::new(HashMap::new()),
             rng: Mutex::new(SplitMix64::new(seed)),
             log: Mutex::new(VecDeque::new()),
@@ -126,6 +140,17 @@ impl RoutingService {
     /// Registers the workers, subscribes to their events, watches `workers_file` for changes and
     /// sweeps stale bookings. Needs a Tokio runtime.
     pub fn start(self: &Arc<Self>, workers_file: PathBuf) {
+        self.start_with(workers_file, EventPlane::Zmq);
+    }
+
+    /// [`start`](Self::start) with the KV events read from `plane`.
+    pub fn start_with(self: &Arc<Self>, workers_file: PathBuf, plane: EventPlane) {
+        if let EventPlane::Nats(cfg) = plane {
+            self.zmq_events
+                .store(false, std::sync::atomic::Ordering::Relaxed);
+            let task = crate::nats::consume(self.router.clone(), self.events.clone(), cfg.clone());
+            *lock(&self.nats) = Some((cfg, task));
+        }
         let file = self.workers.current();
         self.sync_workers(None, &file);
         let me = self.clone();
@@ -197,6 +222,9 @@ impl RoutingService {
             router.upsert_worker(w.info());
         }
         drop(router);
+        if !self.zmq_events.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
         for w in &new.workers {
             if let Some(ep) = &w.kv_events {
                 for rank in 0..w.dp_size {
@@ -530,7 +558,33 @@ impl RoutingService {
             .iter()
             .map(|w| (w.instance_id().0, w.name.as_str()))
             .collect();
+        p.counter(
+            "kvgate_kv_event_duplicates_total",
+            "KV events delivered twice (redelivery) and dropped.",
+            &[],
+            e.duplicates.load(Ordering::Relaxed) as f64,
+        );
+        if lock(&self.nats).is_some() {
+            p.gauge(
+                "kvgate_kv_event_plane_connected",
+                "1 while the NATS event plane is connected.",
+                &[],
+                f64::from(u8::from(e.plane_connected.load(Ordering::Relaxed))),
+            );
+            p.counter(
+                "kvgate_kv_event_plane_disconnects_total",
+                "Times the NATS event plane connection was lost.",
+                &[],
+                e.plane_disconnects.load(Ordering::Relaxed) as f64,
+            );
+        }
         let r = lock(&self.router);
+        p.gauge(
+            "kvgate_router_events_blind",
+            "1 while routing ignores the KV index because the event feed is down (load-only scoring).",
+            &[],
+            f64::from(u8::from(r.events_blind())),
+        );
         p.gauge(
             "kvgate_router_index_nodes",
             "Distinct prefixes in the index.",
@@ -572,6 +626,48 @@ impl RoutingService {
                 &labels,
                 prefill as f64,
             );
+        }
+    }
+}
+
+impl RoutingService {
+    /// What the index believes each worker rank caches on device: engine block hashes, sorted
+    /// (for `/debug/index` and for comparing with the workers' own dumps).
+    pub fn index_dump(&self) -> serde_json::Value {
+        let r = lock(&self.router);
+        let mut by_rank: std::collections::BTreeMap<(u64, u32), Vec<u64>> = Default::default();
+        for (w, tier, ext, _) in r.index().blocks() {
+            if tier == kvgate_core::StorageTier::Device {
+                by_rank
+                    .entry((w.worker.0, w.dp_rank.0))
+                    .or_default()
+                    .push(ext.0);
+            }
+        }
+        let blind = r.events_blind();
+        drop(r);
+        let ranks: Vec<serde_json::Value> = by_rank
+            .into_iter()
+            .map(|((worker, dp_rank), mut blocks)| {
+                blocks.sort_unstable();
+                serde_json::json!({"worker_id": worker, "dp_rank": dp_rank, "blocks": blocks})
+            })
+            .collect();
+        serde_json::json!({
+            "events_blind": blind,
+            "event_plane_connected": self.events.plane_connected.load(Ordering::Relaxed),
+            "ranks": ranks,
+        })
+    }
+}
+
+impl Drop for RoutingService {
+    fn drop(&mut self) {
+        if let Some((_, task)) = lock(&self.nats).take() {
+            task.abort();
+        }
+        for (_, h) in lock(&self.subscriptions).drain() {
+            h.abort();
         }
     }
 }

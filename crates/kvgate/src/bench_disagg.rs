@@ -81,6 +81,7 @@ async fn start_sidecar(workers: PathBuf) -> Result<SocketAddr, String> {
         tokenizer: None,
         max_body_bytes: 64 << 20,
         request_timeout: Duration::from_secs(120),
+        event_plane: kvgate_runtime::routing::EventPlane::Zmq,
     };
     let (tx, rx) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
@@ -112,6 +113,7 @@ async fn start_epp(workers: PathBuf) -> Result<SocketAddr, String> {
         tokenize_timeout: Duration::from_secs(30),
         decision_log: 16,
         pool_name: "bench".into(),
+        event_plane: kvgate_runtime::routing::EventPlane::Zmq,
     };
     let (tx, rx) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {

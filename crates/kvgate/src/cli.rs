@@ -52,6 +52,8 @@ pub enum BenchCommand {
     /// Aggregated vs disaggregated prefill/decode on the same simulated engines and trace,
     /// through Envoy + EPP + sidecars (TTFT, end-to-end latency, throughput).
     Disagg(Box<crate::bench_disagg::BenchDisaggArgs>),
+    /// KV events applied per second: decoding, the index, NATS JetStream and vLLM ZMQ paths.
+    Events(Box<crate::bench_events::BenchEventsArgs>),
     /// (internal) the do-nothing ext_proc picker `bench epp` uses to measure the protocol floor.
     #[command(hide = true)]
     EchoPicker {
@@ -99,6 +101,8 @@ pub struct FrontendArgs {
     pub request_timeout_secs: f64,
     #[command(flatten)]
     pub router: RouterArgs,
+    #[command(flatten)]
+    pub events: crate::event_plane_args::EventPlaneArgs,
 }
 
 #[derive(clap::Args, Debug)]
@@ -188,6 +192,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 tokenizer: args.tokenizer.clone(),
                 max_body_bytes: args.max_request_body_bytes,
                 request_timeout: std::time::Duration::from_secs_f64(args.request_timeout_secs),
+                event_plane: args.events.router_plane().map_err(CliError)?,
             };
             runtime()?
                 .block_on(kvgate_frontend::serve(config, |addr| {
@@ -226,6 +231,9 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 kvgate_epp::echo::serve(l, destination, worker_id, !plaintext).await
             })
             .map_err(CliError),
+        Command::Bench(BenchCommand::Events(args)) => quiet_runtime()?
+            .block_on(crate::bench_events::run(*args))
+            .map_err(CliError),
         Command::Bench(BenchCommand::Disagg(args)) => quiet_runtime()?
             .block_on(crate::bench_disagg::run(*args))
             .map_err(CliError),
@@ -237,11 +245,18 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             .map_err(CliError),
         Command::Mocker(args) => {
             let config = args.to_config().map_err(CliError)?;
+            let nats = config
+                .nats_kv_events
+                .as_ref()
+                .map(|n| format!("{} subject {}", n.url, n.publish_subject()));
             runtime()?
                 .block_on(kvgate_mocker::serve(config, |addr, zmq| {
                     println!("kvgate mocker listening on http://{addr}");
                     for ep in zmq {
                         println!("kvgate mocker publishing KV events on {ep}");
+                    }
+                    if let Some(n) = nats {
+                        println!("kvgate mocker publishing KV events to NATS {n}");
                     }
                 }))
                 .map_err(CliError)

@@ -54,6 +54,8 @@ pub struct EppArgs {
     pub pool_name: String,
     #[command(flatten)]
     pub router: RouterArgs,
+    #[command(flatten)]
+    pub events: crate::event_plane_args::EventPlaneArgs,
 }
 
 impl EppArgs {
@@ -78,6 +80,7 @@ impl EppArgs {
             tokenize_timeout: std::time::Duration::from_secs_f64(self.tokenize_timeout_secs),
             decision_log: self.decision_log,
             pool_name: self.pool_name.clone(),
+            event_plane: self.events.router_plane()?,
         })
     }
 }

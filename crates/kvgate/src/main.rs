@@ -2,9 +2,11 @@
 
 mod bench_disagg;
 mod bench_epp;
+mod bench_events;
 mod cli;
 mod demo;
 mod epp_args;
+mod event_plane_args;
 mod mocker_args;
 mod router_args;
 

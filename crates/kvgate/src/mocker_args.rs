@@ -67,6 +67,8 @@ pub struct MockerArgs {
     /// Prefill -> decode KV transfer bandwidth in GB/s (decode role).
     #[arg(long, default_value_t = 25.0)]
     pub kv_transfer_gbps: f64,
+    #[command(flatten)]
+    pub events: crate::event_plane_args::EventPlaneArgs,
 }
 
 impl MockerArgs {
@@ -107,6 +109,7 @@ impl MockerArgs {
             max_body_bytes: self.max_request_body_bytes,
             zmq_kv_events: self.zmq_kv_events.clone(),
             zmq_topic: self.zmq_topic.clone(),
+            nats_kv_events: self.events.publisher()?,
             tokenizer: self.tokenizer.clone(),
             kv_bytes_per_token: self.kv_bytes_per_token,
             kv_transfer_gbps: self.kv_transfer_gbps,

@@ -327,7 +327,7 @@ impl Envoy {
 }
 
 /// Minimal blocking GET for test plumbing (admin endpoints), without an extra client crate.
-mod admin_http {
+pub mod admin_http {
     use std::io::{Read, Write};
 
     pub fn get(url: &str) -> Result<String, std::io::Error> {

@@ -1,0 +1,292 @@
+//! The NATS event plane: KV events in Dynamo's `RouterEvent` format, over a JetStream stream
+//! with a durable consumer (default) or a plain core-NATS subscription.
+//!
+//! Layout (Dynamo's): core NATS publishes on `namespace.{ns}.component.{c}.kv-events`; with
+//! JetStream the stream is that subject slugified (`namespace-{ns}-component-{c}-kv-events`),
+//! capturing `{stream}.*` (publishers use `{stream}.queue`) and the core subject too, so events
+//! from either kind of publisher are kept. Each router replica reads through its own durable
+//! consumer, acknowledging every applied event.
+//!
+//! Start-up: the consumer is re-created to deliver the whole retained stream, which rebuilds the
+//! index from scratch (a restarted router has an empty index; resuming from its last ack would
+//! leave out everything before it). While the process lives, the durable consumer is what lets
+//! it ride out a NATS restart: the server keeps its position and redelivers what was not acked.
+//!
+//! Blindness: while the connection to NATS is down the router cannot know what workers cache;
+//! it then routes on load alone ([`Router::set_events_blind`]) and says so in its metrics.
+
+use crate::events::{EventStats, apply_sequenced};
+use async_nats::jetstream;
+use futures::StreamExt;
+use kvgate_core::router::Router;
+use kvgate_core::sequencer::EventSequencer;
+use kvgate_wire::dynamo::{RouterEvent, kv_events_subject, stream_name, stream_queue_subject};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Where and how to read (or publish) KV events on NATS.
+#[derive(Clone, Debug)]
+pub struct NatsEventConfig {
+    pub url: String,
+    pub namespace: String,
+    pub component: String,
+    /// JetStream stream + durable consumer (true) or a core-NATS subscription (false).
+    pub durable: bool,
+    /// Durable consumer name: one per router replica.
+    pub consumer: String,
+    /// How long the stream keeps events.
+    pub max_age: Duration,
+}
+
+impl NatsEventConfig {
+    pub fn subject(&self) -> String {
+        kv_events_subject(&self.namespace, &self.component)
+    }
+
+    pub fn stream(&self) -> String {
+        stream_name(&self.subject())
+    }
+
+    /// The subject a publisher sends to.
+    pub fn publish_subject(&self) -> String {
+        if self.durable {
+            stream_queue_subject(&self.stream())
+        } else {
+            self.subject()
+        }
+    }
+}
+
+/// A NATS client that retries forever (also the first connection), reconnecting quickly, and
+/// reports connection changes to `on_state(connected)`.
+pub async fn connect(
+    url: &str,
+    name: &str,
+    on_state: impl Fn(bool) + Send + Sync + 'static,
+) -> Result<async_nats::Client, String> {
+    let on_state = Arc::new(on_state);
+    let url_for_log = url.to_string();
+    async_nats::ConnectOptions::new()
+        .name(name)
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connection_timeout(Duration::from_secs(2))
+        .reconnect_delay_callback(|attempt| {
+            Duration::from_millis(100u64.saturating_mul(1 << attempt.min(5)))
+                .min(Duration::from_secs(2))
+        })
+        .event_callback(move |event| {
+            let on_state = on_state.clone();
+            let url = url_for_log.clone();
+            async move {
+                match event {
+                    async_nats::Event::Connected => {
+                        tracing::info!(%url, "NATS connected");
+                        on_state(true);
+                    }
+                    async_nats::Event::Disconnected => {
+                        tracing::warn!(%url, "NATS disconnected");
+                        on_state(false);
+                    }
+                    other => tracing::debug!(%url, event = %other, "NATS"),
+                }
+            }
+        })
+        .connect(url)
+        .await
+        .map_err(|e| format!("cannot connect to NATS at {url}: {e}"))
+}
+
+/// The stream holding the KV events (created when missing, with Dynamo's layout).
+pub async fn ensure_stream(
+    js: &jetstream::Context,
+    cfg: &NatsEventConfig,
+) -> Result<jetstream::stream::Stream, String> {
+    let stream = cfg.stream();
+    js.get_or_create_stream(jetstream::stream::Config {
+        name: stream.clone(),
+        subjects: vec![format!("{stream}.*"), cfg.subject()],
+        max_age: cfg.max_age,
+        storage: jetstream::stream::StorageType::File,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| format!("JetStream stream {stream}: {e}"))
+}
+
+/// Reads KV events from NATS into the router until the task is aborted.
+pub fn consume(
+    router: Arc<Mutex<Router>>,
+    stats: Arc<EventStats>,
+    cfg: NatsEventConfig,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let on_state = {
+            let router = router.clone();
+            let stats = stats.clone();
+            move |connected: bool| set_connected(&router, &stats, connected)
+        };
+        // Blind until the first connection.
+        set_connected(&router, &stats, false);
+        let client = match connect(&cfg.url, "kvgate-router", on_state).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!("{e}");
+                return;
+            }
+        };
+        let mut seq = EventSequencer::new(1024, Duration::from_secs(2));
+        if cfg.durable {
+            run_jetstream(&client, &router, &stats, &cfg, &mut seq).await;
+        } else {
+            run_core(&client, &router, &stats, &cfg, &mut seq).await;
+        }
+    })
+}
+
+fn set_connected(router: &Mutex<Router>, stats: &EventStats, connected: bool) {
+    let was = stats.plane_connected.swap(connected, Ordering::Relaxed);
+    if was && !connected {
+        stats.plane_disconnects.fetch_add(1, Ordering::Relaxed);
+    }
+    if let Ok(mut r) = router.lock() {
+        r.set_events_blind(!connected);
+    }
+}
+
+fn handle(router: &Mutex<Router>, stats: &EventStats, seq: &mut EventSequencer, payload: &[u8]) {
+    stats.batches.fetch_add(1, Ordering::Relaxed);
+    match RouterEvent::decode_message(payload) {
+        Ok(events) => {
+            let now = Instant::now();
+            for e in events {
+                let out = seq.offer(e.to_kv_event(), now);
+                apply_sequenced(router, stats, out);
+            }
+        }
+        Err(e) => {
+            stats.decode_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(error = %e, "undecodable KV event message");
+        }
+    }
+}
+
+fn poll_gaps(router: &Mutex<Router>, stats: &EventStats, seq: &mut EventSequencer) {
+    for out in seq.poll_gaps(Instant::now()) {
+        apply_sequenced(router, stats, out);
+    }
+}
+
+async fn run_core(
+    client: &async_nats::Client,
+    router: &Mutex<Router>,
+    stats: &EventStats,
+    cfg: &NatsEventConfig,
+    seq: &mut EventSequencer,
+) {
+    let subject = cfg.subject();
+    let mut sub = loop {
+        match client.subscribe(subject.clone()).await {
+            Ok(s) => break s,
+            Err(e) => {
+                tracing::warn!(%subject, error = %e, "cannot subscribe; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    };
+    tracing::info!(%subject, "reading KV events (core NATS)");
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            msg = sub.next() => match msg {
+                Some(m) => handle(router, stats, seq, &m.payload),
+                None => return,
+            },
+            _ = tick.tick() => poll_gaps(router, stats, seq),
+        }
+    }
+}
+
+async fn run_jetstream(
+    client: &async_nats::Client,
+    router: &Mutex<Router>,
+    stats: &EventStats,
+    cfg: &NatsEventConfig,
+    seq: &mut EventSequencer,
+) {
+    let js = jetstream::new(client.clone());
+    let mut fresh_start = true;
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match jetstream_session(&js, router, stats, cfg, seq, fresh_start).await {
+            Ok(()) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "JetStream KV event consumer interrupted; retrying");
+            }
+        }
+        // Only the first session starts from the beginning; later ones resume at the ack point.
+        if stats.events.load(Ordering::Relaxed) > 0 || stats.batches.load(Ordering::Relaxed) > 0 {
+            fresh_start = false;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+async fn jetstream_session(
+    js: &jetstream::Context,
+    router: &Mutex<Router>,
+    stats: &EventStats,
+    cfg: &NatsEventConfig,
+    seq: &mut EventSequencer,
+    fresh_start: bool,
+) -> Result<(), String> {
+    let stream = ensure_stream(js, cfg).await?;
+    if fresh_start {
+        // A new process has an empty index: read the retained stream from its start.
+        match stream.delete_consumer(&cfg.consumer).await {
+            Ok(_) => {
+                tracing::info!(consumer = %cfg.consumer, "re-reading the KV event stream from its start")
+            }
+            Err(e) => tracing::debug!(error = %e, "no previous consumer"),
+        }
+    }
+    let consumer: jetstream::consumer::PullConsumer = stream
+        .get_or_create_consumer(
+            &cfg.consumer,
+            jetstream::consumer::pull::Config {
+                durable_name: Some(cfg.consumer.clone()),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                deliver_policy: jetstream::consumer::DeliverPolicy::All,
+                inactive_threshold: Duration::from_secs(3600),
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| format!("consumer {}: {e}", cfg.consumer))?;
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|e| format!("consumer {}: {e}", cfg.consumer))?;
+    tracing::info!(stream = %cfg.stream(), consumer = %cfg.consumer, "reading KV events (JetStream)");
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            msg = messages.next() => match msg {
+                Some(Ok(m)) => {
+                    handle(router, stats, seq, &m.payload);
+                    if let Err(e) = m.ack().await {
+                        tracing::debug!(error = %e, "ack failed (will be redelivered)");
+                    }
+                }
+                Some(Err(e)) => {
+                    // Missed heartbeats while the server is away: the stream recovers by itself.
+                    tracing::debug!(error = %e, "JetStream consumer");
+                }
+                None => return Err("message stream ended".into()),
+            },
+            _ = tick.tick() => poll_gaps(router, stats, seq),
+        }
+    }
+}

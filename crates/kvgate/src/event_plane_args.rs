@@ -1,0 +1,105 @@
+//! Event plane flags shared by `kvgate epp`, `kvgate frontend` (kv mode) and `kvgate mocker`.
+
+use clap::{Args, ValueEnum};
+use kvgate_runtime::nats::NatsEventConfig;
+use kvgate_runtime::routing::EventPlane;
+use std::time::Duration;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PlaneArg {
+    /// Dynamo's NATS event plane (`RouterEvent` JSON; JetStream with `--durable-kv-events`).
+    Nats,
+    /// vLLM's ZMQ publishers, one per worker rank (`kv_events` in the workers file; the mocker's
+    /// `--zmq-kv-events`).
+    Zmq,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct EventPlaneArgs {
+    /// Where KV events travel.
+    #[arg(long, value_enum, env = "DYN_EVENT_PLANE", default_value = "zmq")]
+    pub event_plane: PlaneArg,
+    /// NATS server (with `--event-plane nats`).
+    #[arg(long, env = "NATS_SERVER", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// Dynamo namespace: the subject is `namespace.{ns}.component.{component}.kv-events`.
+    #[arg(long, env = "DYN_NAMESPACE", default_value = "dynamo")]
+    pub namespace: String,
+    /// Dynamo component of the workers.
+    #[arg(long, default_value = "backend")]
+    pub component: String,
+    /// Keep KV events in a JetStream stream read through a durable consumer (survives NATS and
+    /// router restarts); `--durable-kv-events=false` uses a core-NATS subscription.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub durable_kv_events: bool,
+    /// Durable consumer name; each router replica needs its own (default: `kvgate-` + the
+    /// host name, which is the pod name on Kubernetes).
+    #[arg(long, env = "KVGATE_KV_CONSUMER")]
+    pub kv_consumer: Option<String>,
+    /// Seconds the JetStream stream keeps events.
+    #[arg(long, env = "DYN_NATS_STREAM_MAX_AGE", default_value_t = 3600)]
+    pub nats_stream_max_age: u64,
+}
+
+impl EventPlaneArgs {
+    fn nats_config(&self) -> Result<NatsEventConfig, String> {
+        for (flag, v) in [
+            ("--namespace", &self.namespace),
+            ("--component", &self.component),
+        ] {
+            if v.is_empty() || v.contains(['.', '*', '>', ' ']) {
+                return Err(format!(
+                    "{flag} {v:?} must be non-empty and free of '.', '*', '>' and spaces (it is one NATS subject token)"
+                ));
+            }
+        }
+        if self.nats_stream_max_age == 0 {
+            return Err("--nats-stream-max-age must be > 0".into());
+        }
+        let consumer = match &self.kv_consumer {
+            Some(c) => c.clone(),
+            None => {
+                let host = std::env::var("HOSTNAME")
+                    .ok()
+                    .filter(|h| !h.is_empty())
+                    .unwrap_or_else(|| "local".into());
+                format!("kvgate-{host}")
+            }
+        };
+        // Consumer names are single tokens too.
+        let consumer: String = consumer
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .collect();
+        Ok(NatsEventConfig {
+            url: self.nats_url.clone(),
+            namespace: self.namespace.clone(),
+            component: self.component.clone(),
+            durable: self.durable_kv_events,
+            consumer,
+            max_age: Duration::from_secs(self.nats_stream_max_age),
+        })
+    }
+
+    /// Where a router reads its events.
+    pub fn router_plane(&self) -> Result<EventPlane, String> {
+        Ok(match self.event_plane {
+            PlaneArg::Zmq => EventPlane::Zmq,
+            PlaneArg::Nats => EventPlane::Nats(self.nats_config()?),
+        })
+    }
+
+    /// Where the mocker publishes on NATS, if it does.
+    pub fn publisher(&self) -> Result<Option<NatsEventConfig>, String> {
+        Ok(match self.event_plane {
+            PlaneArg::Zmq => None,
+            PlaneArg::Nats => Some(self.nats_config()?),
+        })
+    }
+}

