@@ -24,6 +24,9 @@ pub struct EventStats {
     /// NATS event plane: connected now (ZMQ: always true).
     pub plane_connected: AtomicBool,
     pub plane_disconnects: AtomicU64,
+    /// Worker ranks whose events are refused (e.g. another block size), with the reason: shown
+    /// by `/debug/index` and counted in `kvgate_router_misconfigured_ranks`.
+    pub misconfigured: Mutex<std::collections::BTreeMap<(u64, u32), String>>,
 }
 
 impl EventStats {
@@ -192,6 +195,9 @@ pub fn subscribe(
                     }
                     Err(err) => {
                         stats.rejected.fetch_add(1, Ordering::Relaxed);
+                        if let Ok(mut m) = stats.misconfigured.lock() {
+                            m.insert((worker.0, dp_rank), err.to_string());
+                        }
                         // Once per subscription: a misconfigured publisher would flood the log.
                         if !refused_logged {
                             refused_logged = true;

@@ -208,6 +208,8 @@ impl RoutingService {
                     router.remove_worker(id);
                 }
                 if changed {
+                    // A re-subscription judges the worker afresh.
+                    lock(&self.events.misconfigured).retain(|(w, _), _| *w != id.0);
                     subs.retain(|(wid, _), h| {
                         let keep = *wid != id.0;
                         if !keep {
@@ -578,6 +580,12 @@ impl RoutingService {
                 e.plane_disconnects.load(Ordering::Relaxed) as f64,
             );
         }
+        p.gauge(
+            "kvgate_router_misconfigured_ranks",
+            "Worker ranks whose KV events are refused (see /debug/index for why).",
+            &[],
+            lock(&self.events.misconfigured).len() as f64,
+        );
         let r = lock(&self.router);
         p.gauge(
             "kvgate_router_events_blind",
@@ -653,7 +661,12 @@ impl RoutingService {
                 serde_json::json!({"worker_id": worker, "dp_rank": dp_rank, "blocks": blocks})
             })
             .collect();
+        let misconfigured: Vec<serde_json::Value> = lock(&self.events.misconfigured)
+            .iter()
+            .map(|((w, d), why)| serde_json::json!({"worker_id": w, "dp_rank": d, "reason": why}))
+            .collect();
         serde_json::json!({
+            "misconfigured": misconfigured,
             "events_blind": blind,
             "event_plane_connected": self.events.plane_connected.load(Ordering::Relaxed),
             "ranks": ranks,

@@ -651,6 +651,12 @@ mod tests {
             prop_assert_eq!(RouterEvent::from_kv_event(&e.to_kv_event()), e);
         }
 
+    }
+
+    proptest! {
+        // 2,048 cases per run, each decoding three inputs.
+        #![proptest_config(ProptestConfig::with_cases(2048))]
+
         /// Arbitrary bytes and damaged real events are refused or decoded, never a panic.
         #[test]
         fn fuzz_decode_never_panics(

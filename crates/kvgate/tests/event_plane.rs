@@ -420,3 +420,55 @@ async fn core_nats_subscription_indexes_the_same() {
         Some(0.0)
     );
 }
+
+/// A worker whose engine uses another block size than the router: its events are refused
+/// loudly (counted, the rank listed as misconfigured with the reason), never indexed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn block_size_mismatch_is_refused_and_reported() {
+    let dir = TempDir::new("blocksize");
+    let m = Proc::start(
+        &[
+            "mocker",
+            "--port",
+            "0",
+            "--block-size",
+            "32",
+            "--worker-id",
+            "9",
+            "--speedup-ratio",
+            "50",
+            "--zmq-kv-events",
+            "tcp://127.0.0.1:0",
+        ],
+        2,
+    );
+    let y = format!(
+        "model: qwen3\nblock_size: 16\nworkers:\n  - name: w\n    id: 9\n    url: {}\n    kv_events: {}\n",
+        m.url(),
+        m.zmq()
+    );
+    let workers = dir.0.join("workers.yaml");
+    std::fs::write(&workers, y).unwrap();
+    let fe = frontend(&workers, "kv", &[]);
+    let url = fe.url();
+    // ZMQ subscriptions drop what is published before they connect: keep sending until the
+    // router has seen (and refused) events.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while metric(&metrics(&url), "kvgate_kv_events_rejected_total").unwrap_or(0.0) == 0.0 {
+        assert!(Instant::now() < deadline, "no event was refused");
+        assert_eq!(workload(&url, 2, 0).await, 2, "requests are still served");
+    }
+    assert_eq!(
+        metric(&metrics(&url), "kvgate_router_misconfigured_ranks"),
+        Some(1.0)
+    );
+    let v = get_json(&format!("{url}/debug/index"));
+    let bad = &v["misconfigured"][0];
+    assert_eq!(bad["worker_id"], 9);
+    assert!(
+        bad["reason"].as_str().unwrap().contains("block size 32"),
+        "{bad}"
+    );
+    assert!(index_blocks(&url).is_empty(), "refused events were indexed");
+    assert!(!mocker_blocks(&[&m]).is_empty());
+}
