@@ -67,6 +67,36 @@ impl ZmqPublisher {
         dp_size: u32,
         topic: &str,
     ) -> Result<(Self, Vec<String>), String> {
+        Self::bind_with_replay(endpoint, None, dp_size, topic, Vec::new())
+            .await
+            .map(|(p, eps, _)| (p, eps))
+    }
+
+    /// Also binds vLLM's replay socket (ROUTER; rank r at port + r) over the last
+    /// [`REPLAY_BUFFER`] messages of each rank. `drop_seqs`: sequence numbers to leave unsent
+    /// (kept for replay): a test hook that forces gaps. Returns the publisher and the bound PUB
+    /// and replay endpoints.
+    pub async fn bind_with_replay(
+        endpoint: &str,
+        replay: Option<&str>,
+        dp_size: u32,
+        topic: &str,
+        drop_seqs: Vec<u64>,
+    ) -> Result<(Self, Vec<String>, Vec<String>), String> {
+        let mut replay_bound = Vec::new();
+        let mut buffers = Vec::new();
+        let mut replay_base: Option<u16> = None;
+        for rank in 0..dp_size {
+            let buffer: ReplayBuffer =
+                Arc::new(std::sync::Mutex::new(std::collections::VecDeque::new()));
+            if let Some(ep) = replay {
+                let (bound, port) = bind_replay(ep, rank, replay_base, buffer.clone()).await?;
+                // Rank r listens on base + r; with port 0, rank 0's port is the base.
+                replay_base.get_or_insert(port);
+                replay_bound.push(bound);
+            }
+            buffers.push(buffer);
+        }
         let (host, port) = endpoint
             .strip_prefix("tcp://")
             .and_then(|r| r.rsplit_once(':'))
@@ -100,6 +130,8 @@ impl ZmqPublisher {
             bound.push(ep.to_string());
             let (tx, mut rx) = mpsc::unbounded_channel::<Vec<VllmEvent>>();
             let topic = Bytes::from(topic.to_string());
+            let buffer = buffers[rank as usize].clone();
+            let drop_seqs = drop_seqs.clone();
             tokio::spawn(async move {
                 let mut seq: u64 = 0;
                 while let Some(events) = rx.recv().await {
@@ -111,10 +143,21 @@ impl ZmqPublisher {
                         events,
                         dp_rank: Some(rank),
                     });
+                    let payload = Bytes::from(payload);
+                    if let Ok(mut b) = buffer.lock() {
+                        if b.len() >= REPLAY_BUFFER {
+                            b.pop_front();
+                        }
+                        b.push_back((seq, payload.clone()));
+                    }
+                    let skip = drop_seqs.contains(&seq);
                     let mut msg = ZmqMessage::from(topic.clone());
                     msg.push_back(Bytes::copy_from_slice(&seq.to_be_bytes()));
-                    msg.push_back(Bytes::from(payload));
+                    msg.push_back(payload);
                     seq += 1;
+                    if skip {
+                        continue;
+                    }
                     if let Err(e) = sock.send(msg).await {
                         tracing::warn!(rank, error = %e, "ZMQ publish failed");
                     }
@@ -122,8 +165,76 @@ impl ZmqPublisher {
             });
             txs.push(tx);
         }
-        Ok((Self { txs }, bound))
+        Ok((Self { txs }, bound, replay_bound))
     }
+}
+
+/// Messages each rank keeps for replay (vLLM's default `buffer_steps`).
+pub const REPLAY_BUFFER: usize = 10_000;
+
+type ReplayBuffer = Arc<std::sync::Mutex<std::collections::VecDeque<(u64, Bytes)>>>;
+
+/// vLLM's replay protocol: a request `[.., start_seq (8-byte BE)]` is answered with
+/// `[identity, "", seq, payload]` for every buffered message from `start_seq` on, then
+/// `[identity, "", -1, ""]`.
+async fn bind_replay(
+    endpoint: &str,
+    rank: u32,
+    base: Option<u16>,
+    buffer: ReplayBuffer,
+) -> Result<(String, u16), String> {
+    use zeromq::SocketRecv;
+    let (host, port) = endpoint
+        .strip_prefix("tcp://")
+        .and_then(|r| r.rsplit_once(':'))
+        .ok_or_else(|| format!("--zmq-replay {endpoint:?} must be tcp://HOST:PORT"))?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("--zmq-replay {endpoint:?}: bad port"))?;
+    let p = base.unwrap_or(port).saturating_add(rank as u16);
+    let mut sock = zeromq::RouterSocket::new();
+    let ep = sock
+        .bind(&format!("tcp://{host}:{p}"))
+        .await
+        .map_err(|e| format!("cannot bind ZMQ replay socket tcp://{host}:{p}: {e}"))?
+        .to_string();
+    let bound_port = ep
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(p);
+    tokio::spawn(async move {
+        loop {
+            let Ok(req) = sock.recv().await else { continue };
+            let frames = req.into_vec();
+            let (Some(identity), Some(last)) = (frames.first(), frames.last()) else {
+                continue;
+            };
+            let Ok(start) = <[u8; 8]>::try_from(last.as_ref()) else {
+                continue;
+            };
+            let start = u64::from_be_bytes(start);
+            let replies: Vec<(u64, Bytes)> = match buffer.lock() {
+                Ok(b) => b.iter().filter(|(s, _)| *s >= start).cloned().collect(),
+                Err(_) => Vec::new(),
+            };
+            let end = (-1i64).to_be_bytes();
+            for (seq, payload) in replies
+                .into_iter()
+                .map(|(s, p)| (s.to_be_bytes(), p))
+                .chain(std::iter::once((end, Bytes::new())))
+            {
+                let mut msg = ZmqMessage::from(identity.clone());
+                msg.push_back(Bytes::new());
+                msg.push_back(Bytes::copy_from_slice(&seq));
+                msg.push_back(payload);
+                if sock.send(msg).await.is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    Ok((ep, bound_port))
 }
 
 /// Binds a [`ZmqPublisher`] and wraps it as a sink that knows the block size.

@@ -48,6 +48,10 @@ pub struct MockerConfig {
     /// `tcp://HOST:PORT` of the vLLM-format ZMQ publisher (rank r binds PORT + r).
     pub zmq_kv_events: Option<String>,
     pub zmq_topic: String,
+    /// vLLM's replay socket (ROUTER, `tcp://HOST:PORT`; rank r binds PORT + r).
+    pub zmq_replay: Option<String>,
+    /// Test hook: ZMQ sequence numbers published to the replay buffer only (forces gaps).
+    pub zmq_drop_seqs: Vec<u64>,
     /// Publish Dynamo-format KV events on the NATS event plane.
     pub nats_kv_events: Option<kvgate_runtime::nats::NatsEventConfig>,
     pub tokenizer: Option<std::path::PathBuf>,
@@ -76,6 +80,8 @@ impl Default for MockerConfig {
             max_body_bytes: 32 << 20,
             zmq_kv_events: None,
             zmq_topic: String::new(),
+            zmq_replay: None,
+            zmq_drop_seqs: Vec::new(),
             nats_kv_events: None,
             tokenizer: None,
         }
@@ -108,15 +114,24 @@ struct AppState {
 /// through `on_bound` before serving (port 0 picks a free port).
 pub async fn serve(
     config: MockerConfig,
-    on_bound: impl FnOnce(SocketAddr, Vec<String>),
+    on_bound: impl FnOnce(SocketAddr, Vec<String>, Vec<String>),
 ) -> Result<(), String> {
     let tokenizer =
         Arc::new(PromptTokenizer::load(config.tokenizer.as_deref()).map_err(|e| e.to_string())?);
     let mut zmq_endpoints = Vec::new();
+    let mut replay_endpoints = Vec::new();
     let mut sinks: Vec<Arc<dyn EventSink>> = Vec::new();
     if let Some(ep) = &config.zmq_kv_events {
-        let (publisher, bound) = ZmqPublisher::bind(ep, config.dp_size, &config.zmq_topic).await?;
+        let (publisher, bound, replay) = ZmqPublisher::bind_with_replay(
+            ep,
+            config.zmq_replay.as_deref(),
+            config.dp_size,
+            &config.zmq_topic,
+            config.zmq_drop_seqs.clone(),
+        )
+        .await?;
         zmq_endpoints = bound;
+        replay_endpoints = replay;
         sinks.push(Arc::new(ZmqSink::new(
             publisher,
             config.engine.block_size as u32,
@@ -176,7 +191,7 @@ pub async fn serve(
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
         .with_state(state);
-    on_bound(addr, zmq_endpoints);
+    on_bound(addr, zmq_endpoints, replay_endpoints);
     axum::serve(listener, app).await.map_err(|e| e.to_string())
 }
 

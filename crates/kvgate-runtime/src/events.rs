@@ -21,6 +21,10 @@ pub struct EventStats {
     pub resyncs: AtomicU64,
     /// Events seen twice (redelivery) and dropped.
     pub duplicates: AtomicU64,
+    /// ZMQ catch-ups through a publisher's replay socket, the messages they brought, failures.
+    pub replays: AtomicU64,
+    pub replayed_messages: AtomicU64,
+    pub replay_failures: AtomicU64,
     /// NATS event plane: connected now (ZMQ: always true).
     pub plane_connected: AtomicBool,
     pub plane_disconnects: AtomicU64,
@@ -101,12 +105,16 @@ fn resync(router: &Mutex<Router>, stats: &EventStats, source: WorkerRank, event_
 
 /// Subscribes to one rank's publisher and applies its events until the task is aborted.
 /// `endpoint` is the worker's base endpoint; rank r listens on port + r (vLLM's convention).
+/// With `replay` (the worker's replay socket, same convention), messages this subscription
+/// missed (joining late, or a sequence gap) are fetched from the publisher's buffer; without
+/// it, or when the buffer no longer reaches back, the rank's blocks are dropped instead.
 pub fn subscribe(
     router: Arc<Mutex<Router>>,
     stats: Arc<EventStats>,
     worker: WorkerId,
     dp_rank: u32,
     endpoint: String,
+    replay: Option<String>,
     block_size: u32,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
@@ -117,6 +125,7 @@ pub fn subscribe(
                 return;
             }
         };
+        let replay_ep = replay.as_deref().and_then(|r| rank_endpoint(r, dp_rank));
         let mut sock = zeromq::SubSocket::new();
         // connect() waits for the peer (and retries): a worker that starts later is picked up.
         loop {
@@ -140,8 +149,14 @@ pub fn subscribe(
         };
         // Whatever was indexed before this subscription may have changed unseen.
         resync(&router, &stats, source, 0);
-        let mut last_seq: Option<u64> = None;
-        let mut refused_logged = false;
+        let mut sub = RankFeed {
+            router: &router,
+            stats: &stats,
+            source,
+            block_size,
+            refused_logged: false,
+            last_seq: None,
+        };
         loop {
             let msg = match sock.recv().await {
                 Ok(m) => m.into_vec(),
@@ -161,53 +176,176 @@ pub fn subscribe(
                     continue;
                 }
             };
-            if let Some(last) = last_seq
-                && seq != last.wrapping_add(1)
-            {
-                // A gap (lost messages) or a restart (sequence went back): drop the rank's view
-                // and rebuild it from the events that follow.
-                stats.seq_gaps.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(
-                    worker = worker.0,
-                    dp_rank,
-                    last,
-                    seq,
-                    "KV event sequence broken; resyncing this rank"
-                );
-                resync(&router, &stats, source, seq);
-            }
-            last_seq = Some(seq);
-            let batch = match decode_batch(payload) {
-                Ok(b) => b,
-                Err(e) => {
-                    stats.decode_errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(error = %e, "undecodable KV event batch");
-                    continue;
-                }
-            };
-            stats.batches.fetch_add(1, Ordering::Relaxed);
-            let Ok(mut r) = router.lock() else { return };
-            for e in &batch.events {
-                match to_kv_event(e, source, seq, block_size) {
-                    Ok(ev) => {
-                        r.apply_event(&ev);
-                        stats.events.fetch_add(1, Ordering::Relaxed);
+            match sub.last_seq {
+                Some(last) if seq <= last => {
+                    if seq == 0 || last - seq > RESTART_BACK {
+                        // The publisher started over: its cache did too.
+                        stats.seq_gaps.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(
+                            worker = worker.0,
+                            dp_rank,
+                            last,
+                            seq,
+                            "KV event publisher restarted; resyncing this rank"
+                        );
+                        resync(&router, &stats, source, seq);
+                        sub.last_seq = None;
+                    } else {
+                        // Already applied through a replay.
+                        stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                        continue;
                     }
-                    Err(err) => {
-                        stats.rejected.fetch_add(1, Ordering::Relaxed);
-                        if let Ok(mut m) = stats.misconfigured.lock() {
-                            m.insert((worker.0, dp_rank), err.to_string());
-                        }
-                        // Once per subscription: a misconfigured publisher would flood the log.
-                        if !refused_logged {
-                            refused_logged = true;
-                            tracing::error!(worker = worker.0, dp_rank, error = %err, "KV events refused (counted in kvgate_kv_events_rejected_total)");
-                        }
+                }
+                Some(last) if seq > last.wrapping_add(1) => {
+                    stats.seq_gaps.fetch_add(1, Ordering::Relaxed);
+                    if !sub.catch_up(replay_ep.as_deref(), last + 1).await {
+                        tracing::warn!(
+                            worker = worker.0,
+                            dp_rank,
+                            last,
+                            seq,
+                            "KV events lost; resyncing this rank"
+                        );
+                        resync(&router, &stats, source, seq);
+                    }
+                }
+                // Joined late: what the publisher sent before is in its replay buffer.
+                None if seq > 0 && replay_ep.is_some() => {
+                    sub.catch_up(replay_ep.as_deref(), 0).await;
+                }
+                _ => {}
+            }
+            if sub.last_seq.is_some_and(|l| seq <= l) {
+                // Brought by the catch-up just done.
+                continue;
+            }
+            sub.apply(seq, payload);
+        }
+    })
+}
+
+/// A sequence number further back than this is a publisher restart, not a duplicate.
+const RESTART_BACK: u64 = 1 << 20;
+/// Most messages taken from one replay.
+const MAX_REPLAY: usize = 100_000;
+
+struct RankFeed<'a> {
+    router: &'a Mutex<Router>,
+    stats: &'a EventStats,
+    source: WorkerRank,
+    block_size: u32,
+    refused_logged: bool,
+    last_seq: Option<u64>,
+}
+
+impl RankFeed<'_> {
+    fn apply(&mut self, seq: u64, payload: &[u8]) {
+        self.last_seq = Some(seq);
+        let batch = match decode_batch(payload) {
+            Ok(b) => b,
+            Err(e) => {
+                self.stats.decode_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(error = %e, "undecodable KV event batch");
+                return;
+            }
+        };
+        self.stats.batches.fetch_add(1, Ordering::Relaxed);
+        let Ok(mut r) = self.router.lock() else {
+            return;
+        };
+        for e in &batch.events {
+            match to_kv_event(e, self.source, seq, self.block_size) {
+                Ok(ev) => {
+                    r.apply_event(&ev);
+                    self.stats.events.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(err) => {
+                    self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                    if let Ok(mut m) = self.stats.misconfigured.lock() {
+                        m.insert(
+                            (self.source.worker.0, self.source.dp_rank.0),
+                            err.to_string(),
+                        );
+                    }
+                    // Once per subscription: a misconfigured publisher would flood the log.
+                    if !self.refused_logged {
+                        self.refused_logged = true;
+                        tracing::error!(worker = self.source.worker.0, dp_rank = self.source.dp_rank.0, error = %err, "KV events refused (counted in kvgate_kv_events_rejected_total)");
                     }
                 }
             }
         }
-    })
+    }
+
+    /// Fetches and applies the messages from `from` on through the replay socket. True when
+    /// the replay covered `from` (nothing was lost).
+    async fn catch_up(&mut self, replay_ep: Option<&str>, from: u64) -> bool {
+        let Some(ep) = replay_ep else { return false };
+        match fetch_replay(ep, from).await {
+            Ok(msgs) => {
+                self.stats.replays.fetch_add(1, Ordering::Relaxed);
+                let complete = msgs.first().is_some_and(|(s, _)| *s <= from);
+                if !complete && from > 0 {
+                    // The buffer no longer reaches back: the rank's state cannot be trusted.
+                    resync(self.router, self.stats, self.source, from);
+                }
+                for (seq, payload) in msgs {
+                    if self.last_seq.is_some_and(|l| seq <= l) {
+                        continue;
+                    }
+                    self.stats.replayed_messages.fetch_add(1, Ordering::Relaxed);
+                    self.apply(seq, &payload);
+                }
+                complete || from == 0
+            }
+            Err(e) => {
+                self.stats.replay_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%ep, error = %e, "KV event replay failed");
+                false
+            }
+        }
+    }
+}
+
+/// vLLM's replay protocol, client side: DEALER sends `["", start_seq]`, the publisher answers
+/// `["", seq, payload]` per buffered message and `["", -1, ""]` at the end.
+async fn fetch_replay(ep: &str, from: u64) -> Result<Vec<(u64, Vec<u8>)>, String> {
+    use std::time::Duration;
+    use zeromq::SocketSend;
+    let wait = Duration::from_secs(2);
+    let mut sock = zeromq::DealerSocket::new();
+    tokio::time::timeout(wait, sock.connect(ep))
+        .await
+        .map_err(|_| "connect timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    let mut req = zeromq::ZmqMessage::from(bytes::Bytes::new());
+    req.push_back(bytes::Bytes::copy_from_slice(&from.to_be_bytes()));
+    tokio::time::timeout(wait, sock.send(req))
+        .await
+        .map_err(|_| "send timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    loop {
+        let msg = tokio::time::timeout(wait, sock.recv())
+            .await
+            .map_err(|_| "no end of replay".to_string())?
+            .map_err(|e| e.to_string())?
+            .into_vec();
+        let n = msg.len();
+        if n < 2 {
+            return Err("short replay message".into());
+        }
+        let seq = <[u8; 8]>::try_from(msg[n - 2].as_ref())
+            .map_err(|_| "replay sequence is not 8 bytes".to_string())?;
+        let seq = i64::from_be_bytes(seq);
+        if seq == -1 {
+            return Ok(out);
+        }
+        if out.len() >= MAX_REPLAY {
+            return Err(format!("replay longer than {MAX_REPLAY} messages"));
+        }
+        out.push((seq as u64, msg[n - 1].to_vec()));
+    }
 }
 
 fn rank_endpoint(base: &str, rank: u32) -> Option<String> {

@@ -202,7 +202,10 @@ impl RoutingService {
                     .iter()
                     .find(|n| n.instance_id() == id)
                     .is_none_or(|n| {
-                        n.kv_events != w.kv_events || n.dp_size != w.dp_size || n.url != w.url
+                        n.kv_events != w.kv_events
+                            || n.kv_events_replay != w.kv_events_replay
+                            || n.dp_size != w.dp_size
+                            || n.url != w.url
                     });
                 if !new_ids.contains(&id.0) {
                     router.remove_worker(id);
@@ -237,6 +240,7 @@ impl RoutingService {
                             w.instance_id(),
                             rank,
                             ep.clone(),
+                            w.kv_events_replay.clone(),
                             new.block_size,
                         )
                     });
@@ -560,6 +564,25 @@ impl RoutingService {
             .iter()
             .map(|w| (w.instance_id().0, w.name.as_str()))
             .collect();
+        for (name, help, v) in [
+            (
+                "kvgate_kv_event_replays_total",
+                "Catch-ups through a ZMQ publisher's replay socket.",
+                &e.replays,
+            ),
+            (
+                "kvgate_kv_event_replayed_messages_total",
+                "Messages recovered through replay.",
+                &e.replayed_messages,
+            ),
+            (
+                "kvgate_kv_event_replay_failures_total",
+                "Replays that failed (the rank was resynced instead).",
+                &e.replay_failures,
+            ),
+        ] {
+            p.counter(name, help, &[], v.load(Ordering::Relaxed) as f64);
+        }
         p.counter(
             "kvgate_kv_event_duplicates_total",
             "KV events delivered twice (redelivery) and dropped.",

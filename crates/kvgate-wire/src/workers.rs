@@ -56,6 +56,10 @@ pub struct WorkerEntry {
     /// The worker's vLLM-style ZMQ KV event publisher (`tcp://host:port`).
     #[serde(default)]
     pub kv_events: Option<String>,
+    /// Its replay socket (vLLM's `replay_endpoint`, ROUTER, `tcp://host:port`; rank r at
+    /// port + r): missed events are fetched from it instead of dropping the rank's blocks.
+    #[serde(default)]
+    pub kv_events_replay: Option<String>,
 }
 
 fn one() -> u32 {
@@ -188,12 +192,17 @@ impl WorkersFile {
                     w.dp_size
                 ));
             }
-            if let Some(ev) = &w.kv_events
-                && !ev.starts_with("tcp://")
-            {
-                return err(format!(
-                    "workers file: {at}.kv_events = {ev:?} must be tcp://host:port"
-                ));
+            for (field, v) in [
+                ("kv_events", &w.kv_events),
+                ("kv_events_replay", &w.kv_events_replay),
+            ] {
+                if let Some(ev) = v
+                    && !ev.starts_with("tcp://")
+                {
+                    return err(format!(
+                        "workers file: {at}.{field} = {ev:?} must be tcp://host:port"
+                    ));
+                }
             }
         }
         Ok(())

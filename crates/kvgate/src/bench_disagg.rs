@@ -59,7 +59,7 @@ async fn start_mocker(
     };
     let (tx, rx) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
-        let r = kvgate_mocker::serve(config, move |addr, zmq| {
+        let r = kvgate_mocker::serve(config, move |addr, zmq, _| {
             let _ = tx.send((addr, zmq.into_iter().next().unwrap_or_default()));
         })
         .await;

@@ -267,6 +267,7 @@ async fn zmq_path(a: &BenchEventsArgs, events: &[KvEvent]) -> Result<(), String>
             WorkerId(w),
             0,
             ep,
+            None,
             16,
         ));
         socks.push(sock);

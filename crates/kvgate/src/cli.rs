@@ -250,10 +250,13 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 .as_ref()
                 .map(|n| format!("{} subject {}", n.url, n.publish_subject()));
             runtime()?
-                .block_on(kvgate_mocker::serve(config, |addr, zmq| {
+                .block_on(kvgate_mocker::serve(config, |addr, zmq, replay| {
                     println!("kvgate mocker listening on http://{addr}");
                     for ep in zmq {
                         println!("kvgate mocker publishing KV events on {ep}");
+                    }
+                    for ep in replay {
+                        println!("kvgate mocker replaying KV events on {ep}");
                     }
                     if let Some(n) = nats {
                         println!("kvgate mocker publishing KV events to NATS {n}");

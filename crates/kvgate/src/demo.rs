@@ -186,7 +186,7 @@ async fn start_mocker(id: u64, args: &DemoArgs) -> Result<(SocketAddr, String), 
     };
     let (tx, rx) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
-        let r = kvgate_mocker::serve(config, move |addr, zmq| {
+        let r = kvgate_mocker::serve(config, move |addr, zmq, _| {
             let _ = tx.send((addr, zmq.into_iter().next().unwrap_or_default()));
         })
         .await;

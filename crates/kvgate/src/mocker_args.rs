@@ -54,6 +54,13 @@ pub struct MockerArgs {
     /// Publish vLLM-format KV events on this ZMQ endpoint (tcp://HOST:PORT; rank r uses PORT+r).
     #[arg(long)]
     pub zmq_kv_events: Option<String>,
+    /// vLLM's replay socket for the ZMQ events (ROUTER, tcp://HOST:PORT; rank r uses PORT+r):
+    /// subscribers that missed messages fetch them from here.
+    #[arg(long, requires = "zmq_kv_events")]
+    pub zmq_replay: Option<String>,
+    /// (testing) ZMQ sequence numbers kept for replay but not published, to force gaps.
+    #[arg(long, hide = true, value_delimiter = ',')]
+    pub zmq_drop_seqs: Vec<u64>,
     /// ZMQ topic of the KV events.
     #[arg(long, default_value = "")]
     pub zmq_topic: String,
@@ -109,6 +116,8 @@ impl MockerArgs {
             max_body_bytes: self.max_request_body_bytes,
             zmq_kv_events: self.zmq_kv_events.clone(),
             zmq_topic: self.zmq_topic.clone(),
+            zmq_replay: self.zmq_replay.clone(),
+            zmq_drop_seqs: self.zmq_drop_seqs.clone(),
             nats_kv_events: self.events.publisher()?,
             tokenizer: self.tokenizer.clone(),
             kv_bytes_per_token: self.kv_bytes_per_token,

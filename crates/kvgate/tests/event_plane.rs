@@ -472,3 +472,68 @@ async fn block_size_mismatch_is_refused_and_reported() {
     assert!(index_blocks(&url).is_empty(), "refused events were indexed");
     assert!(!mocker_blocks(&[&m]).is_empty());
 }
+
+/// vLLM ZMQ: messages the subscriber never got (forced by the mocker's test hook) are fetched
+/// through the replay socket; the index still equals the cache, with no resync beyond the
+/// subscription's first one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zmq_gaps_are_recovered_through_replay() {
+    let dir = TempDir::new("replay");
+    let m = Proc::start(
+        &[
+            "mocker",
+            "--port",
+            "0",
+            "--block-size",
+            "16",
+            "--num-gpu-blocks",
+            "160",
+            "--worker-id",
+            "5",
+            "--dp-size",
+            "2",
+            "--speedup-ratio",
+            "50",
+            "--zmq-kv-events",
+            "tcp://127.0.0.1:0",
+            "--zmq-replay",
+            "tcp://127.0.0.1:0",
+            "--zmq-drop-seqs",
+            "2,5,9",
+        ],
+        5,
+    );
+    let replay = m
+        .lines
+        .iter()
+        .find_map(|l| {
+            l.strip_prefix("kvgate mocker replaying KV events on ")
+                .map(str::to_string)
+        })
+        .unwrap();
+    let y = format!(
+        "model: qwen3\nblock_size: 16\nworkers:\n  - name: w\n    id: 5\n    url: {}\n    dp_size: 2\n    kv_events: {}\n    kv_events_replay: {replay}\n",
+        m.url(),
+        m.zmq()
+    );
+    let workers = dir.0.join("workers.yaml");
+    std::fs::write(&workers, y).unwrap();
+    let fe = frontend(&workers, "kv", &[]);
+    let url = fe.url();
+    // Give the subscriptions a moment, then a workload long enough to pass the dropped seqs.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(workload(&url, 40, 0).await, 40);
+    assert_converges("frontend over ZMQ with replay", &url, &[&m]);
+    let t = metrics(&url);
+    assert!(
+        metric(&t, "kvgate_kv_event_seq_gaps_total").unwrap() >= 6.0,
+        "{t}"
+    );
+    assert!(metric(&t, "kvgate_kv_event_replayed_messages_total").unwrap() >= 6.0);
+    assert_eq!(
+        metric(&t, "kvgate_kv_event_replay_failures_total"),
+        Some(0.0)
+    );
+    // One resync per rank when its subscription started; none for the gaps.
+    assert_eq!(metric(&t, "kvgate_kv_event_resyncs_total"), Some(2.0));
+}
