@@ -179,9 +179,12 @@ pub fn app(state: MetricsState) -> axum::Router {
         .route("/debug/decisions", axum::routing::get(decisions))
         .route(
             "/debug/index",
-            axum::routing::get(|State(s): State<MetricsState>| async move {
-                axum::Json(s.service.index_dump()).into_response()
-            }),
+            axum::routing::get(
+                |State(s): State<MetricsState>, Query(q): Query<HashMap<String, String>>| async move {
+                    let reachable = q.get("reachable").is_some_and(|v| v == "1" || v == "true");
+                    axum::Json(s.service.index_dump(reachable)).into_response()
+                },
+            ),
         )
         .route("/health", axum::routing::get(|| async { "ok" }))
         .fallback(kvgate_runtime::http::not_found)

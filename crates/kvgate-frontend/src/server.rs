@@ -135,7 +135,7 @@ pub async fn serve(
             "/debug/index",
             get(|State(s): State<Arc<AppState>>| async move {
                 match &s.kv {
-                    Some(kv) => axum::Json(kv.index_dump()).into_response(),
+                    Some(kv) => axum::Json(kv.index_dump(false)).into_response(),
                     None => error(
                         StatusCode::NOT_FOUND,
                         "/debug/index exists in --router-mode kv only",

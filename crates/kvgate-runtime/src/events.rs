@@ -31,6 +31,10 @@ pub struct EventStats {
     /// Worker ranks whose events are refused (e.g. another block size), with the reason: shown
     /// by `/debug/index` and counted in `kvgate_router_misconfigured_ranks`.
     pub misconfigured: Mutex<std::collections::BTreeMap<(u64, u32), String>>,
+    /// Index snapshots: seconds the start-up restore took, events restored, files written.
+    pub restore_seconds: Mutex<Option<f64>>,
+    pub restored_events: AtomicU64,
+    pub snapshots_written: AtomicU64,
 }
 
 impl EventStats {

@@ -12,6 +12,10 @@
 //! leave out everything before it). While the process lives, the durable consumer is what lets
 //! it ride out a NATS restart: the server keeps its position and redelivers what was not acked.
 //!
+//! Snapshots (`--kv-snapshot`): the index and the stream sequence it covers are written to a
+//! file every few seconds; a restarted router restores it and reads the stream from the next
+//! sequence, instead of replaying everything (and losing what `max_age` already dropped).
+//!
 //! Blindness: while the connection to NATS is down the router cannot know what workers cache;
 //! it then routes on load alone ([`Router::set_events_blind`]) and says so in its metrics.
 
@@ -37,6 +41,102 @@ pub struct NatsEventConfig {
     pub consumer: String,
     /// How long the stream keeps events.
     pub max_age: Duration,
+    /// Index snapshot file (JetStream only): restored at start-up, then the stream is read
+    /// from the sequence after the snapshot's; rewritten every `snapshot_every`.
+    pub snapshot: Option<std::path::PathBuf>,
+    pub snapshot_every: Duration,
+}
+
+/// What a snapshot file holds: the index as `RouterEvent`s and the last stream sequence they
+/// include.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Snapshot {
+    version: u32,
+    stream: String,
+    stream_sequence: u64,
+    events: Vec<RouterEvent>,
+}
+
+/// Restores the index from `path`; returns the stream sequence to resume after.
+fn restore(
+    router: &Mutex<Router>,
+    stats: &EventStats,
+    path: &std::path::Path,
+    stream: &str,
+) -> Option<u64> {
+    let t0 = Instant::now();
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot read the index snapshot; rebuilding from the stream");
+            return None;
+        }
+    };
+    let snap: Snapshot = match serde_json::from_slice(&bytes) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "bad index snapshot; rebuilding from the stream");
+            return None;
+        }
+    };
+    if snap.version != 1 || snap.stream != stream {
+        tracing::warn!(path = %path.display(), "index snapshot of another stream or version; rebuilding from the stream");
+        return None;
+    }
+    let Ok(mut r) = router.lock() else {
+        return None;
+    };
+    for e in &snap.events {
+        r.apply_event(&e.to_kv_event());
+    }
+    drop(r);
+    let secs = t0.elapsed().as_secs_f64();
+    if let Ok(mut m) = stats.restore_seconds.lock() {
+        *m = Some(secs);
+    }
+    stats
+        .restored_events
+        .store(snap.events.len() as u64, Ordering::Relaxed);
+    tracing::info!(
+        events = snap.events.len(),
+        seconds = secs,
+        stream_sequence = snap.stream_sequence,
+        "index restored from snapshot"
+    );
+    Some(snap.stream_sequence)
+}
+
+/// Writes the index and the last applied stream sequence, atomically (temp file + rename).
+fn write_snapshot(
+    router: &Mutex<Router>,
+    stats: &EventStats,
+    path: &std::path::Path,
+    stream: &str,
+    stream_sequence: u64,
+) {
+    let events = match router.lock() {
+        Ok(r) => r.index().dump_events(),
+        Err(_) => return,
+    };
+    let snap = Snapshot {
+        version: 1,
+        stream: stream.to_string(),
+        stream_sequence,
+        events: events.iter().map(RouterEvent::from_kv_event).collect(),
+    };
+    let Ok(bytes) = serde_json::to_vec(&snap) else {
+        return;
+    };
+    let tmp = path.with_extension("tmp");
+    match std::fs::write(&tmp, &bytes).and_then(|()| std::fs::rename(&tmp, path)) {
+        Ok(()) => {
+            stats.snapshots_written.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot write the index snapshot")
+        }
+    }
 }
 
 impl NatsEventConfig {
@@ -217,9 +317,24 @@ async fn run_jetstream(
 ) {
     let js = jetstream::new(client.clone());
     let mut fresh_start = true;
+    let mut resume_after = cfg
+        .snapshot
+        .as_deref()
+        .and_then(|p| restore(router, stats, p, &cfg.stream()));
+    let mut last_applied = resume_after.unwrap_or(0);
     let mut backoff = Duration::from_millis(200);
     loop {
-        match jetstream_session(&js, router, stats, cfg, seq, fresh_start).await {
+        match jetstream_session(
+            &js,
+            router,
+            stats,
+            cfg,
+            seq,
+            fresh_start.then_some(resume_after),
+            &mut last_applied,
+        )
+        .await
+        {
             Ok(()) => {}
             Err(e) => {
                 tracing::warn!(error = %e, "JetStream KV event consumer interrupted; retrying");
@@ -228,6 +343,7 @@ async fn run_jetstream(
         // Only the first session starts from the beginning; later ones resume at the ack point.
         if stats.events.load(Ordering::Relaxed) > 0 || stats.batches.load(Ordering::Relaxed) > 0 {
             fresh_start = false;
+            resume_after = None;
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(2));
@@ -240,10 +356,18 @@ async fn jetstream_session(
     stats: &EventStats,
     cfg: &NatsEventConfig,
     seq: &mut EventSequencer,
-    fresh_start: bool,
+    // Some: a new process (Some(Some(s)): its index was restored up to stream sequence s).
+    fresh_start: Option<Option<u64>>,
+    last_applied: &mut u64,
 ) -> Result<(), String> {
     let stream = ensure_stream(js, cfg).await?;
-    if fresh_start {
+    let deliver_policy = match fresh_start {
+        Some(Some(s)) => jetstream::consumer::DeliverPolicy::ByStartSequence {
+            start_sequence: s + 1,
+        },
+        _ => jetstream::consumer::DeliverPolicy::All,
+    };
+    if fresh_start.is_some() {
         // A new process has an empty index: read the retained stream from its start.
         match stream.delete_consumer(&cfg.consumer).await {
             Ok(_) => {
@@ -258,7 +382,7 @@ async fn jetstream_session(
             jetstream::consumer::pull::Config {
                 durable_name: Some(cfg.consumer.clone()),
                 ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                deliver_policy: jetstream::consumer::DeliverPolicy::All,
+                deliver_policy,
                 inactive_threshold: Duration::from_secs(3600),
                 ..Default::default()
             },
@@ -271,11 +395,24 @@ async fn jetstream_session(
         .map_err(|e| format!("consumer {}: {e}", cfg.consumer))?;
     tracing::info!(stream = %cfg.stream(), consumer = %cfg.consumer, "reading KV events (JetStream)");
     let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut snap_tick = tokio::time::interval(cfg.snapshot_every.max(Duration::from_millis(100)));
+    let mut snapped = *last_applied;
     loop {
         tokio::select! {
+            _ = snap_tick.tick() => {
+                if let Some(path) = &cfg.snapshot
+                    && *last_applied != snapped
+                {
+                    write_snapshot(router, stats, path, &cfg.stream(), *last_applied);
+                    snapped = *last_applied;
+                }
+            }
             msg = messages.next() => match msg {
                 Some(Ok(m)) => {
                     handle(router, stats, seq, &m.payload);
+                    if let Ok(info) = m.info() {
+                        *last_applied = info.stream_sequence;
+                    }
                     if let Err(e) = m.ack().await {
                         tracing::debug!(error = %e, "ack failed (will be redelivered)");
                     }

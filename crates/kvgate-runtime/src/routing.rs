@@ -145,14 +145,22 @@ impl RoutingService {
 
     /// [`start`](Self::start) with the KV events read from `plane`.
     pub fn start_with(self: &Arc<Self>, workers_file: PathBuf, plane: EventPlane) {
-        if let EventPlane::Nats(cfg) = plane {
-            self.zmq_events
-                .store(false, std::sync::atomic::Ordering::Relaxed);
+        let nats = match plane {
+            EventPlane::Nats(cfg) => {
+                self.zmq_events
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
+                Some(cfg)
+            }
+            EventPlane::Zmq => None,
+        };
+        let file = self.workers.current();
+        self.sync_workers(None, &file);
+        // After the workers are known: events (and a restored snapshot) for unknown workers
+        // are dropped.
+        if let Some(cfg) = nats {
             let task = crate::nats::consume(self.router.clone(), self.events.clone(), cfg.clone());
             *lock(&self.nats) = Some((cfg, task));
         }
-        let file = self.workers.current();
-        self.sync_workers(None, &file);
         let me = self.clone();
         self.workers.watch(workers_file, move |old, new| {
             me.sync_workers(Some(old), new)
@@ -589,6 +597,26 @@ impl RoutingService {
             &[],
             e.duplicates.load(Ordering::Relaxed) as f64,
         );
+        if let Some(secs) = *lock(&e.restore_seconds) {
+            p.gauge(
+                "kvgate_kv_index_restore_seconds",
+                "Seconds the start-up restore of the index snapshot took.",
+                &[],
+                secs,
+            );
+            p.gauge(
+                "kvgate_kv_index_restored_events",
+                "Events restored from the index snapshot.",
+                &[],
+                e.restored_events.load(Ordering::Relaxed) as f64,
+            );
+        }
+        p.counter(
+            "kvgate_kv_index_snapshots_written_total",
+            "Index snapshots written.",
+            &[],
+            e.snapshots_written.load(Ordering::Relaxed) as f64,
+        );
         if lock(&self.nats).is_some() {
             p.gauge(
                 "kvgate_kv_event_plane_connected",
@@ -664,10 +692,17 @@ impl RoutingService {
 impl RoutingService {
     /// What the index believes each worker rank caches on device: engine block hashes, sorted
     /// (for `/debug/index` and for comparing with the workers' own dumps).
-    pub fn index_dump(&self) -> serde_json::Value {
+    /// `reachable_only`: only blocks whose whole prefix the rank holds (the ones that can match,
+    /// and the ones a snapshot keeps).
+    pub fn index_dump(&self, reachable_only: bool) -> serde_json::Value {
         let r = lock(&self.router);
         let mut by_rank: std::collections::BTreeMap<(u64, u32), Vec<u64>> = Default::default();
-        for (w, tier, ext, _) in r.index().blocks() {
+        let blocks = if reachable_only {
+            r.index().reachable_blocks()
+        } else {
+            r.index().blocks()
+        };
+        for (w, tier, ext, _) in blocks {
             if tier == kvgate_core::StorageTier::Device {
                 by_rank
                     .entry((w.worker.0, w.dp_rank.0))

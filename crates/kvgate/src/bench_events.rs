@@ -210,6 +210,8 @@ pub async fn run(a: BenchEventsArgs) -> Result<(), String> {
         durable: true,
         consumer: "bench".into(),
         max_age: Duration::from_secs(600),
+        snapshot: None,
+        snapshot_every: Duration::from_secs(30),
     };
     let client = kvgate_runtime::nats::connect(&url, "kvgate-bench", |_| {}).await?;
     let js = jetstream::new(client.clone());

@@ -39,6 +39,12 @@ pub struct EventPlaneArgs {
     /// Seconds the JetStream stream keeps events.
     #[arg(long, env = "DYN_NATS_STREAM_MAX_AGE", default_value_t = 3600)]
     pub nats_stream_max_age: u64,
+    /// Index snapshot file (NATS JetStream): restored at start-up (the stream is then read from
+    /// where the snapshot ends) and rewritten every `--kv-snapshot-interval-secs`.
+    #[arg(long, env = "KVGATE_KV_SNAPSHOT")]
+    pub kv_snapshot: Option<std::path::PathBuf>,
+    #[arg(long, default_value_t = 30.0)]
+    pub kv_snapshot_interval_secs: f64,
 }
 
 impl EventPlaneArgs {
@@ -52,6 +58,15 @@ impl EventPlaneArgs {
                     "{flag} {v:?} must be non-empty and free of '.', '*', '>' and spaces (it is one NATS subject token)"
                 ));
             }
+        }
+        if !(self.kv_snapshot_interval_secs.is_finite() && self.kv_snapshot_interval_secs >= 0.1) {
+            return Err("--kv-snapshot-interval-secs must be >= 0.1".into());
+        }
+        if self.kv_snapshot.is_some() && !self.durable_kv_events {
+            return Err(
+                "--kv-snapshot needs --durable-kv-events (a JetStream stream to resume from)"
+                    .into(),
+            );
         }
         if self.nats_stream_max_age == 0 {
             return Err("--nats-stream-max-age must be > 0".into());
@@ -84,6 +99,8 @@ impl EventPlaneArgs {
             durable: self.durable_kv_events,
             consumer,
             max_age: Duration::from_secs(self.nats_stream_max_age),
+            snapshot: self.kv_snapshot.clone(),
+            snapshot_every: Duration::from_secs_f64(self.kv_snapshot_interval_secs),
         })
     }
 

@@ -157,7 +157,11 @@ fn mocker_blocks(mockers: &[&Proc]) -> BTreeSet<(u64, u64, u64)> {
 
 /// The same, as a router's `/debug/index` has it.
 fn index_blocks(base: &str) -> BTreeSet<(u64, u64, u64)> {
-    let v = get_json(&format!("{base}/debug/index"));
+    index_blocks_at(&format!("{base}/debug/index"))
+}
+
+fn index_blocks_at(url: &str) -> BTreeSet<(u64, u64, u64)> {
+    let v = get_json(url);
     let mut out = BTreeSet::new();
     for r in v["ranks"].as_array().into_iter().flatten() {
         let (w, d) = (
@@ -259,7 +263,15 @@ async fn nats_jetstream_index_matches_the_workers_through_outages_and_restarts()
     let m2 = nats_mocker(1002, 2, &url);
     let mockers = [&m1, &m2];
     let workers = workers_yaml(&dir, &[(&m1, 1001, 1), (&m2, 1002, 2)]);
-    let mut epp_args = vec!["--secure-serving=false"];
+    let snapshot = dir.0.join("epp-index.json");
+    let snapshot_s = snapshot.to_str().unwrap().to_string();
+    let mut epp_args = vec![
+        "--secure-serving=false",
+        "--kv-snapshot",
+        &snapshot_s,
+        "--kv-snapshot-interval-secs",
+        "0.2",
+    ];
     epp_args.extend(nats_flags(&url, "epp-a"));
     let epp_proc = epp(&workers, &epp_args);
     let epp_url = epp_proc.url();
@@ -362,12 +374,51 @@ async fn nats_jetstream_index_matches_the_workers_through_outages_and_restarts()
     assert_eq!(workload(&fe_url, 8, 2).await, 8);
     assert_converges("epp after malformed events", &epp_url, &mockers);
 
-    // 5. The EPP restarts: it re-reads the stream through its durable consumer and its index
-    //    equals the caches again.
+    // 5. The EPP restarts: it restores its index snapshot, reads the stream from where the
+    //    snapshot ends through its durable consumer, and its index equals the caches again.
+    //    A snapshot keeps the blocks that can match (whole prefix held): compare with those.
+    std::thread::sleep(Duration::from_millis(800)); // the last snapshot lands
+    let applied_before = metric(&metrics(&epp_url), "kvgate_kv_events_applied_total").unwrap();
+    assert!(
+        metric(
+            &metrics(&epp_url),
+            "kvgate_kv_index_snapshots_written_total"
+        )
+        .unwrap()
+            >= 1.0
+    );
+    let matchable = index_blocks_at(&format!("{epp_url}/debug/index?reachable=1"));
+    assert!(!matchable.is_empty());
     drop(epp_proc);
     let epp_proc = epp(&workers, &epp_args);
     let epp_url = epp_proc.url();
-    assert_converges("restarted epp", &epp_url, &mockers);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while index_blocks(&epp_url) != matchable {
+        assert!(
+            Instant::now() < deadline,
+            "restored index: {} blocks, expected the {} matchable ones",
+            index_blocks(&epp_url).len(),
+            matchable.len()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let t = metrics(&epp_url);
+    assert!(
+        metric(&t, "kvgate_kv_index_restore_seconds").is_some(),
+        "{t}"
+    );
+    assert!(metric(&t, "kvgate_kv_index_restored_events").unwrap() > 0.0);
+    let applied_after = metric(&t, "kvgate_kv_events_applied_total").unwrap();
+    assert!(
+        applied_after < applied_before / 2.0,
+        "resumed after the snapshot: {applied_after} events re-applied of {applied_before}"
+    );
+    drop(epp_proc);
+
+    // 6. Without its snapshot, a restarted EPP re-reads the whole retained stream: same index.
+    std::fs::remove_file(&snapshot).unwrap();
+    let epp_proc = epp(&workers, &epp_args);
+    assert_converges("epp rebuilt from the stream", &epp_proc.url(), &mockers);
 }
 
 /// `--durable-kv-events=false`: a plain core-NATS subscription on Dynamo's subject.
