@@ -890,12 +890,14 @@ mod fuzz {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_tokenization_is_504() {
-    // Any prompt large enough for the blocking pool takes longer than a microsecond.
+    // The timer has millisecond granularity and a timeout polls its future first: the prompt
+    // must take well over a millisecond to tokenize (about 900 KB of distinct words), or a
+    // fast tokenization could beat a late timer.
     let (b, _d) = start_with(WORKERS, |c| c.tokenize_timeout = Duration::from_micros(1)).await;
     let mut s = Stream::open(&b).await;
     s.send(post("/v1/chat/completions", &[])).await;
-    s.send(body(&chat(&"many words here ".repeat(4000)), true))
-        .await;
+    let prompt: String = (0..90_000).map(|i| format!("w{i} ")).collect();
+    s.send(body(&chat(&prompt), true)).await;
     let (code, body_json, _) = immediate(&s.recv().await);
     assert_eq!(code, 504, "{body_json}");
     assert!(

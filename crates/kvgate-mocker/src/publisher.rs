@@ -283,7 +283,7 @@ const MAX_BACKLOG: u64 = 1 << 20;
 /// sent; failed publishes are retried in order, so a NATS outage delays events but loses none
 /// (up to [`MAX_BACKLOG`] messages).
 pub struct NatsSink {
-    tx: mpsc::UnboundedSender<Vec<u8>>,
+    tx: mpsc::UnboundedSender<(String, Vec<u8>)>,
     worker_id: u64,
     next_ids: Vec<std::sync::atomic::AtomicU64>,
     pub stats: Arc<NatsPublishStats>,
@@ -306,15 +306,22 @@ impl NatsSink {
             None
         };
         let stats = Arc::new(NatsPublishStats::default());
-        let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+        let (tx, mut rx) = mpsc::unbounded_channel::<(String, Vec<u8>)>();
         let task_stats = stats.clone();
         tokio::spawn(async move {
-            while let Some(msg) = rx.recv().await {
+            while let Some((msg_id, msg)) = rx.recv().await {
                 let payload = Bytes::from(msg);
+                // A retry after a lost ack must not store the message twice: JetStream drops
+                // repeats of a message id (within its duplicate window).
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert("Nats-Msg-Id", msg_id.as_str());
                 let mut delay = std::time::Duration::from_millis(50);
                 loop {
                     let sent = match &js {
-                        Some(js) => match js.publish(subject.clone(), payload.clone()).await {
+                        Some(js) => match js
+                            .publish_with_headers(subject.clone(), headers.clone(), payload.clone())
+                            .await
+                        {
                             Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
                             Err(e) => Err(e.to_string()),
                         },
@@ -384,7 +391,8 @@ impl EventSink for NatsSink {
         self.stats
             .events
             .fetch_add(events.len() as u64, Ordering::Relaxed);
-        if self.tx.send(bytes).is_err() {
+        let msg_id = format!("{}-{rank}-{first}", self.worker_id);
+        if self.tx.send((msg_id, bytes)).is_err() {
             self.stats.backlog.fetch_sub(1, Ordering::Relaxed);
         }
     }

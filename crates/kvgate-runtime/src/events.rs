@@ -25,6 +25,8 @@ pub struct EventStats {
     pub replays: AtomicU64,
     pub replayed_messages: AtomicU64,
     pub replay_failures: AtomicU64,
+    /// ZMQ subscriptions that reconnected to their publisher (each resyncs the rank).
+    pub reconnects: AtomicU64,
     /// NATS event plane: connected now (ZMQ: always true).
     pub plane_connected: AtomicBool,
     pub plane_disconnects: AtomicU64,
@@ -146,6 +148,8 @@ pub fn subscribe(
             return;
         }
         tracing::info!(%ep, worker = worker.0, dp_rank, "subscribed to KV events");
+        // Reports reconnections (the library reconnects by itself, with backoff).
+        let mut monitor = sock.monitor();
         // The rank's events are attributed by the port they arrive on, never by the payload.
         let source = WorkerRank {
             worker,
@@ -161,8 +165,29 @@ pub fn subscribe(
             refused_logged: false,
             last_seq: None,
         };
+        let mut live_last: Option<u64> = None;
         loop {
-            let msg = match sock.recv().await {
+            let received = tokio::select! {
+                m = sock.recv() => Some(m),
+                ev = futures::StreamExt::next(&mut monitor) => {
+                    if let Some(zeromq::SocketEvent::Connected(..)) = ev {
+                        // Reconnected: the publisher may be a new process whose first messages
+                        // went out before we were back. Start this rank over from its replay
+                        // buffer (or from the events that follow).
+                        tracing::info!(%ep, worker = worker.0, dp_rank, "KV event publisher reconnected; resyncing this rank");
+                        stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                        resync(&router, &stats, source, 0);
+                        sub.last_seq = None;
+                        live_last = None;
+                        if replay_ep.is_some() {
+                            sub.catch_up(replay_ep.as_deref(), 0).await;
+                        }
+                    }
+                    None
+                }
+            };
+            let Some(received) = received else { continue };
+            let msg = match received {
                 Ok(m) => m.into_vec(),
                 Err(e) => {
                     tracing::debug!(%ep, error = %e, "KV event receive error");
@@ -180,45 +205,45 @@ pub fn subscribe(
                     continue;
                 }
             };
-            match sub.last_seq {
-                Some(last) if seq <= last => {
-                    if seq == 0 || last - seq > RESTART_BACK {
-                        // The publisher started over: its cache did too.
-                        stats.seq_gaps.fetch_add(1, Ordering::Relaxed);
-                        tracing::info!(
-                            worker = worker.0,
-                            dp_rank,
-                            last,
-                            seq,
-                            "KV event publisher restarted; resyncing this rank"
-                        );
-                        resync(&router, &stats, source, seq);
-                        sub.last_seq = None;
-                    } else {
-                        // Already applied through a replay.
-                        stats.duplicates.fetch_add(1, Ordering::Relaxed);
-                        continue;
-                    }
-                }
-                Some(last) if seq > last.wrapping_add(1) => {
-                    stats.seq_gaps.fetch_add(1, Ordering::Relaxed);
-                    if !sub.catch_up(replay_ep.as_deref(), last + 1).await {
-                        tracing::warn!(
-                            worker = worker.0,
-                            dp_rank,
-                            last,
-                            seq,
-                            "KV events lost; resyncing this rank"
-                        );
-                        resync(&router, &stats, source, seq);
-                    }
-                }
-                // Joined late: what the publisher sent before is in its replay buffer.
-                None if seq > 0 && replay_ep.is_some() => {
+            // A SUB socket never delivers a message twice: a sequence number at or below the
+            // last one received live means the publisher started over (its cache did too).
+            // Its first messages were likely sent before we reconnected: catch up from 0.
+            if live_last.is_some_and(|l| seq <= l) {
+                stats.seq_gaps.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    worker = worker.0,
+                    dp_rank,
+                    seq,
+                    "KV event publisher restarted; resyncing this rank"
+                );
+                resync(&router, &stats, source, seq);
+                sub.last_seq = None;
+                if seq > 0 && replay_ep.is_some() {
                     sub.catch_up(replay_ep.as_deref(), 0).await;
                 }
-                _ => {}
+            } else {
+                match sub.last_seq {
+                    Some(last) if seq > last.wrapping_add(1) => {
+                        stats.seq_gaps.fetch_add(1, Ordering::Relaxed);
+                        if sub.catch_up(replay_ep.as_deref(), last + 1).await == CatchUp::Failed {
+                            tracing::warn!(
+                                worker = worker.0,
+                                dp_rank,
+                                last,
+                                seq,
+                                "KV events lost; resyncing this rank"
+                            );
+                            resync(&router, &stats, source, seq);
+                        }
+                    }
+                    // Joined late: what the publisher sent before is in its replay buffer.
+                    None if seq > 0 && replay_ep.is_some() => {
+                        sub.catch_up(replay_ep.as_deref(), 0).await;
+                    }
+                    _ => {}
+                }
             }
+            live_last = Some(seq);
             if sub.last_seq.is_some_and(|l| seq <= l) {
                 // Brought by the catch-up just done.
                 continue;
@@ -228,8 +253,16 @@ pub fn subscribe(
     })
 }
 
-/// A sequence number further back than this is a publisher restart, not a duplicate.
-const RESTART_BACK: u64 = 1 << 20;
+/// How a catch-up through the replay socket went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CatchUp {
+    /// Everything from the requested sequence on was applied.
+    Covered,
+    /// The buffer no longer reached back: the rank was resynced, then what it had applied.
+    Partial,
+    /// No replay (none configured, or it failed): nothing changed.
+    Failed,
+}
 /// Most messages taken from one replay.
 const MAX_REPLAY: usize = 100_000;
 
@@ -281,15 +314,16 @@ impl RankFeed<'_> {
         }
     }
 
-    /// Fetches and applies the messages from `from` on through the replay socket. True when
-    /// the replay covered `from` (nothing was lost).
-    async fn catch_up(&mut self, replay_ep: Option<&str>, from: u64) -> bool {
-        let Some(ep) = replay_ep else { return false };
+    /// Fetches and applies the messages from `from` on through the replay socket.
+    async fn catch_up(&mut self, replay_ep: Option<&str>, from: u64) -> CatchUp {
+        let Some(ep) = replay_ep else {
+            return CatchUp::Failed;
+        };
         match fetch_replay(ep, from).await {
             Ok(msgs) => {
                 self.stats.replays.fetch_add(1, Ordering::Relaxed);
-                let complete = msgs.first().is_some_and(|(s, _)| *s <= from);
-                if !complete && from > 0 {
+                let complete = from == 0 || msgs.first().is_some_and(|(s, _)| *s <= from);
+                if !complete {
                     // The buffer no longer reaches back: the rank's state cannot be trusted.
                     resync(self.router, self.stats, self.source, from);
                 }
@@ -300,12 +334,16 @@ impl RankFeed<'_> {
                     self.stats.replayed_messages.fetch_add(1, Ordering::Relaxed);
                     self.apply(seq, &payload);
                 }
-                complete || from == 0
+                if complete {
+                    CatchUp::Covered
+                } else {
+                    CatchUp::Partial
+                }
             }
             Err(e) => {
                 self.stats.replay_failures.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(%ep, error = %e, "KV event replay failed");
-                false
+                CatchUp::Failed
             }
         }
     }

@@ -255,13 +255,27 @@ fn set_connected(router: &Mutex<Router>, stats: &EventStats, connected: bool) {
     }
 }
 
-fn handle(router: &Mutex<Router>, stats: &EventStats, seq: &mut EventSequencer, payload: &[u8]) {
+/// `redelivered`: JetStream delivered this message before (its ack was lost). Its events that
+/// are behind the publisher's sequence are duplicates, never a restart (an old `cleared` must not
+/// wipe the rank).
+fn handle(
+    router: &Mutex<Router>,
+    stats: &EventStats,
+    seq: &mut EventSequencer,
+    payload: &[u8],
+    redelivered: bool,
+) {
     stats.batches.fetch_add(1, Ordering::Relaxed);
     match RouterEvent::decode_message(payload) {
         Ok(events) => {
             let now = Instant::now();
             for e in events {
-                let out = seq.offer(e.to_kv_event(), now);
+                let e = e.to_kv_event();
+                if redelivered && seq.expected(e.source).is_some_and(|next| e.event_id < next) {
+                    stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                let out = seq.offer(e, now);
                 apply_sequenced(router, stats, out);
             }
         }
@@ -300,7 +314,7 @@ async fn run_core(
     loop {
         tokio::select! {
             msg = sub.next() => match msg {
-                Some(m) => handle(router, stats, seq, &m.payload),
+                Some(m) => handle(router, stats, seq, &m.payload, false),
                 None => return,
             },
             _ = tick.tick() => poll_gaps(router, stats, seq),
@@ -360,7 +374,37 @@ async fn jetstream_session(
     fresh_start: Option<Option<u64>>,
     last_applied: &mut u64,
 ) -> Result<(), String> {
-    let stream = ensure_stream(js, cfg).await?;
+    let mut stream = ensure_stream(js, cfg).await?;
+    let mut fresh_start = fresh_start;
+    if let Some(Some(s)) = fresh_start {
+        // The snapshot only holds if the stream still has everything after it.
+        let info = stream
+            .info()
+            .await
+            .map_err(|e| format!("stream info: {e}"))?;
+        let (first, last) = (info.state.first_sequence, info.state.last_sequence);
+        let continues = first <= s + 1 && s <= last;
+        if !continues {
+            tracing::warn!(
+                snapshot_sequence = s,
+                first,
+                last,
+                "the KV event stream no longer continues the index snapshot; rebuilding from the stream"
+            );
+            if let Ok(mut r) = router.lock() {
+                for w in r.index().workers() {
+                    r.apply_event(&kvgate_core::KvEvent {
+                        source: w,
+                        event_id: 0,
+                        tier: kvgate_core::StorageTier::Device,
+                        data: kvgate_core::KvEventData::Cleared,
+                    });
+                }
+            }
+            *last_applied = 0;
+            fresh_start = Some(None);
+        }
+    }
     let deliver_policy = match fresh_start {
         Some(Some(s)) => jetstream::consumer::DeliverPolicy::ByStartSequence {
             start_sequence: s + 1,
@@ -368,12 +412,12 @@ async fn jetstream_session(
         _ => jetstream::consumer::DeliverPolicy::All,
     };
     if fresh_start.is_some() {
-        // A new process has an empty index: read the retained stream from its start.
+        // A new process starts over (from the snapshot's sequence or the stream's start); an
+        // old consumer would resume at the previous process's ack point instead.
         match stream.delete_consumer(&cfg.consumer).await {
-            Ok(_) => {
-                tracing::info!(consumer = %cfg.consumer, "re-reading the KV event stream from its start")
-            }
-            Err(e) => tracing::debug!(error = %e, "no previous consumer"),
+            Ok(_) => tracing::info!(consumer = %cfg.consumer, "previous consumer replaced"),
+            Err(e) if e.to_string().to_ascii_lowercase().contains("not found") => {}
+            Err(e) => return Err(format!("cannot replace consumer {}: {e}", cfg.consumer)),
         }
     }
     let consumer: jetstream::consumer::PullConsumer = stream
@@ -409,9 +453,10 @@ async fn jetstream_session(
             }
             msg = messages.next() => match msg {
                 Some(Ok(m)) => {
-                    handle(router, stats, seq, &m.payload);
-                    if let Ok(info) = m.info() {
-                        *last_applied = info.stream_sequence;
+                    let info = m.info().ok().map(|i| (i.stream_sequence, i.delivered));
+                    handle(router, stats, seq, &m.payload, info.is_some_and(|(_, d)| d > 1));
+                    if let Some((stream_sequence, _)) = info {
+                        *last_applied = (*last_applied).max(stream_sequence);
                     }
                     if let Err(e) = m.ack().await {
                         tracing::debug!(error = %e, "ack failed (will be redelivered)");

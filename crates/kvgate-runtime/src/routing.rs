@@ -219,8 +219,21 @@ impl RoutingService {
                     router.remove_worker(id);
                 }
                 if changed {
-                    // A re-subscription judges the worker afresh.
+                    // A re-subscription judges the worker afresh, and what the old one indexed
+                    // is no longer followed.
                     lock(&self.events.misconfigured).retain(|(w, _), _| *w != id.0);
+                    if new_ids.contains(&id.0)
+                        && self.zmq_events.load(std::sync::atomic::Ordering::Relaxed)
+                    {
+                        for rank in 0..w.dp_size {
+                            router.apply_event(&kvgate_core::KvEvent {
+                                source: kvgate_core::WorkerRank::new(id.0, rank),
+                                event_id: 0,
+                                tier: kvgate_core::StorageTier::Device,
+                                data: kvgate_core::KvEventData::Cleared,
+                            });
+                        }
+                    }
                     subs.retain(|(wid, _), h| {
                         let keep = *wid != id.0;
                         if !keep {

@@ -588,3 +588,57 @@ async fn zmq_gaps_are_recovered_through_replay() {
     // One resync per rank when its subscription started; none for the gaps.
     assert_eq!(metric(&t, "kvgate_kv_event_resyncs_total"), Some(2.0));
 }
+
+/// A ZMQ publisher that restarts (same ports, empty cache, sequence from 0): the router notices,
+/// drops the old process's blocks and catches up with the new one through replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zmq_publisher_restart_is_noticed() {
+    let dir = TempDir::new("zmqrestart");
+    let (http, pubp, rep) = (free_port(), free_port(), free_port());
+    let (http_s, pub_ep, rep_ep) = (
+        http.to_string(),
+        format!("tcp://127.0.0.1:{pubp}"),
+        format!("tcp://127.0.0.1:{rep}"),
+    );
+    let args = [
+        "mocker",
+        "--port",
+        &http_s,
+        "--block-size",
+        "16",
+        "--num-gpu-blocks",
+        "160",
+        "--worker-id",
+        "3",
+        "--speedup-ratio",
+        "50",
+        "--zmq-kv-events",
+        &pub_ep,
+        "--zmq-replay",
+        &rep_ep,
+    ];
+    let m = Proc::start(&args, 3);
+    let y = format!(
+        "model: qwen3\nblock_size: 16\nworkers:\n  - name: w\n    id: 3\n    url: {}\n    kv_events: {pub_ep}\n    kv_events_replay: {rep_ep}\n",
+        m.url()
+    );
+    let workers = dir.0.join("workers.yaml");
+    std::fs::write(&workers, y).unwrap();
+    let fe = frontend(&workers, "kv", &[]);
+    let url = fe.url();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(workload(&url, 16, 0).await, 16);
+    assert_converges("before the restart", &url, &[&m]);
+    let before = index_blocks(&url);
+    drop(m);
+    let m = Proc::start(&args, 3);
+    assert_eq!(workload(&url, 16, 7).await, 16);
+    assert_converges("after the restart", &url, &[&m]);
+    let after = index_blocks(&url);
+    let stale = before.difference(&mocker_blocks(&[&m])).count();
+    assert!(stale > 0, "the restarted cache should differ");
+    assert!(
+        before.difference(&after).count() >= stale,
+        "the old process's blocks must be gone"
+    );
+}
