@@ -57,12 +57,7 @@ pub fn apply_sequenced(router: &Mutex<Router>, stats: &EventStats, out: Sequence
     }
     let Ok(mut r) = router.lock() else { return };
     let clear = |r: &mut Router, source: WorkerRank, event_id: u64| {
-        r.apply_event(&kvgate_core::KvEvent {
-            source,
-            event_id,
-            tier: kvgate_core::StorageTier::Device,
-            data: kvgate_core::KvEventData::Cleared,
-        });
+        clear_rank(r, source, event_id);
         stats.resyncs.fetch_add(1, Ordering::Relaxed);
     };
     if let Some(gap) = out.gap {
@@ -96,17 +91,22 @@ pub fn apply_sequenced(router: &Mutex<Router>, stats: &EventStats, out: Sequence
 
 /// Forgets what the index believes a rank caches. Used whenever events may have been missed:
 /// under-reporting a cache only costs a hit, over-reporting sends requests to a cache that is
-/// gone. (Replay-based recovery comes with the event plane.)
+/// gone.
 fn resync(router: &Mutex<Router>, stats: &EventStats, source: WorkerRank, event_id: u64) {
     if let Ok(mut r) = router.lock() {
-        r.apply_event(&kvgate_core::KvEvent {
-            source,
-            event_id,
-            tier: kvgate_core::StorageTier::Device,
-            data: kvgate_core::KvEventData::Cleared,
-        });
+        clear_rank(&mut r, source, event_id);
     }
     stats.resyncs.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Drops every block the index holds for `source`, as a `cleared` event from it would.
+pub(crate) fn clear_rank(r: &mut Router, source: WorkerRank, event_id: u64) {
+    r.apply_event(&kvgate_core::KvEvent {
+        source,
+        event_id,
+        tier: kvgate_core::StorageTier::Device,
+        data: kvgate_core::KvEventData::Cleared,
+    });
 }
 
 /// Subscribes to one rank's publisher and applies its events until the task is aborted.

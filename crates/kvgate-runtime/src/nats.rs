@@ -393,12 +393,7 @@ async fn jetstream_session(
             );
             if let Ok(mut r) = router.lock() {
                 for w in r.index().workers() {
-                    r.apply_event(&kvgate_core::KvEvent {
-                        source: w,
-                        event_id: 0,
-                        tier: kvgate_core::StorageTier::Device,
-                        data: kvgate_core::KvEventData::Cleared,
-                    });
+                    crate::events::clear_rank(&mut r, w, 0);
                 }
             }
             *last_applied = 0;

@@ -226,12 +226,11 @@ impl RoutingService {
                         && self.zmq_events.load(std::sync::atomic::Ordering::Relaxed)
                     {
                         for rank in 0..w.dp_size {
-                            router.apply_event(&kvgate_core::KvEvent {
-                                source: kvgate_core::WorkerRank::new(id.0, rank),
-                                event_id: 0,
-                                tier: kvgate_core::StorageTier::Device,
-                                data: kvgate_core::KvEventData::Cleared,
-                            });
+                            crate::events::clear_rank(
+                                &mut router,
+                                kvgate_core::WorkerRank::new(id.0, rank),
+                                0,
+                            );
                         }
                     }
                     subs.retain(|(wid, _), h| {
