@@ -150,6 +150,7 @@ pub fn subscribe(
         tracing::info!(%ep, worker = worker.0, dp_rank, "subscribed to KV events");
         // Reports reconnections (the library reconnects by itself, with backoff).
         let mut monitor = sock.monitor();
+        let mut lost = false;
         // The rank's events are attributed by the port they arrive on, never by the payload.
         let source = WorkerRank {
             worker,
@@ -170,7 +171,13 @@ pub fn subscribe(
             let received = tokio::select! {
                 m = sock.recv() => Some(m),
                 ev = futures::StreamExt::next(&mut monitor) => {
-                    if let Some(zeromq::SocketEvent::Connected(..)) = ev {
+                    // Only a connection that follows a loss is a reconnect.
+                    if let Some(zeromq::SocketEvent::Disconnected(..)) = ev {
+                        lost = true;
+                    }
+                    if let Some(zeromq::SocketEvent::Connected(..)) = ev
+                        && std::mem::take(&mut lost)
+                    {
                         // Reconnected: the publisher may be a new process whose first messages
                         // went out before we were back. Start this rank over from its replay
                         // buffer (or from the events that follow).
