@@ -7,6 +7,7 @@
 //! - [`predicted`]: the approximate index used without KV events (routing decisions with a TTL).
 //! - [`scheduler`]: the cost function, selection, temperature, admission and explanations.
 //! - [`router`]: all of the above behind one type that books and frees requests.
+//! - [`replica`]: router replicas sharing their bookings (messages, gaps, states).
 //! - [`config`]: the router's knobs, validated, with Dynamo's names and defaults.
 
 pub mod config;
@@ -20,6 +21,7 @@ pub mod load;
 mod orphans;
 pub mod predicted;
 pub mod random;
+pub mod replica;
 pub mod router;
 pub mod scheduler;
 pub mod sequencer;

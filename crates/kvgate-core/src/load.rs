@@ -85,6 +85,16 @@ impl WorkerLoad {
     }
 }
 
+/// One (worker, rank)'s load in numbers.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct LoadSummary {
+    pub worker: WorkerRank,
+    pub requests: usize,
+    pub prefill_tokens: u64,
+    pub active_blocks: usize,
+    pub output_blocks: f64,
+}
+
 /// What a lifecycle call changed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Change {
@@ -137,6 +147,28 @@ impl LoadTracker {
 
     pub fn num_bookings(&self) -> usize {
         self.bookings.len()
+    }
+
+    /// Load per (worker, rank), sorted: what the debug endpoint shows and replicas compare.
+    pub fn summary(&self) -> Vec<LoadSummary> {
+        let mut v: Vec<LoadSummary> = self
+            .workers
+            .iter()
+            .map(|(w, l)| LoadSummary {
+                worker: *w,
+                requests: l.requests,
+                prefill_tokens: l.prefill_tokens,
+                active_blocks: l.active_blocks(),
+                output_blocks: l.output_blocks,
+            })
+            .collect();
+        v.sort_by_key(|s| s.worker);
+        v
+    }
+
+    /// Every booking (in no particular order).
+    pub fn bookings(&self) -> impl Iterator<Item = (&RequestId, &Booking)> {
+        self.bookings.iter()
     }
 
     pub fn workers(&self) -> impl Iterator<Item = (&WorkerRank, &WorkerLoad)> {

@@ -390,6 +390,32 @@ impl Router {
         })
     }
 
+    /// Books load decided elsewhere (a peer router replica): no scoring, the same accounting,
+    /// and the same prediction when the approximate index is on and `b.locals` are given.
+    pub fn book_decided(
+        &mut self,
+        b: NewBooking<'_>,
+        prefill_done: bool,
+        output_tokens: u32,
+        now: Instant,
+    ) -> Result<(), BookError> {
+        let (request, worker, seqs, locals) = (b.request.clone(), b.worker, b.seqs, b.locals);
+        self.load.book(b, now)?;
+        if prefill_done {
+            self.load.prefill_complete(&request);
+        }
+        if output_tokens > 0 {
+            self.load.record_output(&request, output_tokens);
+        }
+        if let Some(p) = &mut self.predicted
+            && !locals.is_empty()
+            && locals.len() == seqs.len()
+        {
+            p.insert(worker, locals, seqs, now);
+        }
+        Ok(())
+    }
+
     pub fn prefill_complete(&mut self, request: &RequestId) -> Change {
         self.load.prefill_complete(request)
     }

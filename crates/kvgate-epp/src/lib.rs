@@ -58,6 +58,8 @@ pub struct EppConfig {
     pub pool_name: String,
     /// Where the router reads KV events.
     pub event_plane: kvgate_runtime::routing::EventPlane,
+    /// Share bookings with the other EPP replicas over NATS (`DYN_ROUTER_REPLICA_SYNC`).
+    pub replica_sync: Option<kvgate_runtime::replica::ReplicaSyncConfig>,
 }
 
 /// Where the servers listen (useful with port 0).
@@ -108,6 +110,10 @@ pub async fn serve(config: EppConfig, on_bound: impl FnOnce(Bound)) -> Result<()
         config.decision_log,
     )?;
     service.start_with(config.workers_file.clone(), config.event_plane.clone());
+    let replica = config
+        .replica_sync
+        .clone()
+        .map(|cfg| service.start_replica_sync(cfg));
     let metrics = Arc::new(Metrics::new(&config.pool_name));
     let shared = Arc::new(Shared {
         service: service.clone(),
@@ -145,12 +151,35 @@ pub async fn serve(config: EppConfig, on_bound: impl FnOnce(Bound)) -> Result<()
         metrics: metrics_l.local_addr().map_err(|e| e.to_string())?,
     };
 
-    // The workers are loaded: ready. (With pod discovery, readiness will wait for the first sync.)
+    // The workers are loaded: ready, unless the other replicas' load must be fetched first.
     let (reporter, health_service) = tonic_health::server::health_reporter();
-    for name in ["", EXT_PROC_SERVICE, "liveness", "readiness"] {
-        reporter
-            .set_service_status(name, tonic_health::ServingStatus::Serving)
-            .await;
+    reporter
+        .set_service_status("liveness", tonic_health::ServingStatus::Serving)
+        .await;
+    let ready_names = ["", EXT_PROC_SERVICE, "readiness"];
+    match replica {
+        None => {
+            for name in ready_names {
+                reporter
+                    .set_service_status(name, tonic_health::ServingStatus::Serving)
+                    .await;
+            }
+        }
+        Some(sync) => {
+            for name in ready_names {
+                reporter
+                    .set_service_status(name, tonic_health::ServingStatus::NotServing)
+                    .await;
+            }
+            tokio::spawn(async move {
+                sync.ready().await;
+                for name in ready_names {
+                    reporter
+                        .set_service_status(name, tonic_health::ServingStatus::Serving)
+                        .await;
+                }
+            });
+        }
     }
     let epp = ExternalProcessorServer::new(Epp { shared })
         .max_decoding_message_size(64 << 20)

@@ -1,5 +1,6 @@
 //! The EPP's Prometheus series (GAIE names where GAIE has one, `kvgate_*` otherwise) and the
-//! HTTP server on the metrics port: `/metrics`, `/debug/decisions?n=N`, `/debug/index` (the
+//! HTTP server on the metrics port: `/metrics`, `/debug/decisions?n=N`, `/debug/load` (booked
+//! load per worker rank, own and other replicas'), `/debug/index` (the
 //! blocks the router believes each worker rank caches), `/health`.
 
 use axum::extract::{Query, State};
@@ -185,6 +186,12 @@ pub fn app(state: MetricsState) -> axum::Router {
                     axum::Json(s.service.index_dump(reachable)).into_response()
                 },
             ),
+        )
+        .route(
+            "/debug/load",
+            axum::routing::get(|State(s): State<MetricsState>| async move {
+                axum::Json(s.service.load_dump()).into_response()
+            }),
         )
         .route("/health", axum::routing::get(|| async { "ok" }))
         .fallback(kvgate_runtime::http::not_found)

@@ -60,6 +60,7 @@ fn config(workers: PathBuf) -> EppConfig {
         decision_log: 64,
         pool_name: "test".into(),
         event_plane: kvgate_runtime::routing::EventPlane::Zmq,
+        replica_sync: None,
     }
 }
 

@@ -83,6 +83,7 @@ async fn start(dir: &Path, client_ca: Option<PathBuf>) -> Bound {
         decision_log: 8,
         pool_name: "t".into(),
         event_plane: kvgate_runtime::routing::EventPlane::Zmq,
+        replica_sync: None,
     };
     let (tx, rx) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {

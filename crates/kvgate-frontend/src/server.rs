@@ -59,6 +59,8 @@ pub struct FrontendConfig {
     pub request_timeout: Duration,
     /// Where kv mode reads KV events.
     pub event_plane: kvgate_runtime::routing::EventPlane,
+    /// kv mode: share bookings with the other router replicas over NATS.
+    pub replica_sync: Option<kvgate_runtime::replica::ReplicaSyncConfig>,
 }
 
 #[derive(Default)]
@@ -97,6 +99,10 @@ pub async fn serve(
             DEFAULT_DECISION_LOG,
         )?;
         svc.start_with(config.workers_file.clone(), config.event_plane.clone());
+        if let Some(cfg) = config.replica_sync.clone() {
+            // Listen only once the other replicas' load is known.
+            svc.start_replica_sync(cfg).ready().await;
+        }
         (svc.workers().clone(), Some(svc))
     } else {
         let workers = WorkerSet::new(file);
@@ -131,6 +137,19 @@ pub async fn serve(
         .route("/v1/models", get(models))
         .route("/health", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
+        .route(
+            "/debug/load",
+            get(|State(s): State<Arc<AppState>>| async move {
+                match &s.kv {
+                    Some(kv) => axum::Json(kv.load_dump()).into_response(),
+                    None => error(
+                        StatusCode::NOT_FOUND,
+                        "/debug/load exists in --router-mode kv only",
+                        None,
+                    ),
+                }
+            }),
+        )
         .route(
             "/debug/index",
             get(|State(s): State<Arc<AppState>>| async move {

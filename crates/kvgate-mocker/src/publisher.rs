@@ -3,7 +3,7 @@
 
 use bytes::Bytes;
 use kvgate_engine::CacheEvent;
-use kvgate_wire::vllm::{VllmBatch, VllmEvent, encode_batch};
+use kvgate_wire::vllm::{EventLayout, VllmBatch, VllmEvent, encode_batch_as};
 use std::sync::Arc;
 use tokio::sync::mpsc;
 use zeromq::{Socket, SocketSend, ZmqMessage};
@@ -67,13 +67,13 @@ impl ZmqPublisher {
         dp_size: u32,
         topic: &str,
     ) -> Result<(Self, Vec<String>), String> {
-        Self::bind_with_replay(endpoint, None, dp_size, topic, Vec::new())
+        Self::bind_with_replay(endpoint, None, dp_size, topic, EventLayout::Map, Vec::new())
             .await
             .map(|(p, eps, _)| (p, eps))
     }
 
     /// Also binds vLLM's replay socket (ROUTER; rank r at port + r) over the last
-    /// [`REPLAY_BUFFER`] messages of each rank. `drop_seqs`: sequence numbers to leave unsent
+    /// [`REPLAY_BUFFER`] messages of each rank, events in `layout`. `drop_seqs`: sequence numbers to leave unsent
     /// (kept for replay): a test hook that forces gaps. Returns the publisher and the bound PUB
     /// and replay endpoints.
     pub async fn bind_with_replay(
@@ -81,8 +81,13 @@ impl ZmqPublisher {
         replay: Option<&str>,
         dp_size: u32,
         topic: &str,
+        layout: EventLayout,
         drop_seqs: Vec<u64>,
     ) -> Result<(Self, Vec<String>, Vec<String>), String> {
+        // Rank r uses base + r: with port 0, pick a base whose next ports are free too.
+        let endpoint = &consecutive_base(endpoint, dp_size)?;
+        let replay = replay.map(|r| consecutive_base(r, dp_size)).transpose()?;
+        let replay = replay.as_deref();
         let mut replay_bound = Vec::new();
         let mut buffers = Vec::new();
         let mut replay_base: Option<u16> = None;
@@ -138,11 +143,14 @@ impl ZmqPublisher {
                     let ts = std::time::SystemTime::now()
                         .duration_since(std::time::UNIX_EPOCH)
                         .map_or(0.0, |d| d.as_secs_f64());
-                    let payload = encode_batch(&VllmBatch {
-                        ts,
-                        events,
-                        dp_rank: Some(rank),
-                    });
+                    let payload = encode_batch_as(
+                        &VllmBatch {
+                            ts,
+                            events,
+                            dp_rank: Some(rank),
+                        },
+                        layout,
+                    );
                     let payload = Bytes::from(payload);
                     if let Ok(mut b) = buffer.lock() {
                         if b.len() >= REPLAY_BUFFER {
@@ -177,6 +185,37 @@ type ReplayBuffer = Arc<std::sync::Mutex<std::collections::VecDeque<(u64, Bytes)
 /// vLLM's replay protocol: a request `[.., start_seq (8-byte BE)]` is answered with
 /// `[identity, "", seq, payload]` for every buffered message from `start_seq` on, then
 /// `[identity, "", -1, ""]`.
+/// `tcp://HOST:0` for `n` > 1 ranks becomes `tcp://HOST:P` where P..P+n are free right now
+/// (an ephemeral port's neighbours are often taken); anything else is returned as is.
+fn consecutive_base(endpoint: &str, n: u32) -> Result<String, String> {
+    let Some((host, "0")) = endpoint
+        .strip_prefix("tcp://")
+        .and_then(|r| r.rsplit_once(':'))
+    else {
+        return Ok(endpoint.to_string());
+    };
+    if n <= 1 {
+        return Ok(endpoint.to_string());
+    }
+    // ZMQ's wildcard host.
+    let probe_host = if host == "*" { "0.0.0.0" } else { host };
+    for _ in 0..100 {
+        let first = std::net::TcpListener::bind((probe_host, 0))
+            .map_err(|e| format!("cannot bind {endpoint}: {e}"))?;
+        let base = first.local_addr().map_err(|e| e.to_string())?.port();
+        let Some(last) = base.checked_add(n as u16 - 1) else {
+            continue;
+        };
+        let rest: Result<Vec<_>, _> = (base + 1..=last)
+            .map(|p| std::net::TcpListener::bind((probe_host, p)))
+            .collect();
+        if rest.is_ok() {
+            return Ok(format!("tcp://{host}:{base}"));
+        }
+    }
+    Err(format!("no {n} consecutive free ports for {endpoint}"))
+}
+
 async fn bind_replay(
     endpoint: &str,
     rank: u32,

@@ -48,6 +48,8 @@ pub struct MockerConfig {
     /// `tcp://HOST:PORT` of the vLLM-format ZMQ publisher (rank r binds PORT + r).
     pub zmq_kv_events: Option<String>,
     pub zmq_topic: String,
+    /// Event layout on ZMQ: vLLM 0.33's maps or older vLLM's positional arrays.
+    pub zmq_layout: kvgate_wire::vllm::EventLayout,
     /// vLLM's replay socket (ROUTER, `tcp://HOST:PORT`; rank r binds PORT + r).
     pub zmq_replay: Option<String>,
     /// Test hook: ZMQ sequence numbers published to the replay buffer only (forces gaps).
@@ -80,6 +82,7 @@ impl Default for MockerConfig {
             max_body_bytes: 32 << 20,
             zmq_kv_events: None,
             zmq_topic: String::new(),
+            zmq_layout: kvgate_wire::vllm::EventLayout::Map,
             zmq_replay: None,
             zmq_drop_seqs: Vec::new(),
             nats_kv_events: None,
@@ -127,6 +130,7 @@ pub async fn serve(
             config.zmq_replay.as_deref(),
             config.dp_size,
             &config.zmq_topic,
+            config.zmq_layout,
             config.zmq_drop_seqs.clone(),
         )
         .await?;

@@ -4,11 +4,13 @@
 //! - [`workers`]: the live worker set from a workers file, reloaded on change;
 //! - [`events`]: KV event ingestion from workers' ZMQ publishers;
 //! - [`routing`]: the routing service (router + tokenizer + bookings + decision log) that the
-//!   EPP and the kv-mode frontend share.
+//!   EPP and the kv-mode frontend share;
+//! - [`nats`]: KV events over NATS / JetStream; [`replica`]: router replica sync over NATS.
 
 pub mod events;
 pub mod http;
 pub mod nats;
 pub mod prom;
+pub mod replica;
 pub mod routing;
 pub mod workers;

@@ -5,10 +5,13 @@
 
 use crate::events::{EventStats, subscribe};
 use crate::prom::PromText;
+use crate::replica::{ReplicaSync, ReplicaSyncConfig};
 use crate::workers::WorkerSet;
 use kvgate_core::config::RouterConfig;
 use kvgate_core::hashing::{BlockHashes, HashSeed};
+use kvgate_core::load::Change;
 use kvgate_core::random::SplitMix64;
+use kvgate_core::replica::{SyncOp, booked_op, is_peer_key};
 use kvgate_core::router::{Decision, RouteError, RouteRequest, Router, WorkerRole};
 use kvgate_core::scheduler::{CostWeights, Explanation};
 use kvgate_core::{RequestId, WorkerRank};
@@ -83,6 +86,8 @@ pub struct RoutingService {
     /// ZMQ subscriptions follow the workers file; off when events come over NATS.
     zmq_events: std::sync::atomic::AtomicBool,
     nats: Mutex<Option<(crate::nats::NatsEventConfig, tokio::task::JoinHandle<()>)>>,
+    /// Bookings shared with the other router replicas (`DYN_ROUTER_REPLICA_SYNC`).
+    replica: std::sync::OnceLock<Arc<ReplicaSync>>,
     subscriptions: Mutex<HashMap<(u64, u32), tokio::task::JoinHandle<()>>>,
     rng: Mutex<SplitMix64>,
     log: Mutex<VecDeque<DecisionRecord>>,
@@ -129,6 +134,7 @@ impl RoutingService {
             events: Arc::new(EventStats::new()),
             zmq_events: std::sync::atomic::AtomicBool::new(true),
             nats: Mutex::new(None),
+            replica: std::sync::OnceLock::new(),
             subscriptions: Mutex::new(HashMap::new()),
             rng: Mutex::new(SplitMix64::new(seed)),
             log: Mutex::new(VecDeque::new()),
@@ -170,13 +176,39 @@ impl RoutingService {
             loop {
                 tokio::time::sleep(Duration::from_secs(30)).await;
                 let Some(me) = me.upgrade() else { return };
-                let freed =
-                    lock(&me.router).sweep(Instant::now(), kvgate_core::load::DEFAULT_STALE_AFTER);
+                let freed = {
+                    let mut r = lock(&me.router);
+                    let freed = r.sweep(Instant::now(), kvgate_core::load::DEFAULT_STALE_AFTER);
+                    for id in freed.iter().filter(|id| !is_peer_key(id)) {
+                        me.sync(SyncOp::Freed { id: id.to_string() });
+                    }
+                    freed
+                };
                 if !freed.is_empty() {
                     tracing::warn!(n = freed.len(), "freed stale bookings");
                 }
             }
         });
+    }
+
+    /// Shares this router's bookings with its replicas over NATS and applies theirs. Once only;
+    /// await [`ReplicaSync::ready`] before reporting ready. Needs a Tokio runtime.
+    pub fn start_replica_sync(self: &Arc<Self>, config: ReplicaSyncConfig) -> Arc<ReplicaSync> {
+        self.replica
+            .get_or_init(|| ReplicaSync::start(self.router.clone(), config))
+            .clone()
+    }
+
+    pub fn replica(&self) -> Option<&Arc<ReplicaSync>> {
+        self.replica.get()
+    }
+
+    /// Queues an own op for the replicas; called with the router lock held, so that ops leave in
+    /// the order the router saw them.
+    fn sync(&self, op: SyncOp) {
+        if let Some(r) = self.replica.get() {
+            r.send(op);
+        }
     }
 
     pub fn workers(&self) -> &WorkerSet {
@@ -395,7 +427,7 @@ impl RoutingService {
             let mut router = lock(&self.router);
             let mut rng = lock(&self.rng);
             let weights = weights.unwrap_or_else(|| CostWeights::from(router.config()));
-            router.route_among(
+            let d = router.route_among(
                 RouteRequest {
                     request: id,
                     hashes,
@@ -407,7 +439,14 @@ impl RoutingService {
                 weights,
                 Instant::now(),
                 &mut *rng,
-            )?
+            )?;
+            if book
+                && self.replica.get().is_some()
+                && let Some(op) = booked_op(&router, id)
+            {
+                self.sync(op);
+            }
+            d
         };
         if book {
             self.accuracy.decisions.fetch_add(1, Ordering::Relaxed);
@@ -449,7 +488,10 @@ impl RoutingService {
     }
 
     pub fn prefill_complete(&self, id: &RequestId) {
-        lock(&self.router).prefill_complete(id);
+        let mut r = lock(&self.router);
+        if r.prefill_complete(id) == Change::Applied {
+            self.sync(SyncOp::PrefillDone { id: id.to_string() });
+        }
     }
 
     pub fn touch(&self, id: &RequestId) {
@@ -457,13 +499,27 @@ impl RoutingService {
     }
 
     pub fn free(&self, id: &RequestId) {
-        lock(&self.router).free(id);
+        let mut r = lock(&self.router);
+        if r.free(id) == Change::Applied {
+            self.sync(SyncOp::Freed { id: id.to_string() });
+        }
     }
 
     /// The request was served by `to` instead of the booked target: move its load there.
     pub fn rebook(&self, id: &RequestId, to: WorkerRank) {
-        let changed = lock(&self.router).rebook(id, to, Instant::now());
-        if changed == kvgate_core::load::Change::Applied {
+        let changed = {
+            let mut r = lock(&self.router);
+            let changed = r.rebook(id, to, Instant::now());
+            if changed == Change::Applied {
+                self.sync(SyncOp::Rebooked {
+                    id: id.to_string(),
+                    worker_id: to.worker.0,
+                    dp_rank: to.dp_rank.0,
+                });
+            }
+            changed
+        };
+        if changed == Change::Applied {
             self.accuracy.rebooked.fetch_add(1, Ordering::Relaxed);
             self.update_log(id, |r| r.served_by = Some(to.worker.0));
         }
@@ -698,6 +754,9 @@ impl RoutingService {
                 prefill as f64,
             );
         }
+        if let Some(sync) = self.replica.get() {
+            render_replica_metrics(sync, p);
+        }
     }
 }
 
@@ -744,8 +803,144 @@ impl RoutingService {
     }
 }
 
+fn render_replica_metrics(sync: &ReplicaSync, p: &mut PromText) {
+    let st = &sync.stats;
+    let c = sync.with_view(|v| (v.peers(), v.unsynced(), v.peer_bookings(), v.counters));
+    let (peers, unsynced, peer_bookings, counters) = c;
+    for (name, help, v) in [
+        (
+            "kvgate_replica_sync_peers",
+            "Router replicas followed.",
+            peers as f64,
+        ),
+        (
+            "kvgate_replica_sync_unsynced_peers",
+            "Replicas whose state is being fetched.",
+            unsynced as f64,
+        ),
+        (
+            "kvgate_replica_sync_peer_bookings",
+            "Bookings of other replicas counted as load here.",
+            peer_bookings as f64,
+        ),
+        (
+            "kvgate_replica_sync_connected",
+            "1 while connected to NATS for replica sync.",
+            f64::from(u8::from(st.connected.load(Ordering::Relaxed))),
+        ),
+        (
+            "kvgate_replica_sync_ready",
+            "1 once the peers' states were fetched at start-up.",
+            f64::from(u8::from(st.ready.load(Ordering::Relaxed))),
+        ),
+        (
+            "kvgate_replica_sync_bootstrap_seconds",
+            "Start-up until the peers' load was known.",
+            st.bootstrap_micros.load(Ordering::Relaxed) as f64 / 1e6,
+        ),
+    ] {
+        p.gauge(name, help, &[], v);
+    }
+    for (name, help, v) in [
+        (
+            "kvgate_replica_sync_messages_sent_total",
+            "Sync messages published (batches of ops).",
+            st.messages_sent.load(Ordering::Relaxed),
+        ),
+        (
+            "kvgate_replica_sync_ops_sent_total",
+            "Booking changes published.",
+            st.ops_sent.load(Ordering::Relaxed),
+        ),
+        (
+            "kvgate_replica_sync_publish_failures_total",
+            "Sync messages NATS refused.",
+            st.publish_failures.load(Ordering::Relaxed),
+        ),
+        (
+            "kvgate_replica_sync_messages_received_total",
+            "Peers' sync messages received.",
+            st.messages_received.load(Ordering::Relaxed),
+        ),
+        (
+            "kvgate_replica_sync_ops_applied_total",
+            "Peers' booking changes applied.",
+            counters.ops_applied,
+        ),
+        (
+            "kvgate_replica_sync_duplicates_total",
+            "Peers' messages already applied.",
+            counters.duplicates,
+        ),
+        (
+            "kvgate_replica_sync_malformed_total",
+            "Undecodable or oversized sync messages dropped.",
+            st.malformed.load(Ordering::Relaxed),
+        ),
+        (
+            "kvgate_replica_sync_gaps_total",
+            "Gaps in a peer's message numbers (lost messages), each repaired by a state fetch.",
+            counters.gaps,
+        ),
+        (
+            "kvgate_replica_sync_states_applied_total",
+            "Peers' states fetched and applied.",
+            counters.states_applied,
+        ),
+        (
+            "kvgate_replica_sync_states_served_total",
+            "State requests answered.",
+            st.states_served.load(Ordering::Relaxed),
+        ),
+        (
+            "kvgate_replica_sync_state_fetch_failures_total",
+            "State requests that failed (peer gone or slow).",
+            st.state_fetch_failures.load(Ordering::Relaxed),
+        ),
+        (
+            "kvgate_replica_sync_peers_expired_total",
+            "Replicas dropped after going silent.",
+            counters.peers_expired,
+        ),
+    ] {
+        p.counter(name, help, &[], v as f64);
+    }
+}
+
+impl RoutingService {
+    /// The load view: per worker rank, and which bookings are this replica's (`/debug/load`).
+    pub fn load_dump(&self) -> serde_json::Value {
+        let r = lock(&self.router);
+        let workers = r.load().summary();
+        let peer = r
+            .load()
+            .bookings()
+            .filter(|(id, _)| is_peer_key(id))
+            .count();
+        let total = r.load().num_bookings();
+        drop(r);
+        let replica = self.replica.get().map(|s| {
+            let (peers, unsynced) = s.with_view(|v| (v.peers(), v.unsynced()));
+            serde_json::json!({
+                "id": s.me.to_string(),
+                "ready": s.is_ready(),
+                "peers": peers,
+                "unsynced_peers": unsynced,
+            })
+        });
+        serde_json::json!({
+            "replica": replica,
+            "bookings": {"own": total - peer, "peers": peer},
+            "workers": workers,
+        })
+    }
+}
+
 impl Drop for RoutingService {
     fn drop(&mut self) {
+        if let Some(r) = self.replica.get() {
+            r.stop();
+        }
         if let Some((_, task)) = lock(&self.nats).take() {
             task.abort();
         }

@@ -4,7 +4,7 @@
 //! Events are maps tagged by `"type"` (vLLM 0.33) or arrays `["BlockStored", hashes, parent,
 //! token_ids, block_size, lora_id, medium, lora_name, ...]` (older vLLM): both are accepted.
 //! Block hashes are integers (possibly negative: reinterpreted as u64) or bytes (hashed to u64).
-//! We encode the 0.33 map layout with integer hashes.
+//! We encode either layout ([`EventLayout`]) with integer hashes.
 
 use kvgate_core::hashing::{HashSeed, local_hash};
 use kvgate_core::{ExternalHash, KvEvent, KvEventData, StorageTier, StoredBlock, WorkerRank};
@@ -201,12 +201,61 @@ fn opt(v: Option<&str>) -> Value {
     v.map_or(Value::Nil, Value::from)
 }
 
+/// How events are laid out in a batch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum EventLayout {
+    /// vLLM 0.33: maps tagged by `"type"`.
+    #[default]
+    Map,
+    /// Older vLLM: positional arrays, the type tag first.
+    Array,
+}
+
 /// Encodes in vLLM 0.33's layout (batch array, events as tagged maps, integer hashes).
 pub fn encode_batch(batch: &VllmBatch) -> Vec<u8> {
+    encode_batch_as(batch, EventLayout::Map)
+}
+
+/// Positional form of an event (older vLLM): the tag, then the fields in declaration order.
+fn event_array(e: &VllmEvent) -> Value {
+    let hashes = |h: &[u64]| Value::Array(h.iter().map(|&h| Value::from(h)).collect());
+    match e {
+        VllmEvent::BlockStored {
+            block_hashes,
+            parent_block_hash,
+            token_ids,
+            block_size,
+            lora_name,
+            medium,
+        } => Value::Array(vec![
+            s("BlockStored"),
+            hashes(block_hashes),
+            parent_block_hash.map_or(Value::Nil, Value::from),
+            Value::Array(token_ids.iter().map(|&t| Value::from(t)).collect()),
+            Value::from(*block_size),
+            Value::Nil,
+            opt(medium.as_deref()),
+            opt(lora_name.as_deref()),
+        ]),
+        VllmEvent::BlockRemoved {
+            block_hashes,
+            medium,
+        } => Value::Array(vec![
+            s("BlockRemoved"),
+            hashes(block_hashes),
+            opt(medium.as_deref()),
+        ]),
+        VllmEvent::AllBlocksCleared => Value::Array(vec![s("AllBlocksCleared")]),
+    }
+}
+
+/// Encodes a batch `[ts, [events...], dp_rank]` with events in `layout`.
+pub fn encode_batch_as(batch: &VllmBatch, layout: EventLayout) -> Vec<u8> {
     let events: Vec<Value> = batch
         .events
         .iter()
         .map(|e| match e {
+            _ if layout == EventLayout::Array => event_array(e),
             VllmEvent::BlockStored {
                 block_hashes,
                 parent_block_hash,
@@ -386,6 +435,20 @@ mod tests {
     fn round_trips_the_033_layout() {
         let b = sample();
         assert_eq!(decode_batch(&encode_batch(&b)).unwrap(), b);
+    }
+
+    #[test]
+    fn round_trips_the_array_layout() {
+        let mut b = sample();
+        if let VllmEvent::BlockStored { lora_name, .. } = &mut b.events[0] {
+            *lora_name = Some("adapter".into());
+        }
+        let bytes = encode_batch_as(&b, EventLayout::Array);
+        assert_ne!(bytes, encode_batch(&b));
+        let v = rmpv::decode::read_value(&mut bytes.as_slice()).unwrap();
+        assert_eq!(v[1][0][0].as_str(), Some("BlockStored"));
+        assert_eq!(v[1][2], Value::Array(vec![s("AllBlocksCleared")]));
+        assert_eq!(decode_batch(&bytes).unwrap(), b);
     }
 
     #[test]

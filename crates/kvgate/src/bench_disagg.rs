@@ -82,6 +82,7 @@ async fn start_sidecar(workers: PathBuf) -> Result<SocketAddr, String> {
         max_body_bytes: 64 << 20,
         request_timeout: Duration::from_secs(120),
         event_plane: kvgate_runtime::routing::EventPlane::Zmq,
+        replica_sync: None,
     };
     let (tx, rx) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
@@ -114,6 +115,7 @@ async fn start_epp(workers: PathBuf) -> Result<SocketAddr, String> {
         decision_log: 16,
         pool_name: "bench".into(),
         event_plane: kvgate_runtime::routing::EventPlane::Zmq,
+        replica_sync: None,
     };
     let (tx, rx) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {

@@ -178,6 +178,10 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             if !(args.request_timeout_secs.is_finite() && args.request_timeout_secs > 0.0) {
                 return Err(CliError("--request-timeout-secs must be > 0".into()));
             }
+            let replica_sync = args
+                .events
+                .replica_sync(router.replica_sync && matches!(args.router_mode, ModeArg::Kv))
+                .map_err(CliError)?;
             let config = kvgate_frontend::FrontendConfig {
                 host: args.host.clone(),
                 port: args.port,
@@ -193,6 +197,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 max_body_bytes: args.max_request_body_bytes,
                 request_timeout: std::time::Duration::from_secs_f64(args.request_timeout_secs),
                 event_plane: args.events.router_plane().map_err(CliError)?,
+                replica_sync,
             };
             runtime()?
                 .block_on(kvgate_frontend::serve(config, |addr| {

@@ -209,6 +209,7 @@ async fn start_frontend(workers: PathBuf, mode: RouterMode) -> Result<SocketAddr
         max_body_bytes: 64 << 20,
         request_timeout: Duration::from_secs(120),
         event_plane: kvgate_runtime::routing::EventPlane::Zmq,
+        replica_sync: None,
     };
     let (tx, rx) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {

@@ -64,6 +64,7 @@ impl EppArgs {
         if !(self.tokenize_timeout_secs.is_finite() && self.tokenize_timeout_secs > 0.0) {
             return Err("--tokenize-timeout-secs must be > 0".into());
         }
+        let replica_sync = self.events.replica_sync(router.replica_sync)?;
         Ok(kvgate_epp::EppConfig {
             host: self.host.clone(),
             grpc_port: self.grpc_port,
@@ -81,6 +82,7 @@ impl EppArgs {
             decision_log: self.decision_log,
             pool_name: self.pool_name.clone(),
             event_plane: self.events.router_plane()?,
+            replica_sync,
         })
     }
 }

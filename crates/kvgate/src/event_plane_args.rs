@@ -2,6 +2,7 @@
 
 use clap::{Args, ValueEnum};
 use kvgate_runtime::nats::NatsEventConfig;
+use kvgate_runtime::replica::ReplicaSyncConfig;
 use kvgate_runtime::routing::EventPlane;
 use std::time::Duration;
 
@@ -48,7 +49,7 @@ pub struct EventPlaneArgs {
 }
 
 impl EventPlaneArgs {
-    fn nats_config(&self) -> Result<NatsEventConfig, String> {
+    fn check_subject_tokens(&self) -> Result<(), String> {
         for (flag, v) in [
             ("--namespace", &self.namespace),
             ("--component", &self.component),
@@ -59,6 +60,25 @@ impl EventPlaneArgs {
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// Replica sync over the same NATS server, namespace and component (when `enabled`,
+    /// i.e. `DYN_ROUTER_REPLICA_SYNC=true`), whichever plane carries the KV events.
+    pub fn replica_sync(&self, enabled: bool) -> Result<Option<ReplicaSyncConfig>, String> {
+        if !enabled {
+            return Ok(None);
+        }
+        self.check_subject_tokens()?;
+        Ok(Some(ReplicaSyncConfig::new(
+            &self.nats_url,
+            &self.namespace,
+            &self.component,
+        )))
+    }
+
+    fn nats_config(&self) -> Result<NatsEventConfig, String> {
+        self.check_subject_tokens()?;
         if !(self.kv_snapshot_interval_secs.is_finite() && self.kv_snapshot_interval_secs >= 0.1) {
             return Err("--kv-snapshot-interval-secs must be >= 0.1".into());
         }

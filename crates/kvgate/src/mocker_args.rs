@@ -11,6 +11,14 @@ pub enum RoleArg {
     Decode,
 }
 
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LayoutArg {
+    /// vLLM 0.33 and later: each event a map tagged by `type`.
+    Map,
+    /// Older vLLM: each event a positional array, the type first.
+    Array,
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct MockerArgs {
     /// Address to listen on.
@@ -64,6 +72,9 @@ pub struct MockerArgs {
     /// ZMQ topic of the KV events.
     #[arg(long, default_value = "")]
     pub zmq_topic: String,
+    /// How the ZMQ events are laid out (both are vLLM's; routers must read both).
+    #[arg(long, value_enum, default_value = "map")]
+    pub zmq_event_layout: LayoutArg,
     /// HF tokenizer (`tokenizer.json` or a directory with it); default: embedded o200k + ChatML.
     #[arg(long)]
     pub tokenizer: Option<std::path::PathBuf>,
@@ -116,6 +127,10 @@ impl MockerArgs {
             max_body_bytes: self.max_request_body_bytes,
             zmq_kv_events: self.zmq_kv_events.clone(),
             zmq_topic: self.zmq_topic.clone(),
+            zmq_layout: match self.zmq_event_layout {
+                LayoutArg::Map => kvgate_wire::vllm::EventLayout::Map,
+                LayoutArg::Array => kvgate_wire::vllm::EventLayout::Array,
+            },
             zmq_replay: self.zmq_replay.clone(),
             zmq_drop_seqs: self.zmq_drop_seqs.clone(),
             nats_kv_events: self.events.publisher()?,

