@@ -181,7 +181,8 @@ impl Router {
         self.events_unknown_worker
     }
 
-    fn is_target(&self, w: WorkerRank) -> bool {
+    /// Whether `w` is a known (worker, dp rank).
+    pub fn is_target(&self, w: WorkerRank) -> bool {
         self.workers
             .get(&w.worker)
             .is_some_and(|info| w.dp_rank.0 < info.dp_size)

@@ -156,6 +156,25 @@ impl EventSequencer {
         self.publishers.remove(&source);
     }
 
+    /// Keeps only the publishers `keep` accepts (e.g. still in discovery).
+    pub fn retain(&mut self, mut keep: impl FnMut(WorkerRank) -> bool) {
+        self.publishers.retain(|s, _| keep(*s));
+    }
+
+    /// Publishers tracked.
+    pub fn len(&self) -> usize {
+        self.publishers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.publishers.is_empty()
+    }
+
+    /// Whether events are held back waiting for missing ones (a snapshot now would miss them).
+    pub fn holding(&self) -> bool {
+        self.publishers.values().any(|p| !p.pending.is_empty())
+    }
+
     /// The id the publisher's next event should carry, if any event was seen.
     pub fn expected(&self, source: WorkerRank) -> Option<u64> {
         self.publishers.get(&source).and_then(|p| p.next)
@@ -237,6 +256,22 @@ mod tests {
 
     fn ids(s: &Sequenced) -> Vec<u64> {
         s.ready.iter().map(|e| e.event_id).collect()
+    }
+
+    #[test]
+    fn holding_and_retain() {
+        let t = Instant::now();
+        let mut s = EventSequencer::new(8, Duration::from_secs(1));
+        s.offer(ev(10), t);
+        assert!(!s.holding());
+        s.offer(ev(12), t);
+        assert!(s.holding());
+        s.offer(ev(11), t);
+        assert!(!s.holding());
+        assert_eq!(s.len(), 1);
+        s.retain(|w| w != WorkerRank::new(1, 0));
+        assert!(s.is_empty());
+        assert_eq!(s.expected(WorkerRank::new(1, 0)), None);
     }
 
     #[test]

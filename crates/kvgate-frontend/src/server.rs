@@ -106,7 +106,7 @@ pub async fn serve(
         (svc.workers().clone(), Some(svc))
     } else {
         let workers = WorkerSet::new(file);
-        workers.watch(config.workers_file.clone(), |_, _| {});
+        workers.watch(config.workers_file.clone(), |_, _| true);
         (workers, None)
     };
     let seed = std::time::SystemTime::now()

@@ -275,6 +275,15 @@ fn handle(
                     stats.duplicates.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
+                // A rank outside discovery is counted and dropped by the router, and never
+                // tracked here (the sequencer would grow with whatever ids a publisher sends).
+                let known = router.lock().is_ok_and(|r| r.is_target(e.source));
+                if !known {
+                    if let Ok(mut r) = router.lock() {
+                        r.apply_event(&e);
+                    }
+                    continue;
+                }
                 let out = seq.offer(e, now);
                 apply_sequenced(router, stats, out);
             }
@@ -289,6 +298,10 @@ fn handle(
 fn poll_gaps(router: &Mutex<Router>, stats: &EventStats, seq: &mut EventSequencer) {
     for out in seq.poll_gaps(Instant::now()) {
         apply_sequenced(router, stats, out);
+    }
+    // Forget the ranks that left discovery.
+    if let Ok(r) = router.lock() {
+        seq.retain(|s| r.is_target(s));
     }
 }
 
@@ -439,8 +452,11 @@ async fn jetstream_session(
     loop {
         tokio::select! {
             _ = snap_tick.tick() => {
+                // Not while events wait for missing ones: the snapshot's sequence would cover
+                // messages whose events it does not hold.
                 if let Some(path) = &cfg.snapshot
                     && *last_applied != snapped
+                    && !seq.holding()
                 {
                     write_snapshot(router, stats, path, &cfg.stream(), *last_applied);
                     snapped = *last_applied;

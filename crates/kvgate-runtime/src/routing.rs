@@ -167,10 +167,16 @@ impl RoutingService {
             let task = crate::nats::consume(self.router.clone(), self.events.clone(), cfg.clone());
             *lock(&self.nats) = Some((cfg, task));
         }
-        let me = self.clone();
-        self.workers.watch(workers_file, move |old, new| {
-            me.sync_workers(Some(old), new)
-        });
+        // Weak: the watcher must not keep the service (and its event tasks) alive.
+        let me = Arc::downgrade(self);
+        self.workers
+            .watch(workers_file, move |old, new| match me.upgrade() {
+                Some(me) => {
+                    me.sync_workers(Some(old), new);
+                    true
+                }
+                None => false,
+            });
         let me = Arc::downgrade(self);
         tokio::spawn(async move {
             loop {

@@ -41,11 +41,12 @@ impl WorkerSet {
     }
 
     /// Polls `path` and calls `on_change(old, new)` after each successful reload. A file that
-    /// fails to parse is reported and ignored (the last good set stays).
+    /// fails to parse is reported and ignored (the last good set stays). Watching stops when
+    /// `on_change` returns false.
     pub fn watch(
         &self,
         path: PathBuf,
-        on_change: impl Fn(&WorkersFile, &WorkersFile) + Send + 'static,
+        on_change: impl Fn(&WorkersFile, &WorkersFile) -> bool + Send + 'static,
     ) {
         let set = self.clone();
         tokio::spawn(async move {
@@ -72,7 +73,10 @@ impl WorkerSet {
                         last_error = None;
                         tracing::info!(workers = new.workers.len(), "workers file reloaded");
                         set.replace(new.clone());
-                        on_change(&old, &new);
+                        if !on_change(&old, &new) {
+                            // Nobody listens any more.
+                            return;
+                        }
                     }
                     // Not marked as seen: a half-written file is retried until it parses.
                     Err(e) => {
