@@ -1,6 +1,7 @@
 //! `kvgate bench events`: KV events applied per second on each path into the router, measured
 //! side by side in one run: decoding alone, the index alone, the NATS JetStream path (messages
-//! already in the stream, read by a fresh durable consumer) and the vLLM ZMQ path.
+//! already in the stream, read by a fresh durable consumer), the vLLM ZMQ path, and router
+//! replica sync (booking changes from one replica applied by another over NATS).
 
 use async_nats::jetstream;
 use kvgate_core::config::RouterConfig;
@@ -244,8 +245,84 @@ pub async fn run(a: BenchEventsArgs) -> Result<(), String> {
     let _ = stream.delete_consumer("bench").await;
     let _ = js.delete_stream(cfg.stream()).await;
 
+    replica_path(&a, &url).await?;
+
     // vLLM ZMQ: one publisher per worker rank, one subscription each.
     zmq_path(&a, &events).await?;
+    Ok(())
+}
+
+/// Replica sync: the booking changes one router replica publishes (half bookings, half frees),
+/// applied by another through NATS.
+async fn replica_path(a: &BenchEventsArgs, url: &str) -> Result<(), String> {
+    use kvgate_core::hashing::{BlockHashes, HashSeed};
+    use kvgate_core::replica::{SyncOp, booked_op};
+    use kvgate_core::router::RouteRequest;
+    use kvgate_runtime::replica::{ReplicaSync, ReplicaSyncConfig};
+    let cfg = ReplicaSyncConfig::new(url, &format!("benchsync{}", std::process::id()), "backend");
+    let (ra, rb) = (
+        Arc::new(Mutex::new(router(a)?)),
+        Arc::new(Mutex::new(router(a)?)),
+    );
+    let (sa, sb) = (
+        ReplicaSync::start(ra.clone(), cfg.clone()),
+        ReplicaSync::start(rb.clone(), cfg),
+    );
+    sa.ready().await;
+    sb.ready().await;
+    // The ops, prepared outside the clock: route and book on A, then free.
+    let n = (a.events / 2).max(1);
+    let mut ops = Vec::with_capacity(2 * n);
+    {
+        let mut r = ra.lock().map_err(|_| "lock")?;
+        let mut rng = kvgate_core::random::SplitMix64::new(7);
+        let mut frees = Vec::with_capacity(n);
+        for i in 0..n {
+            let tokens: Vec<u32> = (0..128u32)
+                .map(|t| t ^ (i as u32).wrapping_mul(2654435761))
+                .collect();
+            let h = BlockHashes::from_tokens(&tokens, 16, HashSeed::default());
+            let id = kvgate_core::RequestId::from(format!("b{i}"));
+            r.route(
+                RouteRequest {
+                    request: &id,
+                    hashes: &h,
+                    expected_output_tokens: None,
+                    allowed: None,
+                    book: true,
+                },
+                Instant::now(),
+                &mut rng,
+            )
+            .map_err(|e| e.to_string())?;
+            ops.extend(booked_op(&r, &id));
+            frees.push(id);
+        }
+        for id in frees {
+            r.free(&id);
+            ops.push(SyncOp::Freed { id: id.to_string() });
+        }
+    }
+    let total = ops.len() as u64;
+    let t0 = Instant::now();
+    for op in ops {
+        sa.send(op);
+    }
+    let applied = loop {
+        let applied = sb.with_view(|v| v.counters.ops_applied);
+        if applied >= total || t0.elapsed() > Duration::from_secs(120) {
+            break applied;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    };
+    row(
+        "replica sync: booking changes applied by a peer",
+        applied,
+        total as usize,
+        t0.elapsed(),
+    );
+    sa.stop();
+    sb.stop();
     Ok(())
 }
 
