@@ -54,6 +54,9 @@ pub enum BenchCommand {
     Disagg(Box<crate::bench_disagg::BenchDisaggArgs>),
     /// KV events applied per second: decoding, the index, NATS JetStream and vLLM ZMQ paths.
     Events(Box<crate::bench_events::BenchEventsArgs>),
+    /// Routing quality in virtual time: every policy replays the same trace on the same
+    /// simulated fleet (hit rate vs the reuse bound, TTFT, ITL, e2e, throughput, imbalance).
+    Replay(Box<crate::bench_replay::BenchReplayArgs>),
     /// (internal) the do-nothing ext_proc picker `bench epp` uses to measure the protocol floor.
     #[command(hide = true)]
     EchoPicker {
@@ -236,6 +239,9 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 kvgate_epp::echo::serve(l, destination, worker_id, !plaintext).await
             })
             .map_err(CliError),
+        Command::Bench(BenchCommand::Replay(args)) => {
+            crate::bench_replay::run(*args).map_err(CliError)
+        }
         Command::Bench(BenchCommand::Events(args)) => quiet_runtime()?
             .block_on(crate::bench_events::run(*args))
             .map_err(CliError),

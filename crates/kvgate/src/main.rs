@@ -3,6 +3,7 @@
 mod bench_disagg;
 mod bench_epp;
 mod bench_events;
+mod bench_replay;
 mod cli;
 mod demo;
 mod epp_args;

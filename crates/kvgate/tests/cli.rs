@@ -90,3 +90,63 @@ fn config_refuses_bad_env_naming_it() {
         "{out}"
     );
 }
+
+#[test]
+fn bench_replay_prints_every_policy_as_json_within_the_bound() {
+    let (ok, out, err) = kvgate(&[
+        "bench",
+        "replay",
+        "--requests",
+        "300",
+        "--workers",
+        "4",
+        "--tokens-per-trace-block",
+        "64",
+        "--rate-scale",
+        "4",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let bound = v["reuse_bound"].as_f64().unwrap();
+    assert!(bound > 0.0 && bound < 1.0, "{v}");
+    let policies = v["policies"].as_object().unwrap();
+    assert_eq!(policies.len(), 7, "{v}");
+    for (name, p) in policies {
+        assert_eq!(p["completed"], 300, "{name}");
+        let hit = p["hit_rate"].as_f64().unwrap();
+        assert!(
+            (0.0..=bound + 1e-9).contains(&hit),
+            "{name}: {hit} vs {bound}"
+        );
+        for k in [
+            "ttft_p50_ms",
+            "ttft_p90_ms",
+            "ttft_p99_ms",
+            "e2e_p50_ms",
+            "throughput_tok_s",
+        ] {
+            assert!(p[k].as_f64().unwrap() > 0.0, "{name} {k}");
+        }
+    }
+    // The cache-aware policies find reuse that random routing mostly misses.
+    let hit = |n: &str| policies[n]["hit_rate"].as_f64().unwrap();
+    assert!(hit("kvgate") > hit("random"), "{v}");
+}
+
+#[test]
+fn bench_replay_names_what_is_wrong() {
+    let (ok, _, err) = kvgate(&[
+        "bench",
+        "replay",
+        "--policies",
+        "fastest",
+        "--requests",
+        "5",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("unknown policy \"fastest\""), "{err}");
+    let (ok, _, err) = kvgate(&["bench", "replay", "--trace", "/nonexistent.jsonl"]);
+    assert!(!ok);
+    assert!(err.contains("cannot read the trace"), "{err}");
+}

@@ -1,0 +1,247 @@
+//! `kvgate bench replay`: routing quality in virtual time. Every policy replays the same trace on
+//! the same simulated fleet (`kvgate-sim`); the table compares prefix hit rate with the trace's
+//! reuse bound, TTFT, inter-token latency, end-to-end latency, throughput and load imbalance.
+
+use kvgate_engine::{EngineConfig, TimingModel};
+use kvgate_sim::policy::{
+    GaieDefault, KvRouter, LeastLoad, Policy, Random, RoundRobin, SglangCacheAware,
+};
+use kvgate_sim::sim::{PolicyResult, SimConfig, fleet_view, simulate};
+use kvgate_sim::trace::{self, TraceRow};
+use std::path::PathBuf;
+
+/// The bundled Mooncake conversation trace (see bench/traces/README.md).
+const DEFAULT_TRACE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../bench/traces/mooncake_conversation_trace.jsonl"
+);
+
+pub const POLICIES: [&str; 7] = [
+    "random",
+    "round-robin",
+    "least-load",
+    "gaie-default",
+    "sglang-cache-aware",
+    "dynamo",
+    "kvgate",
+];
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchReplayArgs {
+    /// Mooncake-format trace (JSON lines: timestamp ms, input_length, output_length, hash_ids).
+    #[arg(long, default_value = DEFAULT_TRACE)]
+    pub trace: PathBuf,
+    /// Simulated engines.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub workers: u32,
+    /// Arrivals this many times faster than the trace's. Default: the scale found for
+    /// `--load-target`.
+    #[arg(long)]
+    pub rate_scale: Option<f64>,
+    /// Busy fraction of the engines to aim for when `--rate-scale` is not given (found by
+    /// bisection under least-load routing).
+    #[arg(long, default_value_t = 0.8)]
+    pub load_target: f64,
+    /// Policies to run, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = POLICIES.map(String::from))]
+    pub policies: Vec<String>,
+    /// Replay only the first N requests.
+    #[arg(long)]
+    pub requests: Option<usize>,
+    /// Tokens per trace block id (the trace's are 512; smaller is faster and keeps sharing).
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(16..=4096))]
+    pub tokens_per_trace_block: u32,
+    /// KV cache of each engine, in 16-token blocks.
+    #[arg(long, default_value_t = 16_384)]
+    pub num_gpu_blocks: usize,
+    #[arg(long, default_value_t = 256)]
+    pub max_num_seqs: usize,
+    #[arg(long, default_value_t = 8192)]
+    pub max_num_batched_tokens: usize,
+    /// Cap on output tokens per request (default: the trace's).
+    #[arg(long)]
+    pub max_output_tokens: Option<u32>,
+    /// Seed of the randomised policies and tie-breaks.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn policy(name: &str, cfg: &SimConfig, seed: u64) -> Result<Box<dyn Policy>, String> {
+    let fleet = fleet_view(cfg);
+    let bs = cfg.engine.block_size;
+    Ok(match name {
+        "random" => Box::new(Random::new(seed)),
+        "round-robin" => Box::new(RoundRobin::default()),
+        "least-load" => Box::new(LeastLoad::new(seed)),
+        "gaie-default" => Box::new(GaieDefault::new(cfg.workers, seed)),
+        "sglang-cache-aware" => Box::new(SglangCacheAware::new(cfg.workers, bs, seed)),
+        "dynamo" => Box::new(KvRouter::dynamo(&fleet, bs, seed)?),
+        "kvgate" => Box::new(KvRouter::kvgate(&fleet, bs, cfg.engine.timing, seed)?),
+        other => {
+            return Err(format!(
+                "unknown policy {other:?} (known: {})",
+                POLICIES.join(", ")
+            ));
+        }
+    })
+}
+
+fn run_one(
+    rows: &[TraceRow],
+    cfg: &SimConfig,
+    name: &str,
+    seed: u64,
+    quiet: bool,
+) -> Result<PolicyResult, String> {
+    let mut p = policy(name, cfg, seed)?;
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let r = simulate(rows, cfg, p.as_mut(), |done, total| {
+        if !quiet && tty {
+            crate::demo::progress(name, done, total);
+        }
+    })?;
+    if !quiet && tty {
+        eprintln!();
+    }
+    Ok(r)
+}
+
+/// The rate scale at which least-load routing keeps the engines `target` busy.
+fn find_rate_scale(
+    rows: &[TraceRow],
+    cfg: &SimConfig,
+    target: f64,
+    quiet: bool,
+) -> Result<f64, String> {
+    // Probe on a prefix of the trace: the load level is a property of the arrival rate.
+    let probe = &rows[..rows.len().min(3000)];
+    let busy = |scale: f64| -> Result<f64, String> {
+        let c = SimConfig {
+            rate_scale: scale,
+            ..cfg.clone()
+        };
+        let r = run_one(probe, &c, "least-load", 1, true)?;
+        if !quiet {
+            eprintln!(
+                "  rate scale {scale:>8.3}: engines {:.0}% busy",
+                r.busy_fraction * 100.0
+            );
+        }
+        Ok(r.busy_fraction)
+    };
+    let (mut lo, mut hi) = (0.01f64, 1000.0f64);
+    for _ in 0..14 {
+        let mid = (lo * hi).sqrt();
+        if busy(mid)? < target {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+        if hi / lo < 1.05 {
+            break;
+        }
+    }
+    Ok((lo * hi).sqrt())
+}
+
+pub fn run(a: BenchReplayArgs) -> Result<(), String> {
+    let text = std::fs::read_to_string(&a.trace)
+        .map_err(|e| format!("cannot read the trace {}: {e}", a.trace.display()))?;
+    let mut rows = trace::parse(&text)?;
+    if let Some(n) = a.requests {
+        rows.truncate(n.max(1));
+    }
+    for p in &a.policies {
+        if !POLICIES.contains(&p.as_str()) {
+            return Err(format!(
+                "unknown policy {p:?} (known: {})",
+                POLICIES.join(", ")
+            ));
+        }
+    }
+    if !(a.load_target > 0.0 && a.load_target < 1.0) {
+        return Err("--load-target must be in (0, 1)".into());
+    }
+    let mut cfg = SimConfig {
+        workers: a.workers as usize,
+        engine: EngineConfig {
+            block_size: 16,
+            num_gpu_blocks: a.num_gpu_blocks,
+            max_num_seqs: a.max_num_seqs,
+            max_num_batched_tokens: a.max_num_batched_tokens,
+            enable_prefix_caching: true,
+            timing: TimingModel::default(),
+        },
+        tokens_per_trace_block: a.tokens_per_trace_block as usize,
+        rate_scale: 1.0,
+        max_output_tokens: a.max_output_tokens,
+    };
+    let bound = trace::reuse_bound(&rows, cfg.tokens_per_trace_block);
+    let started = std::time::Instant::now();
+    cfg.rate_scale = match a.rate_scale {
+        Some(s) if s.is_finite() && s > 0.0 => s,
+        Some(_) => return Err("--rate-scale must be > 0".into()),
+        None => {
+            if !a.json {
+                eprintln!(
+                    "finding the rate scale for {:.0}% busy engines:",
+                    a.load_target * 100.0
+                );
+            }
+            find_rate_scale(&rows, &cfg, a.load_target, a.json)?
+        }
+    };
+    let mut results: Vec<(String, PolicyResult)> = Vec::new();
+    for p in &a.policies {
+        results.push((p.clone(), run_one(&rows, &cfg, p, a.seed, a.json)?));
+    }
+    if a.json {
+        let policies: serde_json::Map<String, serde_json::Value> = results
+            .iter()
+            .map(|(n, r)| (n.clone(), serde_json::to_value(r).unwrap_or_default()))
+            .collect();
+        let out = serde_json::json!({
+            "trace": a.trace.display().to_string(),
+            "requests": rows.len(),
+            "workers": a.workers,
+            "rate_scale": cfg.rate_scale,
+            "reuse_bound": bound,
+            "policies": policies,
+        });
+        println!("{out}");
+        return Ok(());
+    }
+    println!(
+        "\n{} requests, {} engines, rate scale {:.2}, {} tokens per trace block; reuse bound {:.3}; simulated in {:.1} s\n",
+        rows.len(),
+        a.workers,
+        cfg.rate_scale,
+        a.tokens_per_trace_block,
+        bound,
+        started.elapsed().as_secs_f64()
+    );
+    println!(
+        "| policy | hit rate | of bound | TTFT p50 | p90 | p99 (ms) | ITL (ms) | e2e p50 | p90 (ms) | output tok/s | imbalance | busy |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    for (n, r) in &results {
+        println!(
+            "| {n} | {:.3} | {:.0}% | {:.0} | {:.0} | {:.0} | {:.1} | {:.0} | {:.0} | {:.0} | {:.2} | {:.0}% |",
+            r.hit_rate,
+            100.0 * r.hit_rate / bound.max(1e-9),
+            r.ttft_p50_ms,
+            r.ttft_p90_ms,
+            r.ttft_p99_ms,
+            r.itl_mean_ms,
+            r.e2e_p50_ms,
+            r.e2e_p90_ms,
+            r.throughput_tok_s,
+            r.imbalance,
+            r.busy_fraction * 100.0
+        );
+    }
+    Ok(())
+}
