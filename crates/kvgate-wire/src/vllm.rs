@@ -516,12 +516,26 @@ mod tests {
     }
 
     proptest::proptest! {
-        /// Garbage and truncated batches are refused, never a panic.
+        // 2,048 inputs per run (CI runs it every time).
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2048))]
+
+        /// Garbage, truncated and bit-flipped batches (both layouts) are refused or decoded,
+        /// never a panic.
         #[test]
-        fn decoder_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256), cut in 0usize..200) {
+        fn decoder_never_panics(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256),
+            cut in 0usize..200,
+            flip in 0usize..200,
+            bit in 0u8..8,
+            array: bool,
+        ) {
             let _ = decode_batch(&bytes);
-            let good = encode_batch(&sample());
+            let layout = if array { EventLayout::Array } else { EventLayout::Map };
+            let mut good = encode_batch_as(&sample(), layout);
             let _ = decode_batch(&good[..cut.min(good.len())]);
+            let i = flip % good.len();
+            good[i] ^= 1 << bit;
+            let _ = decode_batch(&good);
         }
     }
 }
