@@ -60,6 +60,9 @@ pub struct PolicyResult {
     pub busy_fraction: f64,
     pub makespan_s: f64,
     pub preemptions: u64,
+    /// Every completed request's TTFT, sorted (for CDFs).
+    #[serde(skip)]
+    pub ttft_ms: Vec<f64>,
 }
 
 pub fn percentile(v: &mut [f64], p: f64) -> f64 {
@@ -303,5 +306,6 @@ fn summarise(records: &[Record], workers: &[WorkerSim], n: usize, window: f64) -
         },
         makespan_s: makespan,
         preemptions: workers.iter().map(|w| w.engine.stats().preemptions).sum(),
+        ttft_ms: ttft,
     }
 }

@@ -67,6 +67,121 @@ pub struct BenchReplayArgs {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Also draw TTFT CDFs and hit rates into this SVG file.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
+}
+
+const COLOURS: [&str; 7] = [
+    "#999999", "#b07aa1", "#76b7b2", "#f28e2b", "#59a14f", "#4e79a7", "#e15759",
+];
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// TTFT CDFs (log time axis) on the left, hit rates against the reuse bound on the right.
+fn svg(results: &[(String, PolicyResult)], bound: f64, title: &str) -> String {
+    use std::fmt::Write as _;
+    let (w, h) = (1100.0, 460.0);
+    let (l, t, pw, ph) = (70.0, 50.0, 560.0, 340.0);
+    let mut out = String::new();
+    let _ = write!(
+        out,
+        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12"><rect width="100%" height="100%" fill="white"/><text x="{l}" y="24" font-size="15">{}</text>"##,
+        esc(title)
+    );
+    // TTFT CDF: x = log10(ms) from 10 ms to 10 s.
+    let (lo, hi) = (1.0f64, 4.0f64);
+    let x = |ms: f64| l + (ms.max(1.0).log10().clamp(lo, hi) - lo) / (hi - lo) * pw;
+    let y = |q: f64| t + ph - q * ph;
+    let _ = write!(
+        out,
+        r##"<rect x="{l}" y="{t}" width="{pw}" height="{ph}" fill="none" stroke="#333"/>"##
+    );
+    for (ms, label) in [
+        (10.0, "10 ms"),
+        (100.0, "100 ms"),
+        (1000.0, "1 s"),
+        (10000.0, "10 s"),
+    ] {
+        let xx = x(ms);
+        let _ = write!(
+            out,
+            r##"<line x1="{xx}" y1="{t}" x2="{xx}" y2="{}" stroke="#ddd"/><text x="{xx}" y="{}" text-anchor="middle">{label}</text>"##,
+            t + ph,
+            t + ph + 16.0
+        );
+    }
+    for q in [0.5, 0.9, 0.99] {
+        let yy = y(q);
+        let _ = write!(
+            out,
+            r##"<line x1="{l}" y1="{yy}" x2="{}" y2="{yy}" stroke="#ddd"/><text x="{}" y="{}" text-anchor="end">p{}</text>"##,
+            l + pw,
+            l - 6.0,
+            yy + 4.0,
+            (q * 100.0) as u32
+        );
+    }
+    let _ = write!(
+        out,
+        r##"<text x="{}" y="{}" text-anchor="middle">time to first token (CDF)</text>"##,
+        l + pw / 2.0,
+        t + ph + 36.0
+    );
+    for (i, (name, r)) in results.iter().enumerate() {
+        let c = COLOURS[i % COLOURS.len()];
+        let n = r.ttft_ms.len();
+        if n == 0 {
+            continue;
+        }
+        let step = (n / 400).max(1);
+        let mut pts = String::new();
+        for (k, ms) in r.ttft_ms.iter().enumerate().step_by(step) {
+            let _ = write!(pts, "{:.1},{:.1} ", x(*ms), y((k + 1) as f64 / n as f64));
+        }
+        let _ = write!(
+            out,
+            r##"<polyline points="{pts}" fill="none" stroke="{c}" stroke-width="1.6"/><text x="{}" y="{}" fill="{c}">{}</text>"##,
+            l + 8.0,
+            t + 16.0 + 15.0 * i as f64,
+            esc(name)
+        );
+    }
+    // Hit rates, bound dashed.
+    let (bl, bw) = (l + pw + 130.0, 280.0);
+    let bar_h = ph / results.len().max(1) as f64;
+    let scale = |v: f64| v / bound.max(1e-9).max(v) * bw;
+    for (i, (name, r)) in results.iter().enumerate() {
+        let c = COLOURS[i % COLOURS.len()];
+        let yy = t + i as f64 * bar_h;
+        let _ = write!(
+            out,
+            r##"<rect x="{bl}" y="{}" width="{:.1}" height="{:.1}" fill="{c}"/><text x="{}" y="{}" text-anchor="end">{}</text><text x="{}" y="{}">{:.3}</text>"##,
+            yy + 4.0,
+            scale(r.hit_rate),
+            bar_h - 8.0,
+            bl - 6.0,
+            yy + bar_h / 2.0 + 4.0,
+            esc(name),
+            bl + scale(r.hit_rate) + 4.0,
+            yy + bar_h / 2.0 + 4.0,
+            r.hit_rate
+        );
+    }
+    let bx = bl + scale(bound);
+    let _ = write!(
+        out,
+        r##"<line x1="{bx}" y1="{t}" x2="{bx}" y2="{}" stroke="#333" stroke-dasharray="4 3"/><text x="{bx}" y="{}" text-anchor="middle">reuse bound {bound:.3}</text><text x="{}" y="{}" text-anchor="middle">prefix hit rate</text></svg>"##,
+        t + ph,
+        t + ph + 16.0,
+        bl + bw / 2.0,
+        t + ph + 36.0
+    );
+    out
 }
 
 fn policy(name: &str, cfg: &SimConfig, seed: u64) -> Result<Box<dyn Policy>, String> {
@@ -197,6 +312,16 @@ pub fn run(a: BenchReplayArgs) -> Result<(), String> {
     let mut results: Vec<(String, PolicyResult)> = Vec::new();
     for p in &a.policies {
         results.push((p.clone(), run_one(&rows, &cfg, p, a.seed, a.json)?));
+    }
+    if let Some(path) = &a.plot {
+        let title = format!(
+            "{} requests, {} engines, rate scale {:.2}",
+            rows.len(),
+            a.workers,
+            cfg.rate_scale
+        );
+        std::fs::write(path, svg(&results, bound, &title))
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     }
     if a.json {
         let policies: serde_json::Map<String, serde_json::Value> = results

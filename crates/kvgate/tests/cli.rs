@@ -93,6 +93,7 @@ fn config_refuses_bad_env_naming_it() {
 
 #[test]
 fn bench_replay_prints_every_policy_as_json_within_the_bound() {
+    let plot = std::env::temp_dir().join(format!("kvgate-replay-{}.svg", std::process::id()));
     let (ok, out, err) = kvgate(&[
         "bench",
         "replay",
@@ -105,8 +106,17 @@ fn bench_replay_prints_every_policy_as_json_within_the_bound() {
         "--rate-scale",
         "4",
         "--json",
+        "--plot",
+        plot.to_str().unwrap(),
     ]);
     assert!(ok, "{err}");
+    let svg = std::fs::read_to_string(&plot).unwrap();
+    let _ = std::fs::remove_file(&plot);
+    assert!(svg.starts_with("<svg") && svg.ends_with("</svg>"), "{svg}");
+    for name in ["random", "gaie-default", "kvgate", "reuse bound"] {
+        assert!(svg.contains(name), "{name} missing from the plot");
+    }
+    assert_eq!(svg.matches("<polyline").count(), 7);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let bound = v["reuse_bound"].as_f64().unwrap();
     assert!(bound > 0.0 && bound < 1.0, "{v}");
