@@ -1,2 +1,3 @@
-//! Parity checks and side-by-side benchmarks against peer routers (`dynamo-kv-router`, later
-//! `kv-index`). Peers are dev-dependencies of this crate only: the product never links them.
+//! Parity checks and side-by-side benchmarks against peer routers (`dynamo-kv-router`,
+//! `kv-index`; `benches/indexer.rs` compares the prefix indexes). Peers are dev-dependencies of
+//! this crate only: the product never links them.

@@ -57,6 +57,8 @@ pub enum BenchCommand {
     /// Routing quality in virtual time: every policy replays the same trace on the same
     /// simulated fleet (hit rate vs the reuse bound, TTFT, ITL, e2e, throughput, imbalance).
     Replay(Box<crate::bench_replay::BenchReplayArgs>),
+    /// Every benchmark in turn (each in its own process), one markdown report in bench/results/.
+    All(Box<crate::bench_all::BenchAllArgs>),
     /// (internal) the do-nothing ext_proc picker `bench epp` uses to measure the protocol floor.
     #[command(hide = true)]
     EchoPicker {
@@ -239,6 +241,9 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 kvgate_epp::echo::serve(l, destination, worker_id, !plaintext).await
             })
             .map_err(CliError),
+        Command::Bench(BenchCommand::All(args)) => {
+            crate::bench_all::run_all(*args).map_err(CliError)
+        }
         Command::Bench(BenchCommand::Replay(args)) => {
             crate::bench_replay::run(*args).map_err(CliError)
         }
