@@ -231,7 +231,6 @@ async fn run_config(
     }
     if !a.demo.json {
         progress(label, reqs.len(), reqs.len());
-        eprintln!();
     }
     for t in tasks {
         let _ = t.await;

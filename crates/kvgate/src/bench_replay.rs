@@ -70,6 +70,118 @@ pub struct BenchReplayArgs {
     /// Also draw TTFT CDFs and hit rates into this SVG file.
     #[arg(long, value_name = "FILE.svg")]
     pub plot: Option<PathBuf>,
+    /// Check the simulation against reality: replay the same requests through real mocker
+    /// processes' engines behind the frontend (round-robin and the KV router), `--speedup`
+    /// times faster than real time, and compare with the simulated round-robin and dynamo.
+    #[arg(long)]
+    pub real: bool,
+    /// `--real`: the engines (and the arrivals) run this many times faster than real time.
+    #[arg(long, default_value_t = 2.0)]
+    pub speedup: f64,
+}
+
+/// `--real` agreement bounds: hit rates within this much (absolute)...
+const REAL_HIT_TOLERANCE: f64 = 0.05;
+/// ...and TTFT p50 within this factor either way (HTTP, event delivery and a shared 2-core
+/// machine add to the real side).
+const REAL_TTFT_FACTOR: f64 = 1.5;
+
+/// Replays `rows` through real engines and compares with the simulation of the same fleet.
+fn real_check(a: &BenchReplayArgs, rows: &[TraceRow], cfg: &SimConfig) -> Result<(), String> {
+    use kvgate_frontend::RouterMode;
+    if !(a.speedup.is_finite() && a.speedup > 0.0) {
+        return Err("--speedup must be > 0".into());
+    }
+    // The demo's mock workers: 64 sequences per engine, `kv_blocks` blocks.
+    let cfg = SimConfig {
+        engine: EngineConfig {
+            max_num_seqs: 64,
+            ..cfg.engine.clone()
+        },
+        ..cfg.clone()
+    };
+    let demo = crate::demo::DemoArgs {
+        workers: cfg.workers as u32,
+        trace: None,
+        conversations: 0,
+        duration_secs: 0.0,
+        tokens_per_trace_block: cfg.tokens_per_trace_block as u32,
+        max_output_tokens: cfg.max_output_tokens.unwrap_or(u32::MAX),
+        kv_blocks: cfg.engine.num_gpu_blocks,
+        speedup_ratio: a.speedup,
+        json: false,
+    };
+    let t0 = rows.first().map_or(0.0, |r| r.timestamp);
+    let reqs: Vec<crate::demo::DemoRequest> = rows
+        .iter()
+        .map(|r| crate::demo::DemoRequest {
+            at: std::time::Duration::from_secs_f64(
+                (r.timestamp - t0) / 1000.0 / (cfg.rate_scale * a.speedup),
+            ),
+            prompt: trace::prompt(r, cfg.tokens_per_trace_block),
+            max_tokens: cfg
+                .max_output_tokens
+                .map_or(r.output_length, |c| r.output_length.min(u64::from(c)))
+                .clamp(1, u64::from(u32::MAX)) as u32,
+        })
+        .collect();
+    let reqs = std::sync::Arc::new(reqs);
+    let dir = std::env::temp_dir().join(format!("kvgate-replay-real-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    println!(
+        "\n{} requests on {} engines, real time x{} (TTFT below in real ms; simulated ones divided by {}):\n",
+        rows.len(),
+        cfg.workers,
+        a.speedup,
+        a.speedup
+    );
+    println!(
+        "| policy | hit rate real | simulated | TTFT p50 real | simulated | TTFT p90 real | simulated | errors | agree |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    let mut disagree = 0;
+    for (mode, sim_name) in [
+        (RouterMode::RoundRobin, "round-robin"),
+        (RouterMode::Kv, "dynamo"),
+    ] {
+        let real = rt.block_on(crate::demo::run_policy(&demo, &reqs, mode, &dir))?;
+        let sim = run_one(rows, &cfg, sim_name, a.seed, true)?;
+        let mut ttft = real.ttft.clone();
+        let real_hit = real.cached_tokens as f64 / real.prompt_tokens.max(1) as f64;
+        let (r50, r90) = (
+            crate::demo::pct(&mut ttft, 0.5),
+            crate::demo::pct(&mut ttft, 0.9),
+        );
+        let (s50, s90) = (sim.ttft_p50_ms / a.speedup, sim.ttft_p90_ms / a.speedup);
+        let ok = real.errors == 0
+            && (real_hit - sim.hit_rate).abs() <= REAL_HIT_TOLERANCE
+            && r50 <= s50 * REAL_TTFT_FACTOR
+            && r50 >= s50 / REAL_TTFT_FACTOR;
+        if !ok {
+            disagree += 1;
+        }
+        println!(
+            "| {} vs {sim_name} | {real_hit:.3} | {:.3} | {r50:.1} | {s50:.1} | {r90:.1} | {s90:.1} | {} | {} |",
+            mode.as_str(),
+            sim.hit_rate,
+            real.errors,
+            if ok { "yes" } else { "NO" }
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    println!(
+        "\nagreement: hit rates within {REAL_HIT_TOLERANCE} and TTFT p50 within x{REAL_TTFT_FACTOR}, no errors"
+    );
+    if disagree > 0 {
+        return Err(format!(
+            "{disagree} of 2 policies disagree with the simulation"
+        ));
+    }
+    Ok(())
 }
 
 const COLOURS: [&str; 7] = [
@@ -218,9 +330,6 @@ fn run_one(
             crate::demo::progress(name, done, total);
         }
     })?;
-    if !quiet && tty {
-        eprintln!();
-    }
     Ok(r)
 }
 
@@ -296,6 +405,14 @@ pub fn run(a: BenchReplayArgs) -> Result<(), String> {
     };
     let bound = trace::reuse_bound(&rows, cfg.tokens_per_trace_block);
     let started = std::time::Instant::now();
+    if a.rate_scale.is_some_and(|s| !(s.is_finite() && s > 0.0)) {
+        return Err("--rate-scale must be > 0".into());
+    }
+    if a.real {
+        // The bundled trace's ~80%-busy scale on 16 engines; real runs are short checks.
+        cfg.rate_scale = a.rate_scale.unwrap_or(1.57);
+        return real_check(&a, &rows, &cfg);
+    }
     cfg.rate_scale = match a.rate_scale {
         Some(s) if s.is_finite() && s > 0.0 => s,
         Some(_) => return Err("--rate-scale must be > 0".into()),

@@ -225,7 +225,15 @@ async fn start_frontend(workers: PathBuf, mode: RouterMode) -> Result<SocketAddr
         .map_err(|_| "the frontend did not start".to_string())
 }
 
+/// A progress bar on a terminal; elsewhere (logs, CI) one line when a run completes.
 pub(crate) fn progress(label: &str, done: usize, total: usize) {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        if done == total {
+            eprintln!("  {label:<12} {done}/{total} requests done");
+        }
+        return;
+    }
     let width = 30;
     let filled = done * width / total.max(1);
     eprint!(
@@ -233,6 +241,9 @@ pub(crate) fn progress(label: &str, done: usize, total: usize) {
         "#".repeat(filled),
         " ".repeat(width - filled)
     );
+    if done == total {
+        eprintln!();
+    }
     let _ = std::io::stderr().flush();
 }
 
@@ -294,7 +305,7 @@ pub(crate) async fn one(
     }
 }
 
-async fn run_policy(
+pub(crate) async fn run_policy(
     args: &DemoArgs,
     reqs: &Arc<Vec<DemoRequest>>,
     mode: RouterMode,
@@ -348,7 +359,6 @@ async fn run_policy(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     progress(label, reqs.len(), reqs.len());
-    eprintln!();
     for t in tasks {
         let _ = t.await;
     }

@@ -160,3 +160,32 @@ fn bench_replay_names_what_is_wrong() {
     assert!(!ok);
     assert!(err.contains("cannot read the trace"), "{err}");
 }
+
+#[test]
+fn bench_replay_real_agrees_with_the_simulation_on_real_engines() {
+    let (ok, out, err) = kvgate(&[
+        "bench",
+        "replay",
+        "--real",
+        "--requests",
+        "80",
+        "--workers",
+        "2",
+        "--tokens-per-trace-block",
+        "64",
+        "--max-output-tokens",
+        "8",
+        "--num-gpu-blocks",
+        "2048",
+        "--rate-scale",
+        "2",
+    ]);
+    assert!(ok, "{out}\n{err}");
+    for row in ["| round-robin vs round-robin |", "| kv vs dynamo |"] {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(row))
+            .unwrap_or_else(|| panic!("{row} missing:\n{out}"));
+        assert!(line.ends_with("| 0 | yes |"), "{line}");
+    }
+}
