@@ -1,12 +1,23 @@
 //! The prefix index: which (worker, dp rank) holds which prefix, per storage tier, fed by KV events.
 //!
-//! Layout, chosen for memory at 1,000 workers x 16,384 blocks and for cheap queries:
-//! - `nodes`: one entry per distinct prefix, keyed by the router's chained [`SeqHash`], holding a
-//!   sorted, inline-first list of holders (`member << 2 | tier` in a `u32`). A prefix shared by
-//!   many workers is stored once.
+//! Layout, chosen so that a `Stored` chain is written and a query is answered by walking memory
+//! in order, instead of one random hash-table probe per block:
+//! - `slots`: one [`Position`] per distinct prefix (its chained [`SeqHash`], its content hash,
+//!   its parent's slot, how many child positions it has, and a sorted, inline-first list of
+//!   holders, `member << 2 | tier`). A prefix shared by many workers is stored once.
+//! - A position usually sits in the slot right after its parent's: a new chain is allocated
+//!   slot after slot, and freed slots are reused last-in first-out, which hands back the runs
+//!   that LRU eviction frees (a chain's tail goes deepest block first) in ascending order.
+//!   Positions that do not (roots, a parent's second child, a chain cut by the allocator) are
+//!   *heads* and are found through `heads`, a map from chained hash to slot. So a position is
+//!   found from its parent in one step: the next slot, else the heads map. Only heads cost a
+//!   hash-table entry.
+//! - A position leaves when no one holds it and no child position is left under it (a worker
+//!   may evict a block in the middle of a chain and keep the tail: the held tail keeps its
+//!   unheld ancestors, which match nobody, until it goes too).
 //! - per member (an interned (worker, dp rank)): one map per tier from the engine's
-//!   [`ExternalHash`] to the node's `SeqHash`, so `Removed` events (which name engine hashes) and
-//!   `Stored` parents resolve in O(1).
+//!   [`ExternalHash`] to the slot, so `Removed` events (which name engine hashes) and `Stored`
+//!   parents resolve in O(1) in a table of the member's own size.
 //!
 //! A query walks the request's chained hashes from the root, intersecting holder lists; a
 //! holder's score in a tier is the number of leading blocks it holds there.
@@ -15,10 +26,11 @@
 //! bounded, until the parent appears. Duplicates are idempotent. Unknown removals are counted
 //! and ignored.
 
+use crate::blockmap::BlockMap;
 use crate::events::{KvEvent, KvEventData, StoredBlock};
 use crate::fasthash::FastMap;
 use crate::hashing::seq_hash_after;
-use crate::holders::Holders;
+use crate::holders::{HolderSets, NO_HOLDERS, SetRef};
 use crate::ids::{ExternalHash, LocalHash, SeqHash, StorageTier, WorkerId, WorkerRank};
 use crate::orphans::{Orphan, OrphanLot};
 
@@ -28,34 +40,58 @@ type Holder = u32;
 const TIERS: usize = 4;
 
 /// The most members (interned (worker, dp rank) pairs) an index can hold at once.
-pub const MAX_MEMBERS: usize = 1 << 30;
+pub const MAX_MEMBERS: usize = 1 << 28;
 
 /// Default bound on blocks parked while waiting for an unknown parent.
 pub const DEFAULT_ORPHAN_CAPACITY: usize = 65_536;
 
+/// How many blocks ahead an event's member-table buckets are touched.
+const PREFETCH_AHEAD: usize = 16;
+
+/// The parent of a root position.
+const ROOT: u32 = u32::MAX;
+/// The parent field of a free slot.
+const FREE: u32 = u32::MAX - 1;
+/// The most positions the index holds; blocks past it are counted and not indexed.
+const MAX_POSITIONS: usize = (u32::MAX - 2) as usize;
+
 #[derive(Clone, Debug)]
-struct Node {
+struct Position {
+    seq: SeqHash,
     local: LocalHash,
-    /// The parent prefix; a root names itself (a prefix cannot be its own parent), which saves
-    /// the 8 bytes an `Option` would cost on every node.
-    parent: SeqHash,
-    holders: Holders,
+    /// The parent's slot, [`ROOT`], or [`FREE`].
+    parent: u32,
+    /// Live positions whose parent this is.
+    children: u32,
+    holders: SetRef,
 }
 
-impl Node {
-    fn parent(&self, me: SeqHash) -> Option<SeqHash> {
-        (self.parent != me).then_some(self.parent)
+impl Position {
+    fn free() -> Self {
+        Self {
+            seq: SeqHash(0),
+            local: LocalHash(0),
+            parent: FREE,
+            children: 0,
+            holders: NO_HOLDERS,
+        }
     }
+}
+
+/// Whether the position in `slot` with parent `parent` is found through the heads map.
+fn is_head(slot: u32, parent: u32) -> bool {
+    parent == ROOT || slot == 0 || parent != slot - 1
 }
 
 #[derive(Debug, Default)]
 struct Member {
     key: Option<WorkerRank>,
-    blocks: [FastMap<ExternalHash, SeqHash>; TIERS],
+    /// Engine hash -> slot, per tier.
+    blocks: [BlockMap; TIERS],
     /// Extra engine hashes naming a prefix this member already holds in that tier (engines with
-    /// extra hash keys, two connectors, ...): the holder entry goes only when the last one goes.
-    /// Sparse: almost always empty.
-    extra: [FastMap<SeqHash, u32>; TIERS],
+    /// extra hash keys, two connectors, ...), by slot: the holder entry goes only when the last
+    /// one goes. Sparse: almost always empty.
+    extra: [FastMap<u32, u32>; TIERS],
     last_event_id: Option<u64>,
 }
 
@@ -76,6 +112,8 @@ pub struct IndexStats {
     /// Parked blocks dropped (capacity exceeded, removed while parked, or owner cleared).
     pub orphans_dropped: u64,
     pub clears: u64,
+    /// Blocks not indexed because the index holds the most positions it can address.
+    pub blocks_over_capacity: u64,
 }
 
 /// Per-tier count of leading request blocks that one (worker, dp rank) holds.
@@ -112,7 +150,13 @@ impl OverlapScores {
 
 #[derive(Debug)]
 pub struct PrefixIndex {
-    nodes: FastMap<SeqHash, Node>,
+    slots: Vec<Position>,
+    /// Free slots, reused last in, first out.
+    free: Vec<u32>,
+    /// Chained hash -> slot of every live position not stored right after its parent.
+    heads: FastMap<SeqHash, u32>,
+    live: usize,
+    sets: HolderSets,
     members: Vec<Member>,
     member_ids: FastMap<WorkerRank, u32>,
     free_members: Vec<u32>,
@@ -133,7 +177,11 @@ impl PrefixIndex {
 
     pub fn with_orphan_capacity(orphan_capacity: usize) -> Self {
         Self {
-            nodes: FastMap::default(),
+            slots: Vec::new(),
+            free: Vec::new(),
+            heads: FastMap::default(),
+            live: 0,
+            sets: HolderSets::default(),
             members: Vec::new(),
             member_ids: FastMap::default(),
             free_members: Vec::new(),
@@ -151,9 +199,16 @@ impl PrefixIndex {
         }
     }
 
-    /// Distinct prefixes (nodes) held by anyone.
+    /// Distinct prefixes (positions) in the index: those held by anyone, and unheld ancestors
+    /// kept for a held descendant.
     pub fn num_nodes(&self) -> usize {
-        self.nodes.len()
+        self.live
+    }
+
+    /// Positions not stored right after their parent (found through a hash table; the rest are
+    /// found by reading the next slot). A layout figure for benchmarks.
+    pub fn num_heads(&self) -> usize {
+        self.heads.len()
     }
 
     /// Blocks held by one (worker, dp rank) in one tier.
@@ -214,10 +269,15 @@ impl PrefixIndex {
         self.stats.events_applied += 1;
         match &event.data {
             KvEventData::Stored { parent, blocks } => {
-                self.apply_stored(m, event.tier, *parent, blocks.clone())
+                self.apply_stored(m, event.tier, *parent, blocks)
             }
             KvEventData::Removed { blocks } => {
-                for &h in blocks {
+                for (i, &h) in blocks.iter().enumerate() {
+                    // Touch a bucket a few removals ahead so that its cache miss overlaps
+                    // with this one.
+                    if let Some(ahead) = blocks.get(i + PREFETCH_AHEAD) {
+                        self.members[m as usize].blocks[event.tier.index()].touch(ahead.0);
+                    }
                     self.remove_block(m, event.tier, h);
                 }
             }
@@ -228,13 +288,29 @@ impl PrefixIndex {
         }
     }
 
-    fn lookup(&self, m: u32, tier: StorageTier, hash: ExternalHash) -> Option<SeqHash> {
+    fn lookup(&self, m: u32, tier: StorageTier, hash: ExternalHash) -> Option<u32> {
         let member = &self.members[m as usize];
         // The parent usually lives in the same tier; after an offload it may live in another.
-        if let Some(&s) = member.blocks[tier.index()].get(&hash) {
+        if let Some(s) = member.blocks[tier.index()].get(hash.0) {
             return Some(s);
         }
-        member.blocks.iter().find_map(|b| b.get(&hash).copied())
+        member.blocks.iter().find_map(|b| b.get(hash.0))
+    }
+
+    /// The child of `parent` (a slot or [`ROOT`]) whose chained hash is `seq`.
+    #[inline]
+    fn child(&self, parent: u32, seq: SeqHash) -> Option<u32> {
+        if parent != ROOT
+            && let Some(p) = self.slots.get(parent as usize + 1)
+            && p.parent == parent
+            && p.seq == seq
+        {
+            return Some(parent + 1);
+        }
+        self.heads
+            .get(&seq)
+            .copied()
+            .filter(|&h| self.slots[h as usize].parent == parent)
     }
 
     fn apply_stored(
@@ -242,108 +318,191 @@ impl PrefixIndex {
         m: u32,
         tier: StorageTier,
         parent: Option<ExternalHash>,
-        blocks: Vec<StoredBlock>,
+        blocks: &[StoredBlock],
     ) {
         if blocks.is_empty() {
             return;
         }
         let prev = match parent {
-            None => None,
+            None => ROOT,
             Some(p) => match self.lookup(m, tier, p) {
-                Some(s) => Some(s),
+                Some(s) => s,
                 None => {
-                    self.orphans.park(m, p, Orphan { tier, blocks });
+                    self.orphans.park(
+                        m,
+                        p,
+                        Orphan {
+                            tier,
+                            blocks: blocks.to_vec(),
+                        },
+                    );
                     return;
                 }
             },
         };
-        // Chains to apply: this one, then any parked children it unblocks (iteratively).
-        let mut work: Vec<(Option<SeqHash>, Orphan)> = vec![(prev, Orphan { tier, blocks })];
-        let mut first = true;
-        while let Some((mut prev, chain)) = work.pop() {
-            if !first {
-                self.orphans.count_adopted(chain.blocks.len());
+        let map = &mut self.members[m as usize].blocks[tier.index()];
+        map.reserve(blocks.len());
+        self.store_chain(m, tier, prev, blocks);
+        // Parked chains this one unblocked, and the ones those unblock.
+        let mut work: Vec<(u32, Orphan)> = Vec::new();
+        if self.orphans.blocks() > 0 {
+            for b in blocks {
+                if let Some(slot) = self.members[m as usize].blocks[tier.index()].get(b.hash.0) {
+                    for child in self.orphans.take(m, b.hash) {
+                        work.push((slot, child));
+                    }
+                }
             }
-            first = false;
+        }
+        while let Some((prev, chain)) = work.pop() {
+            self.orphans.count_adopted(chain.blocks.len());
+            self.store_chain(m, chain.tier, prev, &chain.blocks);
             for b in &chain.blocks {
-                let seq = seq_hash_after(prev, b.local);
-                self.insert_block(m, chain.tier, b.hash, seq, b.local, prev);
-                prev = Some(seq);
-                for child in self.orphans.take(m, b.hash) {
-                    work.push((Some(seq), child));
+                if let Some(slot) =
+                    self.members[m as usize].blocks[chain.tier.index()].get(b.hash.0)
+                {
+                    for child in self.orphans.take(m, b.hash) {
+                        work.push((slot, child));
+                    }
                 }
             }
         }
     }
 
-    fn insert_block(
-        &mut self,
-        m: u32,
-        tier: StorageTier,
-        hash: ExternalHash,
-        seq: SeqHash,
-        local: LocalHash,
-        parent: Option<SeqHash>,
-    ) {
-        let old = self.members[m as usize].blocks[tier.index()].insert(hash, seq);
-        match old {
-            Some(old) if old == seq => {
-                self.stats.duplicate_blocks += 1;
-                return;
+    /// Stores `blocks` as a chain under `prev` (a slot or [`ROOT`]).
+    fn store_chain(&mut self, m: u32, tier: StorageTier, mut prev: u32, blocks: &[StoredBlock]) {
+        // Once a position is created here, everything after it is new too: it had no children.
+        let mut fresh = false;
+        for (i, b) in blocks.iter().enumerate() {
+            let prev_seq = (prev != ROOT).then(|| self.slots[prev as usize].seq);
+            let seq = seq_hash_after(prev_seq, b.local);
+            if let Some(ahead) = blocks.get(i + PREFETCH_AHEAD) {
+                self.members[m as usize].blocks[tier.index()].touch(ahead.hash.0);
             }
-            // The engine reused a hash for other content: forget the old placement.
-            Some(old) => self.unhold(m, tier, old),
-            None => {}
+            let found = if fresh { None } else { self.child(prev, seq) };
+            let slot = match found {
+                Some(s) => s,
+                None => match self.create(prev, seq, b.local) {
+                    Some(s) => {
+                        fresh = true;
+                        s
+                    }
+                    None => {
+                        self.stats.blocks_over_capacity += (blocks.len() - i) as u64;
+                        return;
+                    }
+                },
+            };
+            self.hold(m, tier, b.hash, slot);
+            prev = slot;
+        }
+    }
+
+    /// A new, unheld position under `parent`; `None` when the index is full.
+    fn create(&mut self, parent: u32, seq: SeqHash, local: LocalHash) -> Option<u32> {
+        let pos = Position {
+            seq,
+            local,
+            parent,
+            children: 0,
+            holders: NO_HOLDERS,
+        };
+        let slot = match self.free.pop() {
+            Some(s) => {
+                self.slots[s as usize] = pos;
+                s
+            }
+            None => {
+                if self.slots.len() >= MAX_POSITIONS {
+                    return None;
+                }
+                self.slots.push(pos);
+                (self.slots.len() - 1) as u32
+            }
+        };
+        if parent != ROOT {
+            self.slots[parent as usize].children += 1;
+        }
+        if is_head(slot, parent) {
+            self.heads.insert(seq, slot);
+        }
+        self.live += 1;
+        Some(slot)
+    }
+
+    /// Records that member `m` holds `slot` in `tier` under the engine's name `hash`.
+    fn hold(&mut self, m: u32, tier: StorageTier, hash: ExternalHash, slot: u32) {
+        let old = self.members[m as usize].blocks[tier.index()].insert(hash.0, slot);
+        if old == Some(slot) {
+            self.stats.duplicate_blocks += 1;
+            return;
         }
         self.stats.blocks_stored += 1;
         let holder = (m << 2) | tier.index() as u32;
-        match self.nodes.entry(seq) {
-            std::collections::hash_map::Entry::Occupied(mut e) => {
-                let holders = &mut e.get_mut().holders;
-                if holders.as_slice().binary_search(&holder).is_ok() {
-                    // Another engine hash of this member already names this prefix.
-                    *self.members[m as usize].extra[tier.index()]
-                        .entry(seq)
-                        .or_insert(0) += 1;
-                } else {
-                    holders.insert(holder);
-                }
-            }
-            std::collections::hash_map::Entry::Vacant(e) => {
-                e.insert(Node {
-                    local,
-                    parent: parent.unwrap_or(seq),
-                    holders: Holders::one(holder),
-                });
-            }
+        let set = self.slots[slot as usize].holders;
+        if self.sets.contains(set, holder) {
+            // Another engine hash of this member already names this prefix.
+            *self.members[m as usize].extra[tier.index()]
+                .entry(slot)
+                .or_insert(0) += 1;
+        } else {
+            self.slots[slot as usize].holders = self.sets.with(set, holder);
+        }
+        // The engine reused a hash for other content: forget the old placement (after the new
+        // one is held, so that freeing the old one cannot take the new one with it).
+        if let Some(old) = old {
+            self.unhold(m, tier, old);
         }
     }
 
-    /// Releases one engine hash's claim on `seq`; the holder goes with the last claim.
-    fn unhold(&mut self, m: u32, tier: StorageTier, seq: SeqHash) {
+    /// Releases one engine hash's claim on `slot`; the holder goes with the last claim.
+    fn unhold(&mut self, m: u32, tier: StorageTier, slot: u32) {
         let extra = &mut self.members[m as usize].extra[tier.index()];
         if !extra.is_empty()
-            && let Some(c) = extra.get_mut(&seq)
+            && let Some(c) = extra.get_mut(&slot)
         {
             *c -= 1;
             if *c == 0 {
-                extra.remove(&seq);
+                extra.remove(&slot);
             }
             return;
         }
         let holder = (m << 2) | tier.index() as u32;
-        if let Some(node) = self.nodes.get_mut(&seq)
-            && node.holders.remove(holder)
-        {
-            self.nodes.remove(&seq);
+        let set = self.sets.without(self.slots[slot as usize].holders, holder);
+        self.slots[slot as usize].holders = set;
+        if set == NO_HOLDERS {
+            self.release(slot);
+        }
+    }
+
+    /// Frees `slot` and then its ancestors while they are neither held nor have children.
+    fn release(&mut self, mut slot: u32) {
+        loop {
+            let pos = &mut self.slots[slot as usize];
+            if pos.holders != NO_HOLDERS || pos.children > 0 || pos.parent == FREE {
+                return;
+            }
+            let parent = pos.parent;
+            let seq = pos.seq;
+            *pos = Position::free();
+            if is_head(slot, parent) && self.heads.get(&seq) == Some(&slot) {
+                self.heads.remove(&seq);
+            }
+            self.free.push(slot);
+            self.live -= 1;
+            if parent == ROOT {
+                return;
+            }
+            self.slots[parent as usize].children -= 1;
+            slot = parent;
         }
     }
 
     fn remove_block(&mut self, m: u32, tier: StorageTier, hash: ExternalHash) {
-        match self.members[m as usize].blocks[tier.index()].remove(&hash) {
-            Some(seq) => {
+        match self.members[m as usize].blocks[tier.index()].remove(hash.0) {
+            Some(slot) => {
                 self.stats.blocks_removed += 1;
-                self.unhold(m, tier, seq);
+                self.unhold(m, tier, slot);
             }
             None => {
                 self.stats.unknown_removals += 1;
@@ -356,10 +515,10 @@ impl PrefixIndex {
         for t in 0..TIERS {
             let blocks = std::mem::take(&mut self.members[m as usize].blocks[t]);
             self.stats.blocks_removed += blocks.len() as u64;
-            for (_, seq) in blocks {
-                self.unhold(m, StorageTier::from_index(t), seq);
-            }
             self.members[m as usize].extra[t].clear();
+            for slot in blocks.values() {
+                self.unhold(m, StorageTier::from_index(t), slot);
+            }
         }
         self.orphans.clear_member(m);
     }
@@ -384,9 +543,6 @@ impl PrefixIndex {
             let member = &mut self.members[m as usize];
             member.key = None;
             member.last_event_id = None;
-            for b in &mut member.blocks {
-                b.shrink_to_fit();
-            }
             for e in &mut member.extra {
                 e.shrink_to_fit();
             }
@@ -397,10 +553,18 @@ impl PrefixIndex {
     /// For each (worker, dp rank), how many leading blocks of `seqs` it holds, per tier.
     pub fn find_matches(&self, seqs: &[SeqHash]) -> OverlapScores {
         let mut out = OverlapScores::default();
-        let Some(first) = seqs.first().and_then(|s| self.nodes.get(s)) else {
+        let Some(mut slot) = seqs.first().and_then(|&s| self.child(ROOT, s)) else {
             return out;
         };
-        let mut cur: Vec<Holder> = first.holders.as_slice().to_vec();
+        let first = &self.slots[slot as usize].holders;
+        let mut cur: Vec<Holder> = self.sets.members(first).to_vec();
+        if cur.is_empty() {
+            return out;
+        }
+        out.scores.reserve(cur.len());
+        // The ref of the set `cur` equals, if any: while the walk stays on positions with that
+        // set (almost every step), a step is one integer compare.
+        let mut cur_ref = Some(*first);
         let mut next: Vec<Holder> = Vec::with_capacity(cur.len());
         let record = |holder: Holder, depth: usize, out: &mut OverlapScores| {
             let member = &self.members[(holder >> 2) as usize];
@@ -411,14 +575,16 @@ impl PrefixIndex {
         };
         let mut depth = 1;
         while depth < seqs.len() {
-            let Some(node) = self.nodes.get(&seqs[depth]) else {
+            let Some(s) = self.child(slot, seqs[depth]) else {
                 break;
             };
-            let holders = node.holders.as_slice();
-            if holders == cur.as_slice() {
+            slot = s;
+            let set = &self.slots[s as usize].holders;
+            if cur_ref == Some(*set) {
                 depth += 1;
                 continue;
             }
+            let holders = self.sets.members(set);
             // Sorted-merge intersection; those that drop out score `depth`.
             next.clear();
             let (mut i, mut j) = (0, 0);
@@ -438,6 +604,7 @@ impl PrefixIndex {
             if cur.is_empty() {
                 return out;
             }
+            cur_ref = (cur.len() == holders.len()).then_some(*set);
             depth += 1;
         }
         for &h in &cur {
@@ -452,8 +619,13 @@ impl PrefixIndex {
         for member in &self.members {
             let Some(key) = member.key else { continue };
             for (t, map) in member.blocks.iter().enumerate() {
-                for (&h, &s) in map {
-                    out.push((key, StorageTier::from_index(t), h, s));
+                for (h, slot) in map.iter() {
+                    out.push((
+                        key,
+                        StorageTier::from_index(t),
+                        ExternalHash(h),
+                        self.slots[slot as usize].seq,
+                    ));
                 }
             }
         }
@@ -467,16 +639,18 @@ impl PrefixIndex {
         let mut out = Vec::new();
         for member in &self.members {
             let Some(key) = member.key else { continue };
-            let held: crate::fasthash::FastSet<SeqHash> = member
-                .blocks
-                .iter()
-                .flat_map(|b| b.values().copied())
-                .collect();
-            let mut reachable: FastMap<SeqHash, bool> = FastMap::default();
+            let held: crate::fasthash::FastSet<u32> =
+                member.blocks.iter().flat_map(BlockMap::values).collect();
+            let mut reachable: FastMap<u32, bool> = FastMap::default();
             for (t, map) in member.blocks.iter().enumerate() {
-                for (&h, &s) in map {
-                    if self.is_reachable(s, &held, &mut reachable) {
-                        out.push((key, StorageTier::from_index(t), h, s));
+                for (h, slot) in map.iter() {
+                    if self.is_reachable(slot, &held, &mut reachable) {
+                        out.push((
+                            key,
+                            StorageTier::from_index(t),
+                            ExternalHash(h),
+                            self.slots[slot as usize].seq,
+                        ));
                     }
                 }
             }
@@ -487,25 +661,25 @@ impl PrefixIndex {
 
     fn is_reachable(
         &self,
-        seq: SeqHash,
-        held: &crate::fasthash::FastSet<SeqHash>,
-        memo: &mut FastMap<SeqHash, bool>,
+        slot: u32,
+        held: &crate::fasthash::FastSet<u32>,
+        memo: &mut FastMap<u32, bool>,
     ) -> bool {
         // Walk up to the first ancestor with a known answer, then fill the memo on the way back.
         let mut path = Vec::new();
-        let mut cur = Some(seq);
+        let mut cur = slot;
         let mut answer = true;
-        while let Some(s) = cur {
-            if let Some(&known) = memo.get(&s) {
+        while cur != ROOT {
+            if let Some(&known) = memo.get(&cur) {
                 answer = known;
                 break;
             }
-            if !held.contains(&s) {
+            if !held.contains(&cur) {
                 answer = false;
                 break;
             }
-            path.push(s);
-            cur = self.nodes.get(&s).and_then(|n| n.parent(s));
+            path.push(cur);
+            cur = self.slots[cur as usize].parent;
         }
         for s in path {
             memo.insert(s, answer);
@@ -523,34 +697,35 @@ impl PrefixIndex {
         for member in &self.members {
             let Some(key) = member.key else { continue };
             let event_id = member.last_event_id.unwrap_or(0);
-            // The engine hash by which this member names each chained hash (device preferred).
-            let mut ext_of: FastMap<SeqHash, ExternalHash> = FastMap::default();
+            // The engine hash by which this member names each position (device preferred).
+            let mut ext_of: FastMap<u32, ExternalHash> = FastMap::default();
             for map in member.blocks.iter().rev() {
-                for (&h, &s) in map {
-                    ext_of.insert(s, h);
+                for (h, slot) in map.iter() {
+                    ext_of.insert(slot, ExternalHash(h));
                 }
             }
-            let held: crate::fasthash::FastSet<SeqHash> = ext_of.keys().copied().collect();
+            let held: crate::fasthash::FastSet<u32> = ext_of.keys().copied().collect();
             let mut memo = FastMap::default();
-            let mut depths: FastMap<SeqHash, usize> = FastMap::default();
+            let mut depths: FastMap<u32, usize> = FastMap::default();
             let mut rows: Vec<(usize, usize, Option<ExternalHash>, StoredBlock)> = Vec::new();
             for (t, map) in member.blocks.iter().enumerate() {
-                for (&h, &s) in map {
-                    if !self.is_reachable(s, &held, &mut memo) {
+                for (h, slot) in map.iter() {
+                    let h = ExternalHash(h);
+                    if !self.is_reachable(slot, &held, &mut memo) {
                         continue;
                     }
-                    let Some(node) = self.nodes.get(&s) else {
-                        continue;
-                    };
-                    let depth = self.depth_of(s, &mut depths);
-                    let parent_ext = node.parent(s).and_then(|ps| ext_of.get(&ps).copied());
+                    let pos = &self.slots[slot as usize];
+                    let depth = self.depth_of(slot, &mut depths);
+                    let parent_ext = (pos.parent != ROOT)
+                        .then(|| ext_of.get(&pos.parent).copied())
+                        .flatten();
                     rows.push((
                         depth,
                         t,
                         parent_ext,
                         StoredBlock {
                             hash: h,
-                            local: node.local,
+                            local: pos.local,
                         },
                     ));
                 }
@@ -587,22 +762,93 @@ impl PrefixIndex {
     }
 
     /// Distance from the root, memoised so that dumping is linear in the number of blocks.
-    fn depth_of(&self, seq: SeqHash, memo: &mut FastMap<SeqHash, usize>) -> usize {
+    fn depth_of(&self, slot: u32, memo: &mut FastMap<u32, usize>) -> usize {
         let mut path = Vec::new();
-        let mut cur = Some(seq);
+        let mut cur = slot;
         let mut base = 0;
-        while let Some(s) = cur {
-            if let Some(&d) = memo.get(&s) {
+        while cur != ROOT {
+            if let Some(&d) = memo.get(&cur) {
                 base = d + 1;
                 break;
             }
-            path.push(s);
-            cur = self.nodes.get(&s).and_then(|n| n.parent(s));
+            path.push(cur);
+            cur = self.slots[cur as usize].parent;
         }
         for (d, s) in (base..).zip(path.into_iter().rev()) {
             memo.insert(s, d);
         }
-        memo.get(&seq).copied().unwrap_or(0)
+        memo.get(&slot).copied().unwrap_or(0)
+    }
+
+    /// Checks the layout's invariants (for tests): every live position is found from its
+    /// parent, children counts are exact, nothing unheld and childless is kept, the free list
+    /// and the heads map name exactly the free slots and the heads. Returns what is wrong.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let mut children = vec![0u32; self.slots.len()];
+        let mut live = 0;
+        for (i, p) in self.slots.iter().enumerate() {
+            if p.parent == FREE {
+                continue;
+            }
+            live += 1;
+            if p.parent != ROOT {
+                match self.slots.get(p.parent as usize) {
+                    Some(q) if q.parent != FREE => children[p.parent as usize] += 1,
+                    _ => return Err(format!("slot {i}: parent {} is not live", p.parent)),
+                }
+            }
+            if self.child(p.parent, p.seq) != Some(i as u32) {
+                return Err(format!("slot {i} is not found from its parent"));
+            }
+        }
+        for (i, p) in self.slots.iter().enumerate() {
+            if p.parent == FREE {
+                continue;
+            }
+            if p.children != children[i] {
+                return Err(format!(
+                    "slot {i}: {} children counted, {} live",
+                    p.children, children[i]
+                ));
+            }
+            if p.holders == NO_HOLDERS && p.children == 0 {
+                return Err(format!("slot {i} is neither held nor a parent"));
+            }
+        }
+        if live != self.live {
+            return Err(format!("{live} live positions, {} counted", self.live));
+        }
+        if self.free.len() + live != self.slots.len() {
+            return Err("the free list does not match the free slots".into());
+        }
+        let heads = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(i, p)| p.parent != FREE && is_head(*i as u32, p.parent))
+            .count();
+        if heads != self.heads.len() {
+            return Err(format!("{heads} heads, {} in the map", self.heads.len()));
+        }
+        for (mi, member) in self.members.iter().enumerate() {
+            for (t, map) in member.blocks.iter().enumerate() {
+                for slot in map.values() {
+                    let holder = ((mi as u32) << 2) | t as u32;
+                    if !self
+                        .sets
+                        .contains(self.slots[slot as usize].holders, holder)
+                    {
+                        return Err(format!("member block in slot {slot} is not a holder there"));
+                    }
+                }
+            }
+        }
+        self.sets.check(
+            self.slots
+                .iter()
+                .filter(|p| p.parent != FREE)
+                .map(|p| p.holders),
+        )
     }
 
     /// Approximate heap bytes used by the index's own structures (for memory benchmarks).
@@ -616,15 +862,14 @@ impl PrefixIndex {
             };
             buckets * (std::mem::size_of::<(K, V)>() + 1)
         }
-        let mut total = map_bytes(&self.nodes);
-        total += self
-            .nodes
-            .values()
-            .map(|n| n.holders.heap_bytes())
-            .sum::<usize>();
+        let mut total = self.slots.capacity() * std::mem::size_of::<Position>();
+        total += self.sets.heap_bytes();
+        total += self.free.capacity() * std::mem::size_of::<u32>();
+        total += map_bytes(&self.heads);
         total += self.members.capacity() * std::mem::size_of::<Member>();
         for m in &self.members {
-            total += m.blocks.iter().map(map_bytes).sum::<usize>();
+            total += m.blocks.iter().map(BlockMap::heap_bytes).sum::<usize>();
+            total += m.extra.iter().map(map_bytes).sum::<usize>();
         }
         total += map_bytes(&self.member_ids);
         total

@@ -10,6 +10,7 @@
 //! - [`replica`]: router replicas sharing their bookings (messages, gaps, states).
 //! - [`config`]: the router's knobs, validated, with Dynamo's names and defaults.
 
+mod blockmap;
 pub mod config;
 pub mod events;
 pub mod fasthash;

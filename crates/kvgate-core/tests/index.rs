@@ -496,6 +496,15 @@ proptest! {
             model.apply(&e);
             let s = idx.stats();
             prop_assert_eq!(s.orphans_parked - s.orphans_adopted - s.orphans_dropped, idx.num_orphan_blocks() as u64);
+            if let Err(e) = idx.check_invariants() {
+                prop_assert!(false, "after op {}: {}", i, e);
+            }
+            // Answers are right after every event, not only at the end.
+            for t in &seqs {
+                let q = seq_hashes(&local_hashes(t, BS, HashSeed::default()));
+                let got: BTreeMap<WorkerRank, TierOverlap> = idx.find_matches(&q).scores.into_iter().collect();
+                prop_assert_eq!(got, model.find_matches(&q));
+            }
         }
         for t in &seqs {
             let q = seq_hashes(&local_hashes(t, BS, HashSeed::default()));
@@ -512,6 +521,13 @@ proptest! {
             let q = seq_hashes(&local_hashes(t, BS, HashSeed::default()));
             prop_assert_eq!(restored.find_matches(&q), idx.find_matches(&q));
         }
+        prop_assert_eq!(restored.check_invariants(), Ok(()));
+        // Forgetting every worker leaves nothing behind.
+        for w in idx.workers() {
+            idx.remove_worker_rank(w);
+        }
+        prop_assert_eq!(idx.check_invariants(), Ok(()));
+        prop_assert_eq!(idx.num_nodes(), 0);
     }
 }
 

@@ -439,11 +439,12 @@ impl Indexer for Kvgate {
     fn details(&self) -> String {
         let s = self.index.stats();
         format!(
-            "unknown removals {}, orphans parked {}, duplicate blocks {}; {} nodes, its own heap estimate (`approx_heap_bytes`) {} bytes",
+            "unknown removals {}, orphans parked {}, duplicate blocks {}; {} positions of which {} heads, its own heap estimate (`approx_heap_bytes`) {} bytes",
             s.unknown_removals,
             s.orphans_parked,
             s.duplicate_blocks,
             self.index.num_nodes(),
+            self.index.num_heads(),
             self.index.approx_heap_bytes()
         )
     }
@@ -865,6 +866,12 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let json = args.iter().any(|a| a == "--json");
     let quick = args.iter().any(|a| a == "--quick");
+    // `--only KEY`: measure one indexer, skip the agreement pass (for profiling).
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
 
     let t = Instant::now();
     let w = build_workload(quick.then_some(QUICK_REQUESTS));
@@ -891,10 +898,32 @@ fn main() {
 
     let mut results = Vec::new();
     for kind in 0..KINDS {
+        if only
+            .as_deref()
+            .is_some_and(|o| make(kind, &shared).key() != o)
+        {
+            continue;
+        }
         let t = Instant::now();
         let r = run_one(kind, &w, &shared);
         eprintln!("{}: measured in {:.1} s", r.name, t.elapsed().as_secs_f64());
         results.push(r);
+    }
+    if only.is_some() {
+        for r in &results {
+            println!(
+                "{}: events/s {:.0}, queries/s {:.0}, mixed ops/s {:.0}, p50 {:.2} µs, p99 {:.2} µs, {:.1} bytes per pair; {}",
+                r.name,
+                r.events_per_s,
+                r.queries_per_s,
+                r.mixed_ops_per_s,
+                r.p50_us,
+                r.p99_us,
+                r.bytes_per_pair,
+                r.details
+            );
+        }
+        return;
     }
     let t = Instant::now();
     let agree = agreement(&w, &shared);
