@@ -25,6 +25,62 @@ pub struct BenchAllArgs {
     pub skip: Vec<String>,
 }
 
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchIndexerArgs {
+    /// The first 3,000 trace requests instead of all 12,031.
+    #[arg(long)]
+    pub quick: bool,
+    /// One JSON object: `{"indexers": {"<name>": {"mixed_ops_per_s", "query_p99_us", "bytes_per_block", ...}}}`.
+    #[arg(long)]
+    pub json: bool,
+    /// Measure one indexer only (kvgate, dynamo-radix-tree, dynamo-crtc-thread-pool,
+    /// kv-index-chain) and skip the agreement pass.
+    #[arg(long, value_name = "KEY")]
+    pub only: Option<String>,
+}
+
+/// The `cargo bench` arguments of the indexer comparison.
+fn indexer_args(quick: bool, json: bool, only: Option<&str>) -> Vec<String> {
+    let mut args: Vec<String> = ["bench", "-p", "kvgate-peers", "--bench", "indexer", "--"]
+        .into_iter()
+        .map(String::from)
+        .collect();
+    if quick {
+        args.push("--quick".into());
+    }
+    if json {
+        args.push("--json".into());
+    }
+    if let Some(o) = only {
+        args.extend(["--only".to_string(), o.to_string()]);
+    }
+    args
+}
+
+fn have_tree() -> bool {
+    Path::new(WORKSPACE).join("crates/kvgate-peers").exists()
+}
+
+/// `kvgate bench indexer`: runs the comparison with the terminal attached.
+pub fn run_indexer(a: BenchIndexerArgs) -> Result<(), String> {
+    if !have_tree() {
+        return Err(format!(
+            "the indexer comparison needs kvgate's source tree (crates/kvgate-peers under {WORKSPACE}) and cargo: the peer indexers are benchmark-only dependencies, never built into this binary"
+        ));
+    }
+    let args = indexer_args(a.quick, a.json, a.only.as_deref());
+    let status = Command::new("cargo")
+        .args(&args)
+        .current_dir(WORKSPACE)
+        .status()
+        .map_err(|e| format!("cannot start cargo: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("cargo {} failed: {status}", args.join(" ")))
+    }
+}
+
 struct Section {
     title: &'static str,
     command: String,
@@ -141,17 +197,10 @@ pub fn run_all(a: BenchAllArgs) -> Result<(), String> {
         });
     }
     if !a.skip.iter().any(|s| s == "indexer") {
-        let mut args: Vec<String> = ["bench", "-p", "kvgate-peers", "--bench", "indexer"]
-            .into_iter()
-            .map(String::from)
-            .collect();
-        if q {
-            args.extend(["--".to_string(), "--quick".to_string()]);
-        }
+        let args = indexer_args(q, false, None);
         eprintln!("== cargo {}", args.join(" "));
         let t = Instant::now();
-        let have_tree = Path::new(WORKSPACE).join("crates/kvgate-peers").exists();
-        let outcome = if have_tree {
+        let outcome = if have_tree() {
             run(Path::new("cargo"), &args, Some(WORKSPACE))
         } else {
             Err("skipped: the kvgate source tree (crates/kvgate-peers) is not here".into())

@@ -57,6 +57,10 @@ pub enum BenchCommand {
     /// Routing quality in virtual time: every policy replays the same trace on the same
     /// simulated fleet (hit rate vs the reuse bound, TTFT, ITL, e2e, throughput, imbalance).
     Replay(Box<crate::bench_replay::BenchReplayArgs>),
+    /// kvgate's prefix index vs dynamo-kv-router's and kv-index's on identical trace streams.
+    /// The peers are never linked into kvgate: this runs `cargo bench -p kvgate-peers --bench
+    /// indexer` in the source tree kvgate was built from.
+    Indexer(crate::bench_all::BenchIndexerArgs),
     /// Every benchmark in turn (each in its own process), one markdown report in bench/results/.
     All(Box<crate::bench_all::BenchAllArgs>),
     /// (internal) the do-nothing ext_proc picker `bench epp` uses to measure the protocol floor.
@@ -241,6 +245,9 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 kvgate_epp::echo::serve(l, destination, worker_id, !plaintext).await
             })
             .map_err(CliError),
+        Command::Bench(BenchCommand::Indexer(args)) => {
+            crate::bench_all::run_indexer(args).map_err(CliError)
+        }
         Command::Bench(BenchCommand::All(args)) => {
             crate::bench_all::run_all(*args).map_err(CliError)
         }
