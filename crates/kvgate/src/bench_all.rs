@@ -124,7 +124,9 @@ pub fn run_all(a: BenchAllArgs) -> Result<(), String> {
     std::fs::create_dir_all(&a.out)
         .map_err(|e| format!("cannot create {}: {e}", a.out.display()))?;
     let me = std::env::current_exe().map_err(|e| e.to_string())?;
-    let plot = a.out.join("replay.svg");
+    // Resolve `..` so that the commands in the report read as a user would type them.
+    let out = std::fs::canonicalize(&a.out).unwrap_or_else(|_| a.out.clone());
+    let plot = out.join("replay.svg");
     let q = a.quick;
     let mut plan: Vec<(&'static str, &'static str, Vec<String>)> = vec![
         (
@@ -189,9 +191,11 @@ pub fn run_all(a: BenchAllArgs) -> Result<(), String> {
         eprintln!("== kvgate {}", args.join(" "));
         let t = Instant::now();
         let outcome = run(&me, &args, None);
+        let workspace = std::fs::canonicalize(WORKSPACE).unwrap_or_else(|_| WORKSPACE.into());
+        let prefix = format!("{}/", workspace.display());
         sections.push(Section {
             title,
-            command: format!("kvgate {}", args.join(" ")),
+            command: format!("kvgate {}", args.join(" ").replace(&prefix, "")),
             outcome,
             seconds: t.elapsed().as_secs_f64(),
         });
@@ -240,7 +244,7 @@ pub fn run_all(a: BenchAllArgs) -> Result<(), String> {
             }
         }
     }
-    let path = a.out.join("report.md");
+    let path = out.join("report.md");
     std::fs::write(&path, md).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     println!("report: {}", path.display());
     if failed > 0 {

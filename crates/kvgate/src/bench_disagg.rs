@@ -131,7 +131,7 @@ async fn start_epp(workers: PathBuf) -> Result<SocketAddr, String> {
 }
 
 /// One configuration: `prefill` engines of role prefill (0 = aggregated), the rest serving.
-async fn run_config(
+pub(crate) async fn run_config(
     a: &BenchDisaggArgs,
     reqs: &Arc<Vec<crate::demo::DemoRequest>>,
     prefill: u32,

@@ -163,10 +163,14 @@ fn bench_replay_names_what_is_wrong() {
 
 #[test]
 fn bench_replay_real_agrees_with_the_simulation_on_real_engines() {
+    // Needs `.tools/bin/envoy` (scripts/setup.sh) for the gateway path; fails without it.
+    let envoy = concat!(env!("CARGO_MANIFEST_DIR"), "/../../.tools/bin/envoy");
     let (ok, out, err) = kvgate(&[
         "bench",
         "replay",
         "--real",
+        "--envoy",
+        envoy,
         "--requests",
         "80",
         "--workers",
@@ -181,7 +185,11 @@ fn bench_replay_real_agrees_with_the_simulation_on_real_engines() {
         "2",
     ]);
     assert!(ok, "{out}\n{err}");
-    for row in ["| round-robin vs round-robin |", "| kv vs dynamo |"] {
+    for row in [
+        "| round-robin vs round-robin |",
+        "| kv vs dynamo |",
+        "| envoy+epp vs dynamo |",
+    ] {
         let line = out
             .lines()
             .find(|l| l.starts_with(row))
