@@ -68,13 +68,19 @@ impl BlockMap {
         }
     }
 
-    /// Reads the key's home bucket without using it: a safe stand-in for a prefetch, so that
-    /// the cache miss of a lookup a few keys ahead overlaps with the current one.
+    /// Loads the home buckets of `keys` together, without using them: the loads are
+    /// independent, so their cache misses overlap, and the probes that follow hit the cache. A
+    /// safe stand-in for prefetching (a batch's worth of keys, not the whole table).
     #[inline]
-    pub(crate) fn touch(&self, key: u64) {
-        if !self.keys.is_empty() {
-            std::hint::black_box(self.keys[self.home(key)]);
+    pub(crate) fn touch_all(&self, keys: impl Iterator<Item = u64>) {
+        if self.keys.is_empty() {
+            return;
         }
+        let mut acc = 0u64;
+        for k in keys {
+            acc ^= self.keys[self.home(k)];
+        }
+        std::hint::black_box(acc);
     }
 
     /// Inserts or replaces; returns the previous value.

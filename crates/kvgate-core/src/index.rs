@@ -2,9 +2,10 @@
 //!
 //! Layout, chosen so that a `Stored` chain is written and a query is answered by walking memory
 //! in order, instead of one random hash-table probe per block:
-//! - `slots`: one [`Position`] per distinct prefix (its chained [`SeqHash`], its content hash,
-//!   its parent's slot, how many child positions it has, and a sorted, inline-first list of
-//!   holders, `member << 2 | tier`). A prefix shared by many workers is stored once.
+//! - `slots`: one [`Position`] per distinct prefix: its chained [`SeqHash`], its parent's slot
+//!   and its holder set (`member << 2 | tier` entries, interned, see `holders`), 16 bytes; the
+//!   content hash and the child count sit in parallel arrays that lookups never read. A prefix
+//!   shared by many workers is stored once.
 //! - A position usually sits in the slot right after its parent's: a new chain is allocated
 //!   slot after slot, and freed slots are reused last-in first-out, which hands back the runs
 //!   that LRU eviction frees (a chain's tail goes deepest block first) in ascending order.
@@ -45,8 +46,9 @@ pub const MAX_MEMBERS: usize = 1 << 28;
 /// Default bound on blocks parked while waiting for an unknown parent.
 pub const DEFAULT_ORPHAN_CAPACITY: usize = 65_536;
 
-/// How many blocks ahead an event's member-table buckets are touched.
-const PREFETCH_AHEAD: usize = 16;
+/// An event's blocks are applied in batches of this many, each batch's member-table buckets
+/// loaded together first (see `BlockMap::touch_all`).
+const TOUCH_BATCH: usize = 32;
 
 /// The parent of a root position.
 const ROOT: u32 = u32::MAX;
@@ -55,14 +57,13 @@ const FREE: u32 = u32::MAX - 1;
 /// The most positions the index holds; blocks past it are counted and not indexed.
 const MAX_POSITIONS: usize = (u32::MAX - 2) as usize;
 
+/// What a lookup reads of a position (16 bytes, so that a walk streams little memory); its
+/// content hash and child count live in parallel arrays.
 #[derive(Clone, Debug)]
 struct Position {
     seq: SeqHash,
-    local: LocalHash,
     /// The parent's slot, [`ROOT`], or [`FREE`].
     parent: u32,
-    /// Live positions whose parent this is.
-    children: u32,
     holders: SetRef,
 }
 
@@ -70,9 +71,7 @@ impl Position {
     fn free() -> Self {
         Self {
             seq: SeqHash(0),
-            local: LocalHash(0),
             parent: FREE,
-            children: 0,
             holders: NO_HOLDERS,
         }
     }
@@ -151,6 +150,10 @@ impl OverlapScores {
 #[derive(Debug)]
 pub struct PrefixIndex {
     slots: Vec<Position>,
+    /// Per slot: the block's content hash (for dumps).
+    locals: Vec<LocalHash>,
+    /// Per slot: live positions whose parent it is.
+    children: Vec<u32>,
     /// Free slots, reused last in, first out.
     free: Vec<u32>,
     /// Chained hash -> slot of every live position not stored right after its parent.
@@ -178,6 +181,8 @@ impl PrefixIndex {
     pub fn with_orphan_capacity(orphan_capacity: usize) -> Self {
         Self {
             slots: Vec::new(),
+            locals: Vec::new(),
+            children: Vec::new(),
             free: Vec::new(),
             heads: FastMap::default(),
             live: 0,
@@ -272,13 +277,12 @@ impl PrefixIndex {
                 self.apply_stored(m, event.tier, *parent, blocks)
             }
             KvEventData::Removed { blocks } => {
-                for (i, &h) in blocks.iter().enumerate() {
-                    // Touch a bucket a few removals ahead so that its cache miss overlaps
-                    // with this one.
-                    if let Some(ahead) = blocks.get(i + PREFETCH_AHEAD) {
-                        self.members[m as usize].blocks[event.tier.index()].touch(ahead.0);
+                for batch in blocks.chunks(TOUCH_BATCH) {
+                    self.members[m as usize].blocks[event.tier.index()]
+                        .touch_all(batch.iter().map(|h| h.0));
+                    for &h in batch {
+                        self.remove_block(m, event.tier, h);
                     }
-                    self.remove_block(m, event.tier, h);
                 }
             }
             KvEventData::Cleared => {
@@ -376,8 +380,10 @@ impl PrefixIndex {
         for (i, b) in blocks.iter().enumerate() {
             let prev_seq = (prev != ROOT).then(|| self.slots[prev as usize].seq);
             let seq = seq_hash_after(prev_seq, b.local);
-            if let Some(ahead) = blocks.get(i + PREFETCH_AHEAD) {
-                self.members[m as usize].blocks[tier.index()].touch(ahead.hash.0);
+            if i % TOUCH_BATCH == 0 {
+                let batch = &blocks[i..blocks.len().min(i + TOUCH_BATCH)];
+                self.members[m as usize].blocks[tier.index()]
+                    .touch_all(batch.iter().map(|b| b.hash.0));
             }
             let found = if fresh { None } else { self.child(prev, seq) };
             let slot = match found {
@@ -402,14 +408,14 @@ impl PrefixIndex {
     fn create(&mut self, parent: u32, seq: SeqHash, local: LocalHash) -> Option<u32> {
         let pos = Position {
             seq,
-            local,
             parent,
-            children: 0,
             holders: NO_HOLDERS,
         };
         let slot = match self.free.pop() {
             Some(s) => {
                 self.slots[s as usize] = pos;
+                self.locals[s as usize] = local;
+                self.children[s as usize] = 0;
                 s
             }
             None => {
@@ -417,11 +423,13 @@ impl PrefixIndex {
                     return None;
                 }
                 self.slots.push(pos);
+                self.locals.push(local);
+                self.children.push(0);
                 (self.slots.len() - 1) as u32
             }
         };
         if parent != ROOT {
-            self.slots[parent as usize].children += 1;
+            self.children[parent as usize] += 1;
         }
         if is_head(slot, parent) {
             self.heads.insert(seq, slot);
@@ -479,7 +487,7 @@ impl PrefixIndex {
     fn release(&mut self, mut slot: u32) {
         loop {
             let pos = &mut self.slots[slot as usize];
-            if pos.holders != NO_HOLDERS || pos.children > 0 || pos.parent == FREE {
+            if pos.holders != NO_HOLDERS || pos.parent == FREE || self.children[slot as usize] > 0 {
                 return;
             }
             let parent = pos.parent;
@@ -493,7 +501,7 @@ impl PrefixIndex {
             if parent == ROOT {
                 return;
             }
-            self.slots[parent as usize].children -= 1;
+            self.children[parent as usize] -= 1;
             slot = parent;
         }
     }
@@ -575,6 +583,20 @@ impl PrefixIndex {
         };
         let mut depth = 1;
         while depth < seqs.len() {
+            // Fast path: the chain goes on in the next slot with the same holder set. (A
+            // matching chained hash names the prefix, so its parent is `slot`.)
+            if let Some(r) = cur_ref {
+                let run = self.slots[slot as usize + 1..]
+                    .iter()
+                    .zip(&seqs[depth..])
+                    .take_while(|(p, q)| p.seq == **q && p.holders == r)
+                    .count();
+                slot += run as u32;
+                depth += run;
+                if depth >= seqs.len() {
+                    break;
+                }
+            }
             let Some(s) = self.child(slot, seqs[depth]) else {
                 break;
             };
@@ -725,7 +747,7 @@ impl PrefixIndex {
                         parent_ext,
                         StoredBlock {
                             hash: h,
-                            local: pos.local,
+                            local: self.locals[slot as usize],
                         },
                     ));
                 }
@@ -805,13 +827,13 @@ impl PrefixIndex {
             if p.parent == FREE {
                 continue;
             }
-            if p.children != children[i] {
+            if self.children[i] != children[i] {
                 return Err(format!(
                     "slot {i}: {} children counted, {} live",
-                    p.children, children[i]
+                    self.children[i], children[i]
                 ));
             }
-            if p.holders == NO_HOLDERS && p.children == 0 {
+            if p.holders == NO_HOLDERS && self.children[i] == 0 {
                 return Err(format!("slot {i} is neither held nor a parent"));
             }
         }
@@ -862,7 +884,9 @@ impl PrefixIndex {
             };
             buckets * (std::mem::size_of::<(K, V)>() + 1)
         }
-        let mut total = self.slots.capacity() * std::mem::size_of::<Position>();
+        let mut total = self.slots.capacity() * std::mem::size_of::<Position>()
+            + self.locals.capacity() * std::mem::size_of::<LocalHash>()
+            + self.children.capacity() * std::mem::size_of::<u32>();
         total += self.sets.heap_bytes();
         total += self.free.capacity() * std::mem::size_of::<u32>();
         total += map_bytes(&self.heads);
