@@ -437,6 +437,14 @@ pub fn run(a: BenchReplayArgs) -> Result<(), String> {
     };
     let bound = trace::reuse_bound(&rows, cfg.tokens_per_trace_block);
     let started = std::time::Instant::now();
+    if let Some(p) = &a.plot
+        && !p.extension().is_some_and(|e| e.eq_ignore_ascii_case("svg"))
+    {
+        return Err(format!(
+            "--plot {}: the plot is written as SVG (vector, renders on GitHub and in browsers); name the file *.svg",
+            p.display()
+        ));
+    }
     if a.rate_scale.is_some_and(|s| !(s.is_finite() && s > 0.0)) {
         return Err("--rate-scale must be > 0".into());
     }

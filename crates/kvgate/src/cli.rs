@@ -42,6 +42,9 @@ pub enum Command {
     Bench(BenchCommand),
     /// The local demo: mock workers, round-robin vs the KV router on trace conversations, results.
     Demo(Box<crate::demo::DemoArgs>),
+    /// Print the Kubernetes objects for a DynamoGraphDeployment's EPP (Service, InferencePool,
+    /// Istio DestinationRule with --service-mesh) as YAML, without a cluster.
+    Render(Box<crate::render_args::RenderArgs>),
 }
 
 #[derive(Subcommand, Debug)]
@@ -245,6 +248,11 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 kvgate_epp::echo::serve(l, destination, worker_id, !plaintext).await
             })
             .map_err(CliError),
+        Command::Render(args) => {
+            let yaml = crate::render_args::run(&args).map_err(CliError)?;
+            print!("{yaml}");
+            Ok(())
+        }
         Command::Bench(BenchCommand::Indexer(args)) => {
             crate::bench_all::run_indexer(args).map_err(CliError)
         }

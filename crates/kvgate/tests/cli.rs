@@ -159,6 +159,9 @@ fn bench_replay_names_what_is_wrong() {
     let (ok, _, err) = kvgate(&["bench", "replay", "--trace", "/nonexistent.jsonl"]);
     assert!(!ok);
     assert!(err.contains("cannot read the trace"), "{err}");
+    let (ok, _, err) = kvgate(&["bench", "replay", "--requests", "5", "--plot", "out.png"]);
+    assert!(!ok);
+    assert!(err.contains("name the file *.svg"), "{err}");
 }
 
 #[test]
@@ -196,4 +199,43 @@ fn bench_replay_real_agrees_with_the_simulation_on_real_engines() {
             .unwrap_or_else(|| panic!("{row} missing:\n{out}"));
         assert!(line.ends_with("| 0 | yes |"), "{line}");
     }
+}
+
+#[test]
+fn render_prints_the_objects_for_a_graph_and_names_bad_input() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
+    let example = format!("{root}/deploy/examples/dgd-aggregated.yaml");
+    let (ok, out, err) = kvgate(&["render", "-f", &example]);
+    assert!(ok, "{err}");
+    let golden = std::fs::read_to_string(format!(
+        "{root}/crates/kvgate-k8s/tests/golden/aggregated.yaml"
+    ))
+    .unwrap();
+    assert_eq!(out, golden);
+    let (ok, out, err) = kvgate(&[
+        "render",
+        "-f",
+        &example,
+        "--service-mesh",
+        "--failure-mode",
+        "FailOpen",
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("kind: DestinationRule") && out.contains("failureMode: FailOpen"),
+        "{out}"
+    );
+    let (ok, _, err) = kvgate(&[
+        "render",
+        "-f",
+        &example,
+        "--service-mesh",
+        "--istio-tls-mode",
+        "MUTUAL",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("MUTUAL needs clientCertificate"), "{err}");
+    let (ok, _, err) = kvgate(&["render", "-f", "/nonexistent.yaml"]);
+    assert!(!ok);
+    assert!(err.contains("cannot read /nonexistent.yaml"), "{err}");
 }

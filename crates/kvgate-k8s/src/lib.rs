@@ -1,0 +1,20 @@
+//! Kubernetes for kvgate, without a cluster client:
+//! - [`pool`]: the `InferencePool` type (Gateway API Inference Extension, `v1`);
+//! - [`dgd`]: the subset of Dynamo's `DynamoGraphDeployment` that says which graph has an EPP;
+//! - [`render`]: the EPP Service, `InferencePool` and Istio `DestinationRule` for a graph, as
+//!   `kvgate render` prints them;
+//! - [`schema`]: checks objects against a CRD's OpenAPI v3 schema (what the API server would
+//!   refuse or prune), used by the tests on every object kvgate renders.
+
+pub mod dgd;
+pub mod meta;
+pub mod pool;
+pub mod render;
+pub mod schema;
+
+pub use dgd::DynamoGraphDeployment;
+pub use pool::InferencePool;
+pub use render::{
+    RenderError, RenderOptions, Rendered, ServiceMesh, TlsMode, parse_dgd, parse_dgds, render,
+};
+pub use schema::{CrdSchema, Violation};
