@@ -1,16 +1,20 @@
-//! Kubernetes for kvgate, without a cluster client:
+//! Kubernetes for kvgate:
 //! - [`pool`]: the `InferencePool` type (Gateway API Inference Extension, `v1`);
 //! - [`dgd`]: the subset of Dynamo's `DynamoGraphDeployment` that says which graph has an EPP;
 //! - [`render`]: the EPP Service, `InferencePool` and Istio `DestinationRule` for a graph, as
 //!   `kvgate render` prints them;
 //! - [`schema`]: checks objects against a CRD's OpenAPI v3 schema (what the API server would
-//!   refuse or prune), used by the tests on every object kvgate renders.
+//!   refuse or prune), used by the tests on every object kvgate renders;
+//! - [`discovery`] (pods to endpoints, sans-IO) and [`watch`] (the kube-rs watcher around it):
+//!   the EPP's pod discovery.
 
 pub mod dgd;
+pub mod discovery;
 pub mod meta;
 pub mod pool;
 pub mod render;
 pub mod schema;
+pub mod watch;
 
 pub use dgd::DynamoGraphDeployment;
 pub use pool::InferencePool;
