@@ -47,7 +47,8 @@ pub struct EppConfig {
     pub cert_path: Option<PathBuf>,
     /// PEM CA bundle: when set, clients must present a certificate it signed.
     pub client_ca: Option<PathBuf>,
-    pub workers_file: PathBuf,
+    /// Where the workers come from: a workers file, or the pods of an InferencePool.
+    pub workers: WorkerSource,
     pub router: RouterConfig,
     pub tokenizer: Option<PathBuf>,
     pub max_request_body_bytes: usize,
@@ -60,6 +61,119 @@ pub struct EppConfig {
     pub event_plane: kvgate_runtime::routing::EventPlane,
     /// Share bookings with the other EPP replicas over NATS (`DYN_ROUTER_REPLICA_SYNC`).
     pub replica_sync: Option<kvgate_runtime::replica::ReplicaSyncConfig>,
+}
+
+/// Where the EPP learns its workers.
+#[derive(Clone, Debug)]
+pub enum WorkerSource {
+    /// A workers file (YAML), reloaded when it changes.
+    File(PathBuf),
+    /// Pods in Kubernetes.
+    Kubernetes(KubernetesWorkers),
+}
+
+/// Pod discovery: the pods of an InferencePool (or of a label selector), their Ready state
+/// followed live.
+#[derive(Clone)]
+pub struct KubernetesWorkers {
+    /// The API client; `None`: in-cluster configuration or the local kubeconfig.
+    pub client: Option<kube::Client>,
+    /// `None`: the client's default namespace (the EPP pod's own in a cluster).
+    pub namespace: Option<String>,
+    pub pool: PoolRef,
+    /// The served model name (requests for another model get 404).
+    pub model: String,
+    /// The pool's KV block size (pods annotating another one are left out).
+    pub block_size: u32,
+    /// The engines' vLLM ZMQ KV event port, for pods that do not annotate one.
+    pub kv_events_port: Option<u16>,
+}
+
+impl std::fmt::Debug for KubernetesWorkers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubernetesWorkers")
+            .field("namespace", &self.namespace)
+            .field("pool", &self.pool)
+            .field("model", &self.model)
+            .field("block_size", &self.block_size)
+            .field("kv_events_port", &self.kv_events_port)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Which pods.
+#[derive(Clone, Debug)]
+pub enum PoolRef {
+    /// The selector and target ports of this InferencePool (read at start-up).
+    InferencePool(String),
+    /// An explicit selector and ports (`--endpoint-selector`, `--target-ports`).
+    Selector {
+        selector: std::collections::BTreeMap<String, String>,
+        target_ports: Vec<u16>,
+    },
+}
+
+/// Resolves the pool and starts following its pods; `ready` fires after the first complete list.
+async fn start_discovery(
+    k: &KubernetesWorkers,
+    service: &Arc<RoutingService>,
+    ready: tokio::sync::oneshot::Sender<()>,
+) -> Result<(), String> {
+    let client = match &k.client {
+        Some(c) => c.clone(),
+        None => kube::Client::try_default().await.map_err(|e| {
+            format!(
+                "pod discovery needs the Kubernetes API (in-cluster config or a kubeconfig): {e}"
+            )
+        })?,
+    };
+    let namespace = k
+        .namespace
+        .clone()
+        .unwrap_or_else(|| client.default_namespace().to_string());
+    let (selector, target_ports) = match &k.pool {
+        PoolRef::InferencePool(name) => {
+            kvgate_k8s::watch::read_pool(client.clone(), &namespace, name).await?
+        }
+        PoolRef::Selector {
+            selector,
+            target_ports,
+        } => (selector.clone(), target_ports.clone()),
+    };
+    tracing::info!(
+        namespace,
+        ?selector,
+        ?target_ports,
+        "discovering workers from pods"
+    );
+    let pool = kvgate_k8s::discovery::PoolConfig {
+        selector,
+        target_ports,
+        block_size: k.block_size,
+        kv_events_port: k.kv_events_port,
+    };
+    // Weak: discovery must not keep the service alive.
+    let me = Arc::downgrade(service);
+    let mut ready = Some(ready);
+    tokio::spawn(async move {
+        kvgate_k8s::watch::watch_pods(client, &namespace, pool, move |endpoints, skipped| {
+            let Some(me) = me.upgrade() else {
+                return false;
+            };
+            tracing::info!(
+                endpoints = endpoints.len(),
+                left_out = skipped.len(),
+                "pool membership changed"
+            );
+            me.set_workers(endpoints);
+            if let Some(r) = ready.take() {
+                let _ = r.send(());
+            }
+            true
+        })
+        .await;
+    });
+    Ok(())
 }
 
 /// Where the servers listen (useful with port 0).
@@ -102,14 +216,33 @@ async fn bind(host: &str, port: u16, what: &str) -> Result<TcpListener, String> 
 
 /// Starts the EPP and runs until a server fails. `on_bound` gets the listening addresses.
 pub async fn serve(config: EppConfig, on_bound: impl FnOnce(Bound)) -> Result<(), String> {
-    let file = WorkersFile::load(&config.workers_file).map_err(|e| e.to_string())?;
+    let file = match &config.workers {
+        WorkerSource::File(path) => WorkersFile::load(path).map_err(|e| e.to_string())?,
+        WorkerSource::Kubernetes(k) => WorkersFile {
+            model: k.model.clone(),
+            block_size: k.block_size,
+            tokenizer: None,
+            workers: Vec::new(),
+        },
+    };
     let service = RoutingService::new(
         file,
         config.router.clone(),
         config.tokenizer.as_deref(),
         config.decision_log,
     )?;
-    service.start_with(config.workers_file.clone(), config.event_plane.clone());
+    // Ready once the workers are known: at once from a file, after the first pod list otherwise.
+    let (workers_ready, workers_known) = tokio::sync::oneshot::channel();
+    match &config.workers {
+        WorkerSource::File(path) => {
+            service.start_with(path.clone(), config.event_plane.clone());
+            let _ = workers_ready.send(());
+        }
+        WorkerSource::Kubernetes(k) => {
+            service.start_external(config.event_plane.clone());
+            start_discovery(k, &service, workers_ready).await?;
+        }
+    }
     let replica = config
         .replica_sync
         .clone()
@@ -151,36 +284,38 @@ pub async fn serve(config: EppConfig, on_bound: impl FnOnce(Bound)) -> Result<()
         metrics: metrics_l.local_addr().map_err(|e| e.to_string())?,
     };
 
-    // The workers are loaded: ready, unless the other replicas' load must be fetched first.
+    // Ready when the workers are known and, with replica sync, the other replicas' load has
+    // been fetched.
     let (reporter, health_service) = tonic_health::server::health_reporter();
     reporter
         .set_service_status("liveness", tonic_health::ServingStatus::Serving)
         .await;
     let ready_names = ["", EXT_PROC_SERVICE, "readiness"];
-    match replica {
-        None => {
-            for name in ready_names {
-                reporter
-                    .set_service_status(name, tonic_health::ServingStatus::Serving)
-                    .await;
-            }
-        }
-        Some(sync) => {
-            for name in ready_names {
-                reporter
-                    .set_service_status(name, tonic_health::ServingStatus::NotServing)
-                    .await;
-            }
-            tokio::spawn(async move {
-                sync.ready().await;
-                for name in ready_names {
-                    reporter
-                        .set_service_status(name, tonic_health::ServingStatus::Serving)
-                        .await;
-                }
-            });
-        }
+    let ready_now = matches!(config.workers, WorkerSource::File(_)) && replica.is_none();
+    for name in ready_names {
+        let status = if ready_now {
+            tonic_health::ServingStatus::Serving
+        } else {
+            tonic_health::ServingStatus::NotServing
+        };
+        reporter.set_service_status(name, status).await;
     }
+    tokio::spawn(async move {
+        if ready_now {
+            return;
+        }
+        if workers_known.await.is_err() {
+            return;
+        }
+        if let Some(sync) = replica {
+            sync.ready().await;
+        }
+        for name in ready_names {
+            reporter
+                .set_service_status(name, tonic_health::ServingStatus::Serving)
+                .await;
+        }
+    });
     let epp = ExternalProcessorServer::new(Epp { shared })
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20);

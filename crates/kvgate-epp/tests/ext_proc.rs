@@ -47,7 +47,7 @@ fn config(workers: PathBuf) -> EppConfig {
         secure_serving: false,
         cert_path: None,
         client_ca: None,
-        workers_file: workers,
+        workers: kvgate_epp::WorkerSource::File(workers),
         router: RouterConfig {
             // No KV events here: approximate mode remembers where prompts went.
             use_kv_events: false,
@@ -940,5 +940,155 @@ async fn disaggregated_requests_name_both_workers_and_book_both_legs() {
     for (i, mut s) in open.into_iter().enumerate() {
         finish_response(&mut s, None, b"{}").await;
         wait_metric(&b, "kvgate_router_bookings", 2.0 * (2 - i) as f64).await;
+    }
+}
+
+// ---------- pod discovery (Kubernetes API mocked with tower-test) ----------
+
+mod discovery {
+    use super::*;
+    use serde_json::json;
+
+    type ApiHandle = tower_test::mock::Handle<
+        http::Request<kube::client::Body>,
+        http::Response<kube::client::Body>,
+    >;
+
+    fn ok(body: serde_json::Value) -> http::Response<kube::client::Body> {
+        http::Response::builder()
+            .status(200)
+            .body(kube::client::Body::from(body.to_string().into_bytes()))
+            .unwrap()
+    }
+
+    fn pod(name: &str, ip: &str, ready: bool, rv: u32) -> serde_json::Value {
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "ns", "resourceVersion": rv.to_string(), "labels": {"app": "vllm"}},
+            "status": {"podIP": ip, "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}]},
+        })
+    }
+
+    async fn readiness(b: &Bound) -> i32 {
+        use tonic_health::pb::HealthCheckRequest;
+        use tonic_health::pb::health_client::HealthClient;
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", b.health))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        HealthClient::new(ch)
+            .check(HealthCheckRequest {
+                service: "readiness".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+    }
+
+    /// The API server: the pool, then (once `list` fires) the pod list, then (once `change`
+    /// fires) one watch event batch; later watches stay open.
+    async fn api(
+        mut h: ApiHandle,
+        list: tokio::sync::oneshot::Receiver<()>,
+        change: tokio::sync::oneshot::Receiver<()>,
+    ) -> Vec<String> {
+        let mut uris = Vec::new();
+        let (req, send) = h.next_request().await.unwrap();
+        uris.push(req.uri().to_string());
+        send.send_response(ok(json!({
+            "apiVersion": "inference.networking.k8s.io/v1", "kind": "InferencePool",
+            "metadata": {"name": "llama-pool", "namespace": "ns"},
+            "spec": {"selector": {"matchLabels": {"app": "vllm"}}, "targetPorts": [{"number": 8000}],
+                     "endpointPickerRef": {"name": "llama-epp", "port": {"number": 9002}}},
+        })));
+        let (req, send) = h.next_request().await.unwrap();
+        uris.push(req.uri().to_string());
+        list.await.unwrap();
+        send.send_response(ok(json!({
+            "apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "10"},
+            "items": [pod("w-0", "10.9.0.1", true, 5), pod("w-1", "10.9.0.2", false, 6)],
+        })));
+        let (req, send) = h.next_request().await.unwrap();
+        uris.push(req.uri().to_string());
+        change.await.unwrap();
+        let events: String = [
+            json!({"type": "MODIFIED", "object": pod("w-1", "10.9.0.2", true, 11)}),
+            json!({"type": "MODIFIED", "object": pod("w-0", "10.9.0.1", false, 12)}),
+        ]
+        .iter()
+        .map(|e| format!("{e}\n"))
+        .collect();
+        send.send_response(
+            http::Response::builder()
+                .status(200)
+                .body(kube::client::Body::from(events.into_bytes()))
+                .unwrap(),
+        );
+        if let Some((_, send)) = h.next_request().await {
+            std::mem::forget(send);
+        }
+        uris
+    }
+
+    #[tokio::test]
+    async fn pods_of_the_inference_pool_are_the_workers_and_readiness_waits_for_them() {
+        let (svc, handle) = tower_test::mock::pair();
+        let client = kube::Client::new(svc, "ns");
+        let (list_tx, list_rx) = tokio::sync::oneshot::channel();
+        let (change_tx, change_rx) = tokio::sync::oneshot::channel();
+        let server = tokio::spawn(api(handle, list_rx, change_rx));
+        let mut c = config(PathBuf::from("/unused"));
+        c.workers = kvgate_epp::WorkerSource::Kubernetes(kvgate_epp::KubernetesWorkers {
+            client: Some(client),
+            namespace: Some("ns".into()),
+            pool: kvgate_epp::PoolRef::InferencePool("llama-pool".into()),
+            model: "qwen3".into(),
+            block_size: 16,
+            kv_events_port: None,
+        });
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            if let Err(e) = kvgate_epp::serve(c, move |b| {
+                let _ = tx.send(b);
+            })
+            .await
+            {
+                panic!("epp failed: {e}");
+            }
+        });
+        let b = rx.await.unwrap();
+        // Bound, but the pods are not listed yet: not ready (2 = NOT_SERVING).
+        assert_eq!(readiness(&b).await, 2);
+        list_tx.send(()).unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while readiness(&b).await != 1 {
+            assert!(tokio::time::Instant::now() < deadline, "never ready");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Only the Ready pod is an endpoint.
+        for i in 0..3 {
+            let mut s = Stream::open(&b).await;
+            let (r, _) = route(&mut s, &format!("question {i}"), &[]).await;
+            assert_eq!(r.metadata_destination.as_deref(), Some("10.9.0.1:8000"));
+        }
+        // w-1 becomes Ready and w-0 stops being Ready: the EPP follows.
+        change_tx.send(()).unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut s = Stream::open(&b).await;
+            let (r, _) = route(&mut s, "after the change", &[]).await;
+            if r.metadata_destination.as_deref() == Some("10.9.0.2:8000") {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "still routed to {:?}",
+                r.metadata_destination
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        server.abort();
     }
 }

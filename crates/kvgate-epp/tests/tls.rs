@@ -74,7 +74,7 @@ async fn start(dir: &Path, client_ca: Option<PathBuf>) -> Bound {
         secure_serving: true,
         cert_path: Some(certs),
         client_ca,
-        workers_file: workers,
+        workers: kvgate_epp::WorkerSource::File(workers),
         router: RouterConfig::default(),
         tokenizer: None,
         max_request_body_bytes: 1 << 20,

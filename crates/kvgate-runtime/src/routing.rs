@@ -151,6 +151,31 @@ impl RoutingService {
 
     /// [`start`](Self::start) with the KV events read from `plane`.
     pub fn start_with(self: &Arc<Self>, workers_file: PathBuf, plane: EventPlane) {
+        self.start_source(Some(workers_file), plane);
+    }
+
+    /// Like [`start_with`](Self::start_with), for workers that something else discovers (pod
+    /// discovery): they arrive through [`set_workers`](Self::set_workers).
+    pub fn start_external(self: &Arc<Self>, plane: EventPlane) {
+        self.start_source(None, plane);
+    }
+
+    /// Replaces the worker list (model, block size and tokenizer stay): the router, the
+    /// bookings of removed workers and the event subscriptions follow.
+    pub fn set_workers(&self, workers: Vec<kvgate_wire::workers::WorkerEntry>) {
+        let old = self.workers.current();
+        let new = WorkersFile {
+            workers,
+            ..(*old).clone()
+        };
+        if new == *old {
+            return;
+        }
+        self.workers.replace(new.clone());
+        self.sync_workers(Some(&old), &new);
+    }
+
+    fn start_source(self: &Arc<Self>, workers_file: Option<PathBuf>, plane: EventPlane) {
         let nats = match plane {
             EventPlane::Nats(cfg) => {
                 self.zmq_events
@@ -168,15 +193,17 @@ impl RoutingService {
             *lock(&self.nats) = Some((cfg, task));
         }
         // Weak: the watcher must not keep the service (and its event tasks) alive.
-        let me = Arc::downgrade(self);
-        self.workers
-            .watch(workers_file, move |old, new| match me.upgrade() {
-                Some(me) => {
-                    me.sync_workers(Some(old), new);
-                    true
-                }
-                None => false,
-            });
+        if let Some(workers_file) = workers_file {
+            let me = Arc::downgrade(self);
+            self.workers
+                .watch(workers_file, move |old, new| match me.upgrade() {
+                    Some(me) => {
+                        me.sync_workers(Some(old), new);
+                        true
+                    }
+                    None => false,
+                });
+        }
         let me = Arc::downgrade(self);
         tokio::spawn(async move {
             loop {

@@ -24,7 +24,7 @@ impl WorkerSet {
         }
     }
 
-    fn replace(&self, file: WorkersFile) {
+    pub(crate) fn replace(&self, file: WorkersFile) {
         let mut g = match self.inner.write() {
             Ok(g) => g,
             Err(p) => p.into_inner(),

@@ -106,7 +106,7 @@ async fn start_epp(workers: PathBuf) -> Result<SocketAddr, String> {
         secure_serving: false,
         cert_path: None,
         client_ca: None,
-        workers_file: workers,
+        workers: kvgate_epp::WorkerSource::File(workers),
         router: RouterConfig::default(),
         tokenizer: None,
         max_request_body_bytes: 64 << 20,

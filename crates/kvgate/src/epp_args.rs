@@ -30,8 +30,29 @@ pub struct EppArgs {
     pub client_ca: Option<PathBuf>,
     /// The workers file (YAML, the frontend's format; reloaded when it changes). Worker URLs
     /// are the endpoints (`ip:port`) the gateway routes to: the pods' sidecar frontends.
+    /// Without it, the workers are discovered from Kubernetes: the pods of InferencePool
+    /// `--pool-name`, or of `--endpoint-selector`.
     #[arg(long)]
-    pub workers: PathBuf,
+    pub workers: Option<PathBuf>,
+    /// Pod discovery: the namespace of the pool and its pods (default: the EPP's own).
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub pool_namespace: Option<String>,
+    /// Pod discovery without an InferencePool: pods with these labels (`k=v,k2=v2`).
+    #[arg(long, value_name = "K=V,...")]
+    pub endpoint_selector: Option<String>,
+    /// With `--endpoint-selector`: the ports of each pod that are endpoints.
+    #[arg(long, value_delimiter = ',', value_name = "PORT,...")]
+    pub target_ports: Vec<u16>,
+    /// Pod discovery: the served model name (requests for another model get 404).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Pod discovery: the pool's KV block size (pods annotating another are left out).
+    #[arg(long, default_value_t = 16)]
+    pub block_size: u32,
+    /// Pod discovery: the engines' vLLM ZMQ KV event port, for pods without the
+    /// `kvgate.io/kv-events-port` annotation.
+    #[arg(long)]
+    pub kv_events_port: Option<u16>,
     /// Routing tokenizer (tokenizer.json or its directory); default: the workers file's
     /// `tokenizer`, else the embedded one.
     #[arg(long)]
@@ -49,7 +70,8 @@ pub struct EppArgs {
     /// Decisions kept for `/debug/decisions`.
     #[arg(long, default_value_t = 256)]
     pub decision_log: usize,
-    /// Pool name in metric labels.
+    /// The InferencePool: its name in metric labels, and, without `--workers` or
+    /// `--endpoint-selector`, the pool whose pods are the workers.
     #[arg(long, default_value = "kvgate")]
     pub pool_name: String,
     #[command(flatten)]
@@ -65,6 +87,7 @@ impl EppArgs {
             return Err("--tokenize-timeout-secs must be > 0".into());
         }
         let replica_sync = self.events.replica_sync(router.replica_sync)?;
+        let workers = self.worker_source()?;
         Ok(kvgate_epp::EppConfig {
             host: self.host.clone(),
             grpc_port: self.grpc_port,
@@ -73,7 +96,7 @@ impl EppArgs {
             secure_serving: self.secure_serving,
             cert_path: self.cert_path.clone(),
             client_ca: self.client_ca.clone(),
-            workers_file: self.workers.clone(),
+            workers,
             router,
             tokenizer: self.tokenizer.clone(),
             max_request_body_bytes: self.max_request_body_bytes,
@@ -84,5 +107,49 @@ impl EppArgs {
             event_plane: self.events.router_plane()?,
             replica_sync,
         })
+    }
+}
+
+impl EppArgs {
+    /// A workers file, or pod discovery (an InferencePool or a selector).
+    fn worker_source(&self) -> Result<kvgate_epp::WorkerSource, String> {
+        let discovery = self.endpoint_selector.is_some() || !self.target_ports.is_empty();
+        if let Some(file) = &self.workers {
+            if discovery || self.model.is_some() {
+                return Err(
+                    "--workers lists the workers; --endpoint-selector, --target-ports and --model are for pod discovery: use one or the other".into(),
+                );
+            }
+            return Ok(kvgate_epp::WorkerSource::File(file.clone()));
+        }
+        let model = self
+            .model
+            .clone()
+            .ok_or("give --workers FILE, or --model for pod discovery (the served model name)")?;
+        if self.block_size == 0 {
+            return Err("--block-size must be at least 1".into());
+        }
+        let pool = match (&self.endpoint_selector, self.target_ports.is_empty()) {
+            (Some(sel), false) => kvgate_epp::PoolRef::Selector {
+                selector: kvgate_k8s::discovery::parse_selector(sel)?,
+                target_ports: self.target_ports.clone(),
+            },
+            (Some(_), true) => return Err("--endpoint-selector needs --target-ports".into()),
+            (None, false) => return Err("--target-ports needs --endpoint-selector".into()),
+            (None, true) => kvgate_epp::PoolRef::InferencePool(self.pool_name.clone()),
+        };
+        if self.target_ports.len() > 8 || self.target_ports.contains(&0) {
+            return Err("--target-ports: 1 to 8 ports, each at least 1".into());
+        }
+        Ok(kvgate_epp::WorkerSource::Kubernetes(
+            kvgate_epp::KubernetesWorkers {
+                client: None,
+                namespace: self.pool_namespace.clone(),
+                pool,
+                model,
+                block_size: self.block_size,
+                kv_events_port: self.kv_events_port,
+            },
+        ))
     }
 }

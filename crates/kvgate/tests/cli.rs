@@ -242,3 +242,30 @@ fn render_prints_the_objects_for_a_graph_and_names_bad_input() {
     assert!(!ok);
     assert!(err.contains("cannot read /nonexistent.yaml"), "{err}");
 }
+
+#[test]
+fn epp_worker_sources_are_one_or_the_other() {
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &["epp"],
+            "give --workers FILE, or --model for pod discovery",
+        ),
+        (
+            &["epp", "--model", "m", "--endpoint-selector", "app=x"],
+            "--endpoint-selector needs --target-ports",
+        ),
+        (
+            &["epp", "--model", "m", "--target-ports", "8000"],
+            "--target-ports needs --endpoint-selector",
+        ),
+        (
+            &["epp", "--workers", "w.yaml", "--model", "m"],
+            "use one or the other",
+        ),
+    ];
+    for (args, want) in cases {
+        let (ok, _, err) = kvgate(args);
+        assert!(!ok, "{args:?}");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+}
