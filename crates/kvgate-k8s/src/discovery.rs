@@ -17,6 +17,7 @@
 //! | `kvgate.io/kv-events-port` | the vLLM ZMQ KV event publisher's port on the pod |
 //! | `kvgate.io/kv-events-replay-port` | its replay socket's port |
 
+use kvgate_core::router::MAX_DP_SIZE;
 use kvgate_wire::workers::{Role, WorkerEntry};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -104,12 +105,35 @@ pub fn endpoints<'a>(
 ) -> (Vec<WorkerEntry>, Vec<Skipped>) {
     let mut out = Vec::new();
     let mut skipped = Vec::new();
+    // Pods in name order, so that which of two colliding pods is kept does not depend on the
+    // order the watch delivered them.
+    let mut pods: Vec<&PodFacts> = pods
+        .into_iter()
+        .filter(|p| cfg.selector.iter().all(|(k, v)| p.labels.get(k) == Some(v)))
+        .collect();
+    pods.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut ids = std::collections::HashMap::new();
     for p in pods {
-        if !cfg.selector.iter().all(|(k, v)| p.labels.get(k) == Some(v)) {
-            continue;
-        }
-        match endpoint(p, cfg) {
-            Ok(mut es) => out.append(&mut es),
+        let es = endpoint(p, cfg).and_then(|es| {
+            // `<pod>-<port>` may be another pod's name: every endpoint needs its own id.
+            match es
+                .iter()
+                .find_map(|e| ids.get(&e.instance_id()).map(|o| (e, o)))
+            {
+                Some((e, other)) => Err(format!(
+                    "endpoint {} has the worker id of pod {other}'s endpoint",
+                    e.name
+                )),
+                None => Ok(es),
+            }
+        });
+        match es {
+            Ok(mut es) => {
+                for e in &es {
+                    ids.insert(e.instance_id(), p.name.clone());
+                }
+                out.append(&mut es);
+            }
             Err(reason) => skipped.push(Skipped {
                 pod: p.name.clone(),
                 reason,
@@ -161,8 +185,10 @@ fn endpoint(p: &PodFacts, cfg: &PoolConfig) -> Result<Vec<WorkerEntry>, String> 
         ));
     }
     let dp_size = number::<u32>(p, ANN_DP_SIZE)?.unwrap_or(1);
-    if dp_size == 0 {
-        return Err(format!("annotation {ANN_DP_SIZE} must be at least 1"));
+    if dp_size == 0 || dp_size > MAX_DP_SIZE {
+        return Err(format!(
+            "annotation {ANN_DP_SIZE}={dp_size} must be in [1, {MAX_DP_SIZE}]"
+        ));
     }
     let total_kv_blocks = number::<u64>(p, ANN_TOTAL_KV_BLOCKS)?;
     let max_num_batched_tokens = number::<u64>(p, ANN_MAX_BATCHED)?;
@@ -192,8 +218,15 @@ fn endpoint(p: &PodFacts, cfg: &PoolConfig) -> Result<Vec<WorkerEntry>, String> 
                 dp_size,
                 total_kv_blocks,
                 max_num_batched_tokens,
-                kv_events: events_port.map(|e| format!("tcp://{host}:{e}")),
-                kv_events_replay: replay_port.map(|e| format!("tcp://{host}:{e}")),
+                // One publisher per pod: it speaks for the first port's engine only (crediting
+                // its blocks to every port's worker would send prefix hits to engines that lack
+                // the cache); further ports are routed on load and predictions.
+                kv_events: events_port
+                    .filter(|_| i == 0)
+                    .map(|e| format!("tcp://{host}:{e}")),
+                kv_events_replay: replay_port
+                    .filter(|_| i == 0)
+                    .map(|e| format!("tcp://{host}:{e}")),
             }
         })
         .collect())
@@ -207,8 +240,10 @@ pub fn parse_selector(s: &str) -> Result<BTreeMap<String, String>, String> {
             .split_once('=')
             .ok_or_else(|| format!("selector {part:?}: expected key=value"))?;
         let (k, v) = (k.trim(), v.trim());
-        if k.is_empty() || !crate::meta::is_label_value(v) {
-            return Err(format!("selector {part:?}: not a valid label key=value"));
+        if !crate::meta::is_label_key(k) || !crate::meta::is_label_value(v) {
+            return Err(format!(
+                "selector {part:?}: not a valid label key=value (only equality selectors)"
+            ));
         }
         out.insert(k.to_string(), v.to_string());
     }

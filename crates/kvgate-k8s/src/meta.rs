@@ -60,6 +60,16 @@ pub fn is_label_value(s: &str) -> bool {
             && s.as_bytes()[s.len() - 1].is_ascii_alphanumeric())
 }
 
+/// A label key: an optional DNS-subdomain prefix and `/`, then a name of at most 63
+/// characters (alphanumerics, `-`, `_`, `.`, starting and ending alphanumeric).
+pub fn is_label_key(s: &str) -> bool {
+    let (prefix, name) = match s.rsplit_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, s),
+    };
+    prefix.is_none_or(is_dns1123_subdomain) && !name.is_empty() && is_label_value(name)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -76,5 +86,11 @@ mod tests {
         assert!(is_label_value("My_value.1"));
         assert!(!is_label_value("-x"));
         assert!(!is_label_value("a b"));
+        assert!(is_label_key("app"));
+        assert!(is_label_key("nvidia.com/dynamo-namespace"));
+        assert!(!is_label_key("app!"));
+        assert!(!is_label_key("Bad_Prefix/x"));
+        assert!(!is_label_key("a/"));
+        assert!(!is_label_key(""));
     }
 }

@@ -143,6 +143,12 @@ fn roles_annotations_ports_and_misconfigured_pods() {
     assert_eq!(d.role, Role::Decode);
     assert_eq!(d.kv_events.as_deref(), Some("tcp://10.0.0.2:6000"));
     assert_eq!(d.kv_events_replay.as_deref(), Some("tcp://10.0.0.2:6001"));
+    // The pod's one publisher speaks for its first port's engine only.
+    let d2 = eps.iter().find(|e| e.name == "dd-8001").unwrap();
+    assert_eq!(
+        (d2.kv_events.as_deref(), d2.kv_events_replay.as_deref()),
+        (None, None)
+    );
     let reasons: BTreeMap<&str, &str> = skipped
         .iter()
         .map(|s| (s.pod.as_str(), s.reason.as_str()))
@@ -153,6 +159,40 @@ fn roles_annotations_ports_and_misconfigured_pods() {
     );
     assert!(reasons["wrong-bs"].contains("block size 32"), "{reasons:?}");
     assert!(reasons["nan"].contains("is not a number"), "{reasons:?}");
+}
+
+#[test]
+fn colliding_ids_and_absurd_dp_sizes_leave_the_pod_out() {
+    let mut cfg = pool();
+    cfg.target_ports = vec![8000, 8001];
+    let pods: Vec<PodFacts> = [
+        // Listed second on purpose: the decision follows pod names, not arrival order.
+        pod("vllm-8001", true, &[APP], &[]),
+        pod("vllm", true, &[APP], &[]),
+        pod("huge", true, &[APP], &[("kvgate.io/dp-size", "100000000")]),
+    ]
+    .iter()
+    .map(facts)
+    .collect();
+    let (eps, skipped) = endpoints(&pods, &cfg);
+    let names: Vec<&str> = eps.iter().map(|e| e.name.as_str()).collect();
+    assert_eq!(names, vec!["vllm", "vllm-8001"]);
+    assert_eq!(
+        eps[1].url, "http://10.0.0.4:8001",
+        "the second port of pod vllm"
+    );
+    let reasons: BTreeMap<&str, &str> = skipped
+        .iter()
+        .map(|s| (s.pod.as_str(), s.reason.as_str()))
+        .collect();
+    assert!(
+        reasons["vllm-8001"].contains("has the worker id of pod vllm"),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons["huge"].contains("must be in [1, 1024]"),
+        "{reasons:?}"
+    );
 }
 
 #[test]
@@ -176,6 +216,13 @@ fn selectors_parse_or_say_why_not() {
             .unwrap_err()
             .contains("not a valid")
     );
+    // Only equality: `app!=x` must not turn into a label named `app!`.
+    assert!(
+        parse_selector("app!=x")
+            .unwrap_err()
+            .contains("only equality")
+    );
+    assert!(parse_selector("nvidia.com/dynamo-namespace=ns-g").is_ok());
 }
 
 // ---------- the watcher, against a mocked API server ----------

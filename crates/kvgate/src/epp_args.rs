@@ -138,8 +138,14 @@ impl EppArgs {
             (None, false) => return Err("--target-ports needs --endpoint-selector".into()),
             (None, true) => kvgate_epp::PoolRef::InferencePool(self.pool_name.clone()),
         };
-        if self.target_ports.len() > 8 || self.target_ports.contains(&0) {
-            return Err("--target-ports: 1 to 8 ports, each at least 1".into());
+        let mut unique = self.target_ports.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        if self.target_ports.len() > 8
+            || self.target_ports.contains(&0)
+            || unique.len() != self.target_ports.len()
+        {
+            return Err("--target-ports: 1 to 8 distinct ports, each at least 1".into());
         }
         Ok(kvgate_epp::WorkerSource::Kubernetes(
             kvgate_epp::KubernetesWorkers {
