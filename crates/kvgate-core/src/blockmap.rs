@@ -46,26 +46,29 @@ impl BlockMap {
         self.keys.len() - 1
     }
 
+    /// The bucket holding `key` (never [`EMPTY`]), if any.
     #[inline]
-    pub(crate) fn get(&self, key: u64) -> Option<u32> {
-        if key == EMPTY {
-            return self.zero;
-        }
+    fn bucket(&self, key: u64) -> Option<usize> {
         if self.keys.is_empty() {
             return None;
         }
         let mask = self.mask();
         let mut i = self.home(key);
         loop {
-            let k = self.keys[i];
-            if k == key {
-                return Some(self.vals[i]);
+            match self.keys[i] {
+                k if k == key => return Some(i),
+                EMPTY => return None,
+                _ => i = (i + 1) & mask,
             }
-            if k == EMPTY {
-                return None;
-            }
-            i = (i + 1) & mask;
         }
+    }
+
+    #[inline]
+    pub(crate) fn get(&self, key: u64) -> Option<u32> {
+        if key == EMPTY {
+            return self.zero;
+        }
+        self.bucket(key).map(|i| self.vals[i])
     }
 
     /// Loads the home buckets of `keys` together, without using them: the loads are
@@ -122,21 +125,8 @@ impl BlockMap {
             }
             return old;
         }
-        if self.keys.is_empty() {
-            return None;
-        }
+        let i = self.bucket(key)?;
         let mask = self.mask();
-        let mut i = self.home(key);
-        loop {
-            let k = self.keys[i];
-            if k == key {
-                break;
-            }
-            if k == EMPTY {
-                return None;
-            }
-            i = (i + 1) & mask;
-        }
         let val = self.vals[i];
         // Shift back every following key of the cluster that may move into the hole.
         let mut hole = i;

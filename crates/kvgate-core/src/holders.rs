@@ -62,7 +62,18 @@ impl HolderSets {
     /// `set ∪ {h}`; the caller's reference moves from `set` to the result.
     pub(crate) fn with(&mut self, set: SetRef, h: u32) -> SetRef {
         debug_assert!(h < INTERNED);
-        if let Some((from, x, to)) = self.last_add
+        self.transition(true, set, h)
+    }
+
+    /// `set \ {h}`; the caller's reference moves from `set` to the result.
+    pub(crate) fn without(&mut self, set: SetRef, h: u32) -> SetRef {
+        self.transition(false, set, h)
+    }
+
+    /// `set` with `h` added (`add`) or removed, through the memo of the last such transition.
+    fn transition(&mut self, add: bool, set: SetRef, h: u32) -> SetRef {
+        let memo = if add { self.last_add } else { self.last_remove };
+        if let Some((from, x, to)) = memo
             && from == set
             && x == h
         {
@@ -71,45 +82,21 @@ impl HolderSets {
             return to;
         }
         let m = self.members(&set);
-        let to = match m.binary_search(&h) {
-            Ok(_) => {
+        let to = match (m.binary_search(&h), add) {
+            // Already in (adding) or already out (removing): the same set.
+            (Ok(_), true) | (Err(_), false) => {
                 self.retain(set);
                 set
             }
-            Err(pos) => {
+            (Err(pos), true) => {
                 let mut v = Vec::with_capacity(m.len() + 1);
                 v.extend_from_slice(&m[..pos]);
                 v.push(h);
                 v.extend_from_slice(&m[pos..]);
                 self.intern(v)
             }
-        };
-        self.release(set);
-        // `release` may have freed `set`; a transition from a freed set must not be reused.
-        if self.is_alive(set) {
-            self.last_add = Some((set, h, to));
-        }
-        to
-    }
-
-    /// `set \ {h}`; the caller's reference moves from `set` to the result.
-    pub(crate) fn without(&mut self, set: SetRef, h: u32) -> SetRef {
-        if let Some((from, x, to)) = self.last_remove
-            && from == set
-            && x == h
-        {
-            self.retain(to);
-            self.release(set);
-            return to;
-        }
-        let m = self.members(&set);
-        let to = match m.binary_search(&h) {
-            Err(_) => {
-                self.retain(set);
-                set
-            }
-            Ok(pos) => {
-                let mut v = Vec::with_capacity(m.len().saturating_sub(1));
+            (Ok(pos), false) => {
+                let mut v = Vec::with_capacity(m.len() - 1);
                 v.extend_from_slice(&m[..pos]);
                 v.extend_from_slice(&m[pos + 1..]);
                 self.intern(v)
@@ -118,7 +105,12 @@ impl HolderSets {
         self.release(set);
         // `release` may have freed `set`; a transition from a freed set must not be reused.
         if self.is_alive(set) {
-            self.last_remove = Some((set, h, to));
+            let memo = if add {
+                &mut self.last_add
+            } else {
+                &mut self.last_remove
+            };
+            *memo = Some((set, h, to));
         }
         to
     }
