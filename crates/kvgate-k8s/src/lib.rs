@@ -6,11 +6,15 @@
 //! - [`schema`]: checks objects against a CRD's OpenAPI v3 schema (what the API server would
 //!   refuse or prune), used by the tests on every object kvgate renders;
 //! - [`discovery`] (pods to endpoints, sans-IO) and [`watch`] (the kube-rs watcher around it):
-//!   the EPP's pod discovery.
+//!   the EPP's pod discovery;
+//! - [`operator`] (what to apply, delete and report for a graph, sans-IO) and [`controller`]
+//!   (the kube-rs controller around it): `kvgate operator`.
 
+pub mod controller;
 pub mod dgd;
 pub mod discovery;
 pub mod meta;
+pub mod operator;
 pub mod pool;
 pub mod render;
 pub mod schema;

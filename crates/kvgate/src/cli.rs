@@ -45,6 +45,9 @@ pub enum Command {
     /// Print the Kubernetes objects for a DynamoGraphDeployment's EPP (Service, InferencePool,
     /// Istio DestinationRule with --service-mesh) as YAML, without a cluster.
     Render(Box<crate::render_args::RenderArgs>),
+    /// Run the Kubernetes operator: for every DynamoGraphDeployment with an EPP component, keep
+    /// its EPP Service, InferencePool and (service mesh on) Istio DestinationRule in sync.
+    Operator(Box<crate::operator_args::OperatorArgs>),
 }
 
 #[derive(Subcommand, Debug)]
@@ -253,6 +256,9 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             print!("{yaml}");
             Ok(())
         }
+        Command::Operator(args) => runtime()?
+            .block_on(crate::operator_args::run(&args))
+            .map_err(CliError),
         Command::Bench(BenchCommand::Indexer(args)) => {
             crate::bench_all::run_indexer(args).map_err(CliError)
         }

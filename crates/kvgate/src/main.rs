@@ -10,6 +10,7 @@ mod demo;
 mod epp_args;
 mod event_plane_args;
 mod mocker_args;
+mod operator_args;
 mod render_args;
 mod router_args;
 

@@ -14,35 +14,59 @@ pub struct RenderArgs {
     /// Namespace for a graph whose metadata names none.
     #[arg(short = 'n', long, default_value = "default")]
     pub namespace: String,
+    #[command(flatten)]
+    pub objects: ObjectArgs,
+}
+
+/// How the objects are rendered; shared by `kvgate render` and `kvgate operator` (whose Helm
+/// values `dynamo.serviceMesh.*` set the env vars).
+#[derive(clap::Args, Debug, Clone)]
+pub struct ObjectArgs {
     /// What the gateway does while the EPP is unreachable: FailOpen or FailClose (the CRD's
     /// default when not given).
-    #[arg(long, value_parser = ["FailOpen", "FailClose"])]
+    #[arg(long, env = "KVGATE_FAILURE_MODE", value_parser = ["FailOpen", "FailClose"])]
     pub failure_mode: Option<String>,
     /// Also render an Istio DestinationRule per EPP Service (Helm: dynamo.serviceMesh.enabled).
     #[arg(long, env = "DYNAMO_SERVICE_MESH_ENABLED")]
     pub service_mesh: bool,
     /// dynamo.serviceMesh.provider: istio is the only one.
-    #[arg(long, default_value = "istio")]
+    #[arg(long, env = "DYNAMO_SERVICE_MESH_PROVIDER", default_value = "istio")]
     pub service_mesh_provider: String,
     /// dynamo.serviceMesh.istio.tlsMode: SIMPLE, MUTUAL, ISTIO_MUTUAL or DISABLE.
-    #[arg(long, default_value = "SIMPLE")]
+    #[arg(
+        long,
+        env = "DYNAMO_SERVICE_MESH_ISTIO_TLS_MODE",
+        default_value = "SIMPLE"
+    )]
     pub istio_tls_mode: String,
     /// dynamo.serviceMesh.istio.insecureSkipVerify (the EPP's certificate is self-signed by default).
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    #[arg(long, env = "DYNAMO_SERVICE_MESH_ISTIO_INSECURE_SKIP_VERIFY", default_value_t = true, action = clap::ArgAction::Set)]
     pub istio_insecure_skip_verify: bool,
     /// dynamo.serviceMesh.istio.clientCertificate (MUTUAL).
-    #[arg(long, default_value = "")]
+    #[arg(
+        long,
+        env = "DYNAMO_SERVICE_MESH_ISTIO_CLIENT_CERTIFICATE",
+        default_value = ""
+    )]
     pub istio_client_certificate: String,
     /// dynamo.serviceMesh.istio.privateKey (MUTUAL).
-    #[arg(long, default_value = "")]
+    #[arg(
+        long,
+        env = "DYNAMO_SERVICE_MESH_ISTIO_PRIVATE_KEY",
+        default_value = ""
+    )]
     pub istio_private_key: String,
     /// dynamo.serviceMesh.istio.caCertificates (MUTUAL, optional).
-    #[arg(long, default_value = "")]
+    #[arg(
+        long,
+        env = "DYNAMO_SERVICE_MESH_ISTIO_CA_CERTIFICATES",
+        default_value = ""
+    )]
     pub istio_ca_certificates: String,
 }
 
-impl RenderArgs {
-    pub fn options(&self) -> Result<RenderOptions, String> {
+impl ObjectArgs {
+    pub fn options(&self, default_namespace: Option<String>) -> Result<RenderOptions, String> {
         let service_mesh = if self.service_mesh {
             Some(ServiceMesh {
                 provider: self.service_mesh_provider.clone(),
@@ -55,8 +79,25 @@ impl RenderArgs {
         } else {
             None
         };
+        if let Some(m) = &service_mesh
+            && m.provider != "istio"
+        {
+            return Err(format!(
+                "service mesh provider {:?}: only istio is supported",
+                m.provider
+            ));
+        }
+        if let Some(m) = &service_mesh
+            && m.tls_mode == TlsMode::Mutual
+            && (m.client_certificate.is_empty() || m.private_key.is_empty())
+        {
+            return Err(
+                "istio TLS mode MUTUAL needs --istio-client-certificate and --istio-private-key (dynamo.serviceMesh.istio.clientCertificate, privateKey)"
+                    .into(),
+            );
+        }
         Ok(RenderOptions {
-            default_namespace: Some(self.namespace.clone()),
+            default_namespace,
             failure_mode: self.failure_mode.clone(),
             service_mesh,
         })
@@ -75,7 +116,7 @@ pub fn run(a: &RenderArgs) -> Result<String, String> {
         std::fs::read_to_string(&a.file)
             .map_err(|e| format!("cannot read {}: {e}", a.file.display()))?
     };
-    let opts = a.options()?;
+    let opts = a.objects.options(Some(a.namespace.clone()))?;
     let mut out = String::new();
     for d in kvgate_k8s::parse_dgds(&text).map_err(|e| e.to_string())? {
         let r = kvgate_k8s::render(&d, &opts).map_err(|e| e.to_string())?;

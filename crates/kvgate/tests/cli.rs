@@ -237,10 +237,59 @@ fn render_prints_the_objects_for_a_graph_and_names_bad_input() {
         "MUTUAL",
     ]);
     assert!(!ok);
-    assert!(err.contains("MUTUAL needs clientCertificate"), "{err}");
+    assert!(
+        err.contains("MUTUAL needs --istio-client-certificate"),
+        "{err}"
+    );
     let (ok, _, err) = kvgate(&["render", "-f", "/nonexistent.yaml"]);
     assert!(!ok);
     assert!(err.contains("cannot read /nonexistent.yaml"), "{err}");
+}
+
+#[test]
+fn operator_options_are_checked_before_it_needs_a_cluster() {
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &["operator", "--service-mesh", "--istio-tls-mode", "MUTUAL"],
+            "MUTUAL needs --istio-client-certificate",
+        ),
+        (
+            &[
+                "operator",
+                "--service-mesh",
+                "--service-mesh-provider",
+                "linkerd",
+            ],
+            "only istio is supported",
+        ),
+        (
+            &["operator", "--watch-namespace", "Not_A_Namespace"],
+            "is not a namespace name",
+        ),
+        (&["operator", "--requeue-seconds", "0"], "--requeue-seconds"),
+    ];
+    for (args, want) in cases {
+        let (ok, _, err) = kvgate(args);
+        assert!(!ok && err.contains(want), "{args:?}: {err}");
+    }
+    // Valid options and no cluster: the error says what is missing.
+    let (ok, _, err) = Command::new(env!("CARGO_BIN_EXE_kvgate"))
+        .args(["operator", "--metrics-port", "0"])
+        .env("KUBECONFIG", "/nonexistent/kubeconfig")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .output()
+        .map(|o| {
+            (
+                o.status.success(),
+                (),
+                String::from_utf8_lossy(&o.stderr).into_owned(),
+            )
+        })
+        .unwrap();
+    assert!(
+        !ok && err.contains("the operator needs the Kubernetes API"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -1,0 +1,377 @@
+//! An in-memory Kubernetes API server behind tower-test's mock service, enough for the
+//! operator: get, list (label selectors), watch (held open), server-side apply, JSON merge patch
+//! of `/status` with a resourceVersion precondition, delete with a uid precondition, and API
+//! discovery for Istio. Every request is logged so tests can assert what was written, and the
+//! store can be edited by hand between reconciles (someone's `kubectl edit`).
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use http::{Request, Response};
+use http_body_util::BodyExt;
+use kube::client::Body;
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+#[derive(Clone, Debug)]
+pub struct Logged {
+    pub method: String,
+    pub path: String,
+    pub query: String,
+    pub content_type: String,
+    pub body: Value,
+}
+
+impl Logged {
+    pub fn is_write(&self) -> bool {
+        self.method != "GET"
+    }
+}
+
+/// (plural, namespace, name) -> object.
+pub type Key = (String, String, String);
+
+#[derive(Default)]
+pub struct State {
+    pub objects: BTreeMap<Key, Value>,
+    /// The cluster serves networking.istio.io/v1beta1 DestinationRules.
+    pub istio: bool,
+    /// The InferencePool CRD is installed.
+    pub pools: bool,
+    pub rv: u64,
+    pub uids: u64,
+    pub log: Vec<Logged>,
+    held: Vec<tower_test::mock::SendResponse<Response<Body>>>,
+}
+
+#[derive(Clone)]
+pub struct Fake(pub Arc<Mutex<State>>);
+
+fn respond(code: u16, body: &Value) -> Response<Body> {
+    Response::builder()
+        .status(code)
+        .header("content-type", "application/json")
+        .body(Body::from(body.to_string().into_bytes()))
+        .unwrap()
+}
+
+fn status(code: u16, reason: &str, message: &str) -> Response<Body> {
+    respond(
+        code,
+        &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                "message": message, "reason": reason, "code": code}),
+    )
+}
+
+/// `/api/v1/...` or `/apis/{g}/{v}/...` -> (group/version, rest segments).
+fn split(path: &str) -> (String, Vec<String>) {
+    let segs: Vec<String> = path
+        .trim_matches('/')
+        .split('/')
+        .map(str::to_string)
+        .collect();
+    if segs.first().map(String::as_str) == Some("api") {
+        (segs[1].clone(), segs[2..].to_vec())
+    } else {
+        (format!("{}/{}", segs[1], segs[2]), segs[3..].to_vec())
+    }
+}
+
+fn query_param(q: &str, k: &str) -> Option<String> {
+    q.split('&').find_map(|kv| {
+        let (a, b) = kv.split_once('=')?;
+        (a == k).then(|| {
+            b.replace("%3D", "=")
+                .replace("%2F", "/")
+                .replace("%2C", ",")
+                .replace('+', " ")
+        })
+    })
+}
+
+fn labels_match(o: &Value, selector: &str) -> bool {
+    selector.split(',').filter(|s| !s.is_empty()).all(|kv| {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        o["metadata"]["labels"][k] == v
+    })
+}
+
+/// Apply-style merge: maps merge; lists of objects keyed by `uid`, `type` or `port` merge by
+/// key; other lists are replaced.
+fn merge_apply(into: &mut Value, from: &Value) {
+    match (into, from) {
+        (Value::Object(a), Value::Object(b)) => {
+            for (k, v) in b {
+                match a.get_mut(k) {
+                    Some(slot) => merge_apply(slot, v),
+                    None => {
+                        a.insert(k.clone(), v.clone());
+                    }
+                }
+            }
+        }
+        (Value::Array(a), Value::Array(b)) => {
+            let key = ["uid", "type", "port"]
+                .into_iter()
+                .find(|k| b.iter().all(|x| x.get(k).is_some()) && !b.is_empty());
+            match key {
+                Some(k) => {
+                    for x in b {
+                        match a.iter_mut().find(|y| y[k] == x[k]) {
+                            Some(y) => merge_apply(y, x),
+                            None => a.push(x.clone()),
+                        }
+                    }
+                }
+                None => *a = b.clone(),
+            }
+        }
+        (slot, v) => *slot = v.clone(),
+    }
+}
+
+/// RFC 7386.
+fn merge_patch(into: &mut Value, patch: &Value) {
+    match patch {
+        Value::Object(p) => {
+            if !into.is_object() {
+                *into = json!({});
+            }
+            let o = into.as_object_mut().unwrap();
+            for (k, v) in p {
+                if v.is_null() {
+                    o.remove(k);
+                } else {
+                    merge_patch(o.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        v => *into = v.clone(),
+    }
+}
+
+impl Fake {
+    pub fn new(istio: bool) -> (Self, kube::Client) {
+        let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let fake = Fake(Arc::new(Mutex::new(State {
+            istio,
+            pools: true,
+            ..State::default()
+        })));
+        let f = fake.clone();
+        tokio::spawn(async move {
+            while let Some((req, send)) = handle.next_request().await {
+                let (parts, body) = req.into_parts();
+                let bytes = body
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
+                let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+                let logged = Logged {
+                    method: parts.method.to_string(),
+                    path: parts.uri.path().to_string(),
+                    query: parts.uri.query().unwrap_or_default().to_string(),
+                    content_type: parts
+                        .headers
+                        .get("content-type")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_string(),
+                    body,
+                };
+                let mut st = f.0.lock().unwrap();
+                st.log.push(logged.clone());
+                if logged.method == "GET"
+                    && query_param(&logged.query, "watch").as_deref() == Some("true")
+                {
+                    // Held open: nothing changes unless a test says so.
+                    st.held.push(send);
+                    continue;
+                }
+                let resp = st.handle(&logged);
+                send.send_response(resp);
+            }
+        });
+        let client = kube::Client::new(svc, "default");
+        (fake, client)
+    }
+
+    pub fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.0.lock().unwrap()
+    }
+
+    pub fn get(&self, plural: &str, ns: &str, name: &str) -> Option<Value> {
+        self.state()
+            .objects
+            .get(&(plural.into(), ns.into(), name.into()))
+            .cloned()
+    }
+
+    /// Stores `o` as a client's create/update would (uid and resourceVersion assigned).
+    pub fn put(&self, plural: &str, mut o: Value) {
+        let mut st = self.state();
+        let ns = o["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("default")
+            .to_string();
+        let name = o["metadata"]["name"].as_str().unwrap().to_string();
+        let key = (plural.to_string(), ns, name);
+        if o["metadata"]["uid"].is_null() {
+            let old_uid = st.objects.get(&key).map(|x| x["metadata"]["uid"].clone());
+            o["metadata"]["uid"] = match old_uid {
+                Some(u) => u,
+                None => {
+                    st.uids += 1;
+                    json!(format!("uid-{}", st.uids))
+                }
+            };
+        }
+        st.rv += 1;
+        o["metadata"]["resourceVersion"] = json!(st.rv.to_string());
+        st.objects.insert(key, o);
+    }
+
+    /// Changes an object in place (a hand edit).
+    pub fn edit(&self, plural: &str, ns: &str, name: &str, f: impl FnOnce(&mut Value)) {
+        let mut o = self.get(plural, ns, name).expect("object to edit");
+        f(&mut o);
+        self.put(plural, o);
+    }
+
+    pub fn remove(&self, plural: &str, ns: &str, name: &str) {
+        self.state()
+            .objects
+            .remove(&(plural.into(), ns.into(), name.into()));
+    }
+
+    /// Takes the log so far.
+    pub fn take_log(&self) -> Vec<Logged> {
+        std::mem::take(&mut self.state().log)
+    }
+
+    /// Takes the writes (non-GET requests) so far, dropping the reads.
+    pub fn take_writes(&self) -> Vec<Logged> {
+        self.take_log()
+            .into_iter()
+            .filter(Logged::is_write)
+            .collect()
+    }
+}
+
+impl State {
+    fn handle(&mut self, r: &Logged) -> Response<Body> {
+        let (gv, rest) = split(&r.path);
+        if gv == "networking.istio.io/v1beta1" && !self.istio {
+            return status(
+                404,
+                "NotFound",
+                "the server could not find the requested resource",
+            );
+        }
+        if gv == "inference.networking.k8s.io/v1" && !self.pools {
+            return status(
+                404,
+                "NotFound",
+                "the server could not find the requested resource",
+            );
+        }
+        // API discovery.
+        if rest.is_empty() {
+            return respond(
+                200,
+                &json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv,
+                        "resources": [{"name": "destinationrules", "singularName": "destinationrule",
+                                       "namespaced": true, "kind": "DestinationRule",
+                                       "verbs": ["get", "list", "watch", "patch", "delete"]}]}),
+            );
+        }
+        let (ns, plural, name, sub) = match rest.as_slice() {
+            [p] => (None, p.clone(), None, None),
+            [n, ns, p] if n == "namespaces" => (Some(ns.clone()), p.clone(), None, None),
+            [n, ns, p, name] if n == "namespaces" => {
+                (Some(ns.clone()), p.clone(), Some(name.clone()), None)
+            }
+            [n, ns, p, name, sub] if n == "namespaces" => (
+                Some(ns.clone()),
+                p.clone(),
+                Some(name.clone()),
+                Some(sub.clone()),
+            ),
+            _ => return status(404, "NotFound", "no such path"),
+        };
+        let Some(name) = name else {
+            // A list.
+            let selector = query_param(&r.query, "labelSelector").unwrap_or_default();
+            let items: Vec<Value> = self
+                .objects
+                .iter()
+                .filter(|((p, n, _), o)| {
+                    *p == plural
+                        && ns.as_ref().is_none_or(|ns| ns == n)
+                        && labels_match(o, &selector)
+                })
+                .map(|(_, o)| o.clone())
+                .collect();
+            return respond(
+                200,
+                &json!({"apiVersion": "v1", "kind": "List",
+                        "metadata": {"resourceVersion": self.rv.to_string()}, "items": items}),
+            );
+        };
+        let ns = ns.unwrap_or_default();
+        let key = (plural.clone(), ns.clone(), name.clone());
+        match (r.method.as_str(), sub.as_deref()) {
+            ("GET", None) => match self.objects.get(&key) {
+                Some(o) => respond(200, o),
+                None => status(404, "NotFound", &format!("{plural} \"{name}\" not found")),
+            },
+            ("PATCH", None) if r.content_type.starts_with("application/apply-patch") => {
+                let created = !self.objects.contains_key(&key);
+                let mut o = self.objects.get(&key).cloned().unwrap_or(json!({}));
+                merge_apply(&mut o, &r.body);
+                if created {
+                    self.uids += 1;
+                    o["metadata"]["uid"] = json!(format!("uid-{}", self.uids));
+                }
+                self.rv += 1;
+                o["metadata"]["resourceVersion"] = json!(self.rv.to_string());
+                self.objects.insert(key, o.clone());
+                respond(if created { 201 } else { 200 }, &o)
+            }
+            ("PATCH", Some("status")) if r.content_type == "application/merge-patch+json" => {
+                let Some(o) = self.objects.get_mut(&key) else {
+                    return status(404, "NotFound", &format!("{plural} \"{name}\" not found"));
+                };
+                if let Some(want) = r.body["metadata"]["resourceVersion"].as_str()
+                    && o["metadata"]["resourceVersion"] != want
+                {
+                    return status(
+                        409,
+                        "Conflict",
+                        "the object has been modified; please apply your changes to the latest version and try again",
+                    );
+                }
+                if let Some(s) = r.body.get("status") {
+                    merge_patch(&mut o["status"], s);
+                }
+                self.rv += 1;
+                o["metadata"]["resourceVersion"] = json!(self.rv.to_string());
+                respond(200, o)
+            }
+            ("DELETE", None) => {
+                let Some(o) = self.objects.get(&key) else {
+                    return status(404, "NotFound", &format!("{plural} \"{name}\" not found"));
+                };
+                if let Some(uid) = r.body["preconditions"]["uid"].as_str()
+                    && o["metadata"]["uid"] != uid
+                {
+                    return status(409, "Conflict", "Precondition failed: UID in precondition");
+                }
+                let o = self.objects.remove(&key).unwrap();
+                respond(200, &o)
+            }
+            _ => status(405, "MethodNotAllowed", "not supported by the fake"),
+        }
+    }
+}
