@@ -104,7 +104,8 @@ impl std::fmt::Debug for KubernetesWorkers {
 /// Which pods.
 #[derive(Clone, Debug)]
 pub enum PoolRef {
-    /// The selector and target ports of this InferencePool (read at start-up).
+    /// The selector and target ports of this InferencePool (followed: a change to them
+    /// restarts the pod watch).
     InferencePool(String),
     /// An explicit selector and ports (`--endpoint-selector`, `--target-ports`).
     Selector {
@@ -155,24 +156,40 @@ async fn start_discovery(
     // Weak: discovery must not keep the service alive.
     let me = Arc::downgrade(service);
     let mut ready = Some(ready);
-    tokio::spawn(async move {
-        kvgate_k8s::watch::watch_pods(client, &namespace, pool, move |endpoints, skipped| {
-            let Some(me) = me.upgrade() else {
-                return false;
-            };
-            tracing::info!(
-                endpoints = endpoints.len(),
-                left_out = skipped.len(),
-                "pool membership changed"
-            );
-            me.set_workers(endpoints);
-            if let Some(r) = ready.take() {
-                let _ = r.send(());
-            }
-            true
-        })
-        .await;
-    });
+    let on_update = move |endpoints: Vec<kvgate_wire::workers::WorkerEntry>,
+                          skipped: Vec<kvgate_k8s::discovery::Skipped>| {
+        let Some(me) = me.upgrade() else {
+            return false;
+        };
+        tracing::info!(
+            endpoints = endpoints.len(),
+            left_out = skipped.len(),
+            "pool membership changed"
+        );
+        me.set_workers(endpoints);
+        if let Some(r) = ready.take() {
+            let _ = r.send(());
+        }
+        true
+    };
+    match &k.pool {
+        // Follow the pool too: the operator rewrites its selector when the graph changes.
+        PoolRef::InferencePool(name) => {
+            let name = name.clone();
+            let initial = (pool.selector.clone(), pool.target_ports.clone());
+            tokio::spawn(async move {
+                kvgate_k8s::watch::watch_pool_pods(
+                    client, &namespace, &name, initial, pool, on_update,
+                )
+                .await;
+            });
+        }
+        PoolRef::Selector { .. } => {
+            tokio::spawn(async move {
+                kvgate_k8s::watch::watch_pods(client, &namespace, pool, on_update).await;
+            });
+        }
+    }
     Ok(())
 }
 

@@ -945,21 +945,14 @@ async fn disaggregated_requests_name_both_workers_and_book_both_legs() {
 
 // ---------- pod discovery (Kubernetes API mocked with tower-test) ----------
 
+// kvgate-k8s's in-memory API server (tower-test), shared by path.
+#[path = "../../kvgate-k8s/tests/fake_api/mod.rs"]
+mod fake_api;
+
 mod discovery {
     use super::*;
+    use crate::fake_api;
     use serde_json::json;
-
-    type ApiHandle = tower_test::mock::Handle<
-        http::Request<kube::client::Body>,
-        http::Response<kube::client::Body>,
-    >;
-
-    fn ok(body: serde_json::Value) -> http::Response<kube::client::Body> {
-        http::Response::builder()
-            .status(200)
-            .body(kube::client::Body::from(body.to_string().into_bytes()))
-            .unwrap()
-    }
 
     fn pod(name: &str, ip: &str, ready: bool, rv: u32) -> serde_json::Value {
         json!({
@@ -987,58 +980,22 @@ mod discovery {
             .status
     }
 
-    /// The API server: the pool, then (once `list` fires) the pod list, then (once `change`
-    /// fires) one watch event batch; later watches stay open.
-    async fn api(
-        mut h: ApiHandle,
-        list: tokio::sync::oneshot::Receiver<()>,
-        change: tokio::sync::oneshot::Receiver<()>,
-    ) -> Vec<String> {
-        let mut uris = Vec::new();
-        let (req, send) = h.next_request().await.unwrap();
-        uris.push(req.uri().to_string());
-        send.send_response(ok(json!({
-            "apiVersion": "inference.networking.k8s.io/v1", "kind": "InferencePool",
-            "metadata": {"name": "llama-pool", "namespace": "ns"},
-            "spec": {"selector": {"matchLabels": {"app": "vllm"}}, "targetPorts": [{"number": 8000}],
-                     "endpointPickerRef": {"name": "llama-epp", "port": {"number": 9002}}},
-        })));
-        let (req, send) = h.next_request().await.unwrap();
-        uris.push(req.uri().to_string());
-        list.await.unwrap();
-        send.send_response(ok(json!({
-            "apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "10"},
-            "items": [pod("w-0", "10.9.0.1", true, 5), pod("w-1", "10.9.0.2", false, 6)],
-        })));
-        let (req, send) = h.next_request().await.unwrap();
-        uris.push(req.uri().to_string());
-        change.await.unwrap();
-        let events: String = [
-            json!({"type": "MODIFIED", "object": pod("w-1", "10.9.0.2", true, 11)}),
-            json!({"type": "MODIFIED", "object": pod("w-0", "10.9.0.1", false, 12)}),
-        ]
-        .iter()
-        .map(|e| format!("{e}\n"))
-        .collect();
-        send.send_response(
-            http::Response::builder()
-                .status(200)
-                .body(kube::client::Body::from(events.into_bytes()))
-                .unwrap(),
-        );
-        if let Some((_, send)) = h.next_request().await {
-            std::mem::forget(send);
-        }
-        uris
-    }
-
     #[tokio::test]
     async fn pods_of_the_inference_pool_are_the_workers_and_readiness_waits_for_them() {
-        let (svc, handle) = tower_test::mock::pair();
-        let client = kube::Client::new(svc, "ns");
-        let (list_tx, list_rx) = tokio::sync::oneshot::channel();
-        let (change_tx, change_rx) = tokio::sync::oneshot::channel();
-        let server = tokio::spawn(api(handle, list_rx, change_rx));
+        let (fake, client) = fake_api::Fake::new(false);
+        fake.put(
+            "inferencepools",
+            json!({
+                "apiVersion": "inference.networking.k8s.io/v1", "kind": "InferencePool",
+                "metadata": {"name": "llama-pool", "namespace": "ns"},
+                "spec": {"selector": {"matchLabels": {"app": "vllm"}}, "targetPorts": [{"number": 8000}],
+                         "endpointPickerRef": {"name": "llama-epp", "port": {"number": 9002}}},
+            }),
+        );
+        fake.put("pods", pod("w-0", "10.9.0.1", true, 5));
+        fake.put("pods", pod("w-1", "10.9.0.2", false, 6));
+        // The pod list waits: the EPP must not be ready before it.
+        fake.hold("pods");
         let mut c = config(PathBuf::from("/unused"));
         c.workers = kvgate_epp::WorkerSource::Kubernetes(kvgate_epp::KubernetesWorkers {
             client: Some(client),
@@ -1061,7 +1018,7 @@ mod discovery {
         let b = rx.await.unwrap();
         // Bound, but the pods are not listed yet: not ready (2 = NOT_SERVING).
         assert_eq!(readiness(&b).await, 2);
-        list_tx.send(()).unwrap();
+        fake.release("pods");
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while readiness(&b).await != 1 {
             assert!(tokio::time::Instant::now() < deadline, "never ready");
@@ -1074,21 +1031,30 @@ mod discovery {
             assert_eq!(r.metadata_destination.as_deref(), Some("10.9.0.1:8000"));
         }
         // w-1 becomes Ready and w-0 stops being Ready: the EPP follows.
-        change_tx.send(()).unwrap();
+        fake.put("pods", pod("w-1", "10.9.0.2", true, 11));
+        fake.put("pods", pod("w-0", "10.9.0.1", false, 12));
+        routes_to(&b, "10.9.0.2:8000").await;
+        // The operator moves the pool to another port: the EPP follows the pool too.
+        fake.edit("inferencepools", "ns", "llama-pool", |p| {
+            p["spec"]["targetPorts"] = json!([{"number": 8001}]);
+        });
+        routes_to(&b, "10.9.0.2:8001").await;
+    }
+
+    async fn routes_to(b: &Bound, want: &str) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
-            let mut s = Stream::open(&b).await;
+            let mut s = Stream::open(b).await;
             let (r, _) = route(&mut s, "after the change", &[]).await;
-            if r.metadata_destination.as_deref() == Some("10.9.0.2:8000") {
-                break;
+            if r.metadata_destination.as_deref() == Some(want) {
+                return;
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "still routed to {:?}",
+                "still routed to {:?}, not {want}",
                 r.metadata_destination
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        server.abort();
     }
 }

@@ -12,19 +12,17 @@ use kube::runtime::watcher::{self, Event};
 use kvgate_wire::workers::WorkerEntry;
 use std::collections::BTreeMap;
 
-/// The selector and target ports of InferencePool `name` in `namespace`.
-pub async fn read_pool(
-    client: kube::Client,
-    namespace: &str,
-    name: &str,
-) -> Result<(BTreeMap<String, String>, Vec<u16>), String> {
+/// An InferencePool's pod selector and target ports.
+pub type PoolSpec = (BTreeMap<String, String>, Vec<u16>);
+
+fn pool_api(client: kube::Client, namespace: &str) -> Api<DynamicObject> {
     let gvk = GroupVersionKind::gvk(pool::GROUP, pool::VERSION, pool::KIND);
     let ar = ApiResource::from_gvk_with_plural(&gvk, "inferencepools");
-    let api: Api<DynamicObject> = Api::namespaced_with(client, namespace, &ar);
-    let obj = api
-        .get(name)
-        .await
-        .map_err(|e| format!("cannot read InferencePool {namespace}/{name}: {e}"))?;
+    Api::namespaced_with(client, namespace, &ar)
+}
+
+/// The selector and target ports in an InferencePool object, or why they are unusable.
+fn pool_spec(obj: &DynamicObject, namespace: &str, name: &str) -> Result<PoolSpec, String> {
     let spec: InferencePoolSpec = serde_json::from_value(obj.data["spec"].clone())
         .map_err(|e| format!("InferencePool {namespace}/{name} has an unreadable spec: {e}"))?;
     let ports = spec
@@ -48,6 +46,81 @@ pub async fn read_pool(
         ));
     }
     Ok((spec.selector.match_labels, ports))
+}
+
+/// The selector and target ports of InferencePool `name` in `namespace`.
+pub async fn read_pool(
+    client: kube::Client,
+    namespace: &str,
+    name: &str,
+) -> Result<PoolSpec, String> {
+    let obj = pool_api(client, namespace)
+        .get(name)
+        .await
+        .map_err(|e| format!("cannot read InferencePool {namespace}/{name}: {e}"))?;
+    pool_spec(&obj, namespace, name)
+}
+
+/// Follows InferencePool `name`'s pods, and the pool itself: when its selector or target ports
+/// change, the pod watch starts over with the new ones (the first update after that replaces
+/// the whole endpoint list). `initial` is the spec read at start-up. A pool deleted or made
+/// unusable keeps the last endpoints, with a warning, until it is fixed.
+pub async fn watch_pool_pods(
+    client: kube::Client,
+    namespace: &str,
+    name: &str,
+    initial: PoolSpec,
+    template: PoolConfig,
+    mut on_update: impl FnMut(Vec<WorkerEntry>, Vec<Skipped>) -> bool,
+) {
+    let specs = watcher::watcher(
+        pool_api(client.clone(), namespace),
+        watcher::Config::default().fields(&format!("metadata.name={name}")),
+    )
+    .default_backoff();
+    futures::pin_mut!(specs);
+    let mut spec = initial;
+    loop {
+        let cfg = PoolConfig {
+            selector: spec.0.clone(),
+            target_ports: spec.1.clone(),
+            ..template.clone()
+        };
+        let pods = watch_pods(client.clone(), namespace, cfg, &mut on_update);
+        futures::pin_mut!(pods);
+        let next = loop {
+            tokio::select! {
+                _ = &mut pods => return,
+                ev = specs.next() => match ev {
+                    None => {
+                        pods.await;
+                        return;
+                    }
+                    Some(Ok(Event::Apply(o) | Event::InitApply(o))) => match pool_spec(&o, namespace, name) {
+                        Ok(s) if s != spec => break s,
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(error = %e, "keeping the last pool spec"),
+                    },
+                    Some(Ok(Event::Delete(_))) => tracing::warn!(
+                        namespace, pool = name,
+                        "InferencePool deleted; keeping its last endpoints until it is back"
+                    ),
+                    Some(Ok(Event::Init | Event::InitDone)) => {}
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, namespace, pool = name, "InferencePool watch failed; retrying");
+                    }
+                },
+            }
+        };
+        tracing::info!(
+            namespace,
+            pool = name,
+            selector = ?next.0,
+            target_ports = ?next.1,
+            "InferencePool changed; following its new pods"
+        );
+        spec = next;
+    }
 }
 
 /// Watches the pods of `pool` in `namespace`. After the first complete list, and after every

@@ -417,3 +417,84 @@ async fn a_missing_pool_is_a_clear_error() {
         "{e}"
     );
 }
+
+// ---------- following the InferencePool itself ----------
+
+mod fake_api;
+
+fn pool_object(selector: Value, ports: &[i64]) -> Value {
+    json!({
+        "apiVersion": "inference.networking.k8s.io/v1",
+        "kind": "InferencePool",
+        "metadata": {"name": "pool", "namespace": "ns"},
+        "spec": {
+            "selector": {"matchLabels": selector},
+            "targetPorts": ports.iter().map(|p| json!({"number": p})).collect::<Vec<_>>(),
+            "endpointPickerRef": {"name": "epp", "port": {"number": 9002}},
+        },
+    })
+}
+
+async fn next(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Vec<String>>) -> Vec<String> {
+    tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv())
+        .await
+        .expect("an endpoint update")
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_changed_pool_selector_or_port_list_restarts_the_pod_watch() {
+    use kvgate_k8s::watch::{read_pool, watch_pool_pods};
+    let (fake, client) = fake_api::Fake::new(false);
+    fake.put(
+        "inferencepools",
+        pool_object(json!({"app": "vllm"}), &[8000]),
+    );
+    fake.put("pods", pod("a", true, &[APP], &[]));
+    fake.put("pods", pod("bb", true, &[("app", "sglang")], &[]));
+    let initial = read_pool(client.clone(), "ns", "pool").await.unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let task = tokio::spawn(async move {
+        watch_pool_pods(client, "ns", "pool", initial, pool(), move |eps, _| {
+            tx.send(eps.iter().map(|e| e.url.clone()).collect::<Vec<_>>())
+                .is_ok()
+        })
+        .await;
+    });
+    assert_eq!(next(&mut rx).await, ["http://10.0.0.1:8000"]);
+
+    // The operator points the pool at other pods and another port.
+    fake.edit("inferencepools", "ns", "pool", |p| {
+        p["spec"]["selector"]["matchLabels"] = json!({"app": "sglang"});
+        p["spec"]["targetPorts"] = json!([{"number": 9000}]);
+    });
+    assert_eq!(next(&mut rx).await, ["http://10.0.0.2:9000"]);
+
+    // A change outside the spec (a label), a broken spec, and a deletion: no new endpoints.
+    fake.edit("inferencepools", "ns", "pool", |p| {
+        p["metadata"]["labels"] = json!({"team": "x"});
+    });
+    fake.edit("inferencepools", "ns", "pool", |p| {
+        p["spec"]["targetPorts"] = json!([]);
+    });
+    fake.remove("inferencepools", "ns", "pool");
+    // Meanwhile the pods keep being followed with the last good spec.
+    fake.put("pods", pod("ccc", true, &[("app", "sglang")], &[]));
+    assert_eq!(
+        next(&mut rx).await,
+        ["http://10.0.0.2:9000", "http://10.0.0.3:9000"]
+    );
+    assert!(
+        tokio::time::timeout(std::time::Duration::from_millis(300), rx.recv())
+            .await
+            .is_err(),
+        "nothing else changed"
+    );
+    // Back, as it was first: the first selector again.
+    fake.put(
+        "inferencepools",
+        pool_object(json!({"app": "vllm"}), &[8000]),
+    );
+    assert_eq!(next(&mut rx).await, ["http://10.0.0.1:8000"]);
+    task.abort();
+}

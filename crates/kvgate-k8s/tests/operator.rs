@@ -526,8 +526,9 @@ async fn the_controller_reconciles_graphs_and_repairs_what_is_deleted() {
     let metrics = Arc::new(OperatorMetrics::new());
     let op = Arc::new(Operator::new(
         client,
+        // Requeues far apart: the repair below comes from the watch on owned objects.
         OperatorConfig {
-            requeue: Duration::from_millis(200),
+            requeue: Duration::from_secs(300),
             ..OperatorConfig::default()
         },
         metrics.clone(),

@@ -41,7 +41,19 @@ pub struct State {
     pub rv: u64,
     pub uids: u64,
     pub log: Vec<Logged>,
-    held: Vec<tower_test::mock::SendResponse<Response<Body>>>,
+    held: Vec<Held>,
+    /// Lists of these plurals wait for [`Fake::release`].
+    hold_lists: std::collections::BTreeSet<String>,
+    held_lists: Vec<(Logged, tower_test::mock::SendResponse<Response<Body>>)>,
+}
+
+/// A watch request waiting for a change.
+struct Held {
+    plural: String,
+    ns: Option<String>,
+    labels: String,
+    fields: String,
+    send: tower_test::mock::SendResponse<Response<Body>>,
 }
 
 #[derive(Clone)]
@@ -86,6 +98,17 @@ fn query_param(q: &str, k: &str) -> Option<String> {
                 .replace("%2C", ",")
                 .replace('+', " ")
         })
+    })
+}
+
+fn fields_match(o: &Value, selector: &str) -> bool {
+    selector.split(',').filter(|s| !s.is_empty()).all(|kv| {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        match k {
+            "metadata.name" => o["metadata"]["name"] == v,
+            "metadata.namespace" => o["metadata"]["namespace"] == v,
+            _ => false,
+        }
     })
 }
 
@@ -185,9 +208,33 @@ impl Fake {
                 if logged.method == "GET"
                     && query_param(&logged.query, "watch").as_deref() == Some("true")
                 {
-                    // Held open: nothing changes unless a test says so.
-                    st.held.push(send);
+                    // Held open until an object it selects changes; then answered with that
+                    // event, and the watcher comes back for more.
+                    let (_, rest) = split(&logged.path);
+                    let (ns, plural) = match rest.as_slice() {
+                        [p] => (None, p.clone()),
+                        [_, ns, p] => (Some(ns.clone()), p.clone()),
+                        _ => (None, String::new()),
+                    };
+                    st.held.push(Held {
+                        plural,
+                        ns,
+                        labels: query_param(&logged.query, "labelSelector").unwrap_or_default(),
+                        fields: query_param(&logged.query, "fieldSelector").unwrap_or_default(),
+                        send,
+                    });
                     continue;
+                }
+                if logged.method == "GET" {
+                    let (_, rest) = split(&logged.path);
+                    let plural = match rest.as_slice() {
+                        [p] | [_, _, p] => Some(p.clone()),
+                        _ => None,
+                    };
+                    if plural.is_some_and(|p| st.hold_lists.contains(&p)) {
+                        st.held_lists.push((logged, send));
+                        continue;
+                    }
                 }
                 let resp = st.handle(&logged);
                 send.send_response(resp);
@@ -229,7 +276,13 @@ impl Fake {
         }
         st.rv += 1;
         o["metadata"]["resourceVersion"] = json!(st.rv.to_string());
-        st.objects.insert(key, o);
+        let event = if st.objects.contains_key(&key) {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        st.objects.insert(key.clone(), o.clone());
+        st.notify(&key, event, &o);
     }
 
     /// Changes an object in place (a hand edit).
@@ -240,9 +293,32 @@ impl Fake {
     }
 
     pub fn remove(&self, plural: &str, ns: &str, name: &str) {
-        self.state()
-            .objects
-            .remove(&(plural.into(), ns.into(), name.into()));
+        let mut st = self.state();
+        let key = (plural.to_string(), ns.to_string(), name.to_string());
+        if let Some(mut o) = st.objects.remove(&key) {
+            st.rv += 1;
+            o["metadata"]["resourceVersion"] = json!(st.rv.to_string());
+            st.notify(&key, "DELETED", &o);
+        }
+    }
+
+    /// Holds list requests for `plural` until [`release`](Self::release).
+    pub fn hold(&self, plural: &str) {
+        self.state().hold_lists.insert(plural.to_string());
+    }
+
+    /// Answers the held lists of `plural` (with the objects as they are now) and stops holding.
+    pub fn release(&self, plural: &str) {
+        let mut st = self.state();
+        st.hold_lists.remove(plural);
+        let (held, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut st.held_lists)
+            .into_iter()
+            .partition(|(l, _)| l.path.ends_with(&format!("/{plural}")));
+        st.held_lists = keep;
+        for (logged, send) in held {
+            let resp = st.handle(&logged);
+            send.send_response(resp);
+        }
     }
 
     /// Takes the log so far.
@@ -260,6 +336,29 @@ impl Fake {
 }
 
 impl State {
+    /// Answers the held watches that select `o`.
+    fn notify(&mut self, key: &Key, event: &str, o: &Value) {
+        let (plural, ns, _) = key;
+        let (hit, keep): (Vec<Held>, Vec<Held>) =
+            std::mem::take(&mut self.held).into_iter().partition(|h| {
+                h.plural == *plural
+                    && h.ns.as_ref().is_none_or(|n| n == ns)
+                    && labels_match(o, &h.labels)
+                    && fields_match(o, &h.fields)
+            });
+        self.held = keep;
+        for h in hit {
+            let line = format!("{}\n", json!({"type": event, "object": o}));
+            h.send.send_response(
+                Response::builder()
+                    .status(200)
+                    .header("content-type", "application/json")
+                    .body(Body::from(line.into_bytes()))
+                    .unwrap(),
+            );
+        }
+    }
+
     fn handle(&mut self, r: &Logged) -> Response<Body> {
         let (gv, rest) = split(&r.path);
         if gv == "networking.istio.io/v1beta1" && !self.istio {
@@ -336,7 +435,8 @@ impl State {
                 }
                 self.rv += 1;
                 o["metadata"]["resourceVersion"] = json!(self.rv.to_string());
-                self.objects.insert(key, o.clone());
+                self.objects.insert(key.clone(), o.clone());
+                self.notify(&key, if created { "ADDED" } else { "MODIFIED" }, &o);
                 respond(if created { 201 } else { 200 }, &o)
             }
             ("PATCH", Some("status")) if r.content_type == "application/merge-patch+json" => {
@@ -357,7 +457,9 @@ impl State {
                 }
                 self.rv += 1;
                 o["metadata"]["resourceVersion"] = json!(self.rv.to_string());
-                respond(200, o)
+                let o = o.clone();
+                self.notify(&key, "MODIFIED", &o);
+                respond(200, &o)
             }
             ("DELETE", None) => {
                 let Some(o) = self.objects.get(&key) else {
@@ -369,6 +471,7 @@ impl State {
                     return status(409, "Conflict", "Precondition failed: UID in precondition");
                 }
                 let o = self.objects.remove(&key).unwrap();
+                self.notify(&key, "DELETED", &o);
                 respond(200, &o)
             }
             _ => status(405, "MethodNotAllowed", "not supported by the fake"),
