@@ -42,6 +42,8 @@ pub struct State {
     pub uids: u64,
     pub log: Vec<Logged>,
     held: Vec<Held>,
+    /// Every change, for watches that start behind (resourceVersion, key, event type, object).
+    history: Vec<(u64, Key, String, Value)>,
     /// Lists of these plurals wait for [`Fake::release`].
     hold_lists: std::collections::BTreeSet<String>,
     held_lists: Vec<(Logged, tower_test::mock::SendResponse<Response<Body>>)>,
@@ -216,13 +218,35 @@ impl Fake {
                         [_, ns, p] => (Some(ns.clone()), p.clone()),
                         _ => (None, String::new()),
                     };
-                    st.held.push(Held {
+                    let h = Held {
                         plural,
                         ns,
                         labels: query_param(&logged.query, "labelSelector").unwrap_or_default(),
                         fields: query_param(&logged.query, "fieldSelector").unwrap_or_default(),
                         send,
-                    });
+                    };
+                    // Changes after the version the watch starts from are sent at once, as
+                    // the API server does.
+                    let since: u64 = query_param(&logged.query, "resourceVersion")
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(u64::MAX);
+                    let missed: String = st
+                        .history
+                        .iter()
+                        .filter(|(rv, k, _, o)| *rv > since && h.selects(k, o))
+                        .map(|(_, _, t, o)| format!("{}\n", json!({"type": t, "object": o})))
+                        .collect();
+                    if missed.is_empty() {
+                        st.held.push(h);
+                    } else {
+                        h.send.send_response(
+                            Response::builder()
+                                .status(200)
+                                .header("content-type", "application/json")
+                                .body(Body::from(missed.into_bytes()))
+                                .unwrap(),
+                        );
+                    }
                     continue;
                 }
                 if logged.method == "GET" {
@@ -335,17 +359,24 @@ impl Fake {
     }
 }
 
-impl State {
-    /// Answers the held watches that select `o`.
-    fn notify(&mut self, key: &Key, event: &str, o: &Value) {
+impl Held {
+    fn selects(&self, key: &Key, o: &Value) -> bool {
         let (plural, ns, _) = key;
-        let (hit, keep): (Vec<Held>, Vec<Held>) =
-            std::mem::take(&mut self.held).into_iter().partition(|h| {
-                h.plural == *plural
-                    && h.ns.as_ref().is_none_or(|n| n == ns)
-                    && labels_match(o, &h.labels)
-                    && fields_match(o, &h.fields)
-            });
+        self.plural == *plural
+            && self.ns.as_ref().is_none_or(|n| n == ns)
+            && labels_match(o, &self.labels)
+            && fields_match(o, &self.fields)
+    }
+}
+
+impl State {
+    /// Records a change and answers the held watches that select `o`.
+    fn notify(&mut self, key: &Key, event: &str, o: &Value) {
+        self.history
+            .push((self.rv, key.clone(), event.to_string(), o.clone()));
+        let (hit, keep): (Vec<Held>, Vec<Held>) = std::mem::take(&mut self.held)
+            .into_iter()
+            .partition(|h| h.selects(key, o));
         self.held = keep;
         for h in hit {
             let line = format!("{}\n", json!({"type": event, "object": o}));
@@ -470,7 +501,9 @@ impl State {
                 {
                     return status(409, "Conflict", "Precondition failed: UID in precondition");
                 }
-                let o = self.objects.remove(&key).unwrap();
+                let mut o = self.objects.remove(&key).unwrap();
+                self.rv += 1;
+                o["metadata"]["resourceVersion"] = json!(self.rv.to_string());
                 self.notify(&key, "DELETED", &o);
                 respond(200, &o)
             }
