@@ -101,6 +101,10 @@ pub struct Router {
     events_unknown_worker: u64,
     /// The event feed is down: the index may be stale, so route on load alone until it is back.
     events_blind: bool,
+    /// Workers out of routing for now (a pod turned unready), with when they left. Their cache
+    /// entries, predictions and bookings stay and their events still apply, so one that comes
+    /// back soon routes on what it holds; [`Router::expire_parked`] forgets them for good.
+    parked: FastMap<WorkerId, (WorkerInfo, Instant)>,
 }
 
 /// The most data-parallel ranks a worker may announce.
@@ -137,6 +141,7 @@ impl Router {
             config,
             events_unknown_worker: 0,
             events_blind: false,
+            parked: FastMap::default(),
         })
     }
 
@@ -157,9 +162,11 @@ impl Router {
     }
 
     /// Adds or updates a worker. `dp_size` is clamped to `1..=MAX_DP_SIZE`.
+    /// A parked worker comes back with its cache entries.
     pub fn upsert_worker(&mut self, mut info: WorkerInfo) {
         info.dp_size = info.dp_size.clamp(1, MAX_DP_SIZE);
-        let old = self.workers.insert(info.id, info);
+        let parked = self.parked.remove(&info.id).map(|(i, _)| i);
+        let old = self.workers.insert(info.id, info).or(parked);
         self.rebuild_targets();
         // Ranks that disappeared lose their cache entries and predictions.
         if let Some(old) = old {
@@ -181,16 +188,58 @@ impl Router {
         self.events_unknown_worker
     }
 
-    /// Whether `w` is a known (worker, dp rank).
+    /// Whether `w` is a known (worker, dp rank) whose events are indexed: a routing target, or
+    /// a parked one.
     pub fn is_target(&self, w: WorkerRank) -> bool {
         self.workers
             .get(&w.worker)
+            .or_else(|| self.parked.get(&w.worker).map(|(i, _)| i))
             .is_some_and(|info| w.dp_rank.0 < info.dp_size)
     }
 
-    /// Forgets a worker: blocks, predictions and bookings. Returns the bookings dropped.
+    /// Takes a worker out of routing but keeps what is known about it (cache entries,
+    /// predictions, bookings) and keeps applying its events, so that if it is back soon
+    /// ([`upsert_worker`](Self::upsert_worker)) it routes on its cache at once. Returns false
+    /// for a worker that is not a routing target.
+    pub fn park_worker(&mut self, id: WorkerId, now: Instant) -> bool {
+        let Some(info) = self.workers.remove(&id) else {
+            return false;
+        };
+        self.parked.insert(id, (info, now));
+        self.rebuild_targets();
+        true
+    }
+
+    pub fn is_parked(&self, id: WorkerId) -> bool {
+        self.parked.contains_key(&id)
+    }
+
+    /// The parked workers and when they were parked.
+    pub fn parked_workers(&self) -> impl Iterator<Item = (&WorkerInfo, Instant)> {
+        self.parked.values().map(|(i, t)| (i, *t))
+    }
+
+    /// Forgets the workers parked for `grace` or longer, as [`remove_worker`](Self::remove_worker)
+    /// does. Returns them.
+    pub fn expire_parked(&mut self, now: Instant, grace: Duration) -> Vec<WorkerId> {
+        let mut gone: Vec<WorkerId> = self
+            .parked
+            .iter()
+            .filter(|(_, (_, since))| now.saturating_duration_since(*since) >= grace)
+            .map(|(id, _)| *id)
+            .collect();
+        gone.sort_unstable();
+        for id in &gone {
+            self.remove_worker(*id);
+        }
+        gone
+    }
+
+    /// Forgets a worker (routing or parked): blocks, predictions and bookings. Returns the
+    /// bookings dropped.
     pub fn remove_worker(&mut self, id: WorkerId) -> Vec<RequestId> {
         self.workers.remove(&id);
+        self.parked.remove(&id);
         self.rebuild_targets();
         self.index.remove_worker(id);
         if let Some(p) = &mut self.predicted {

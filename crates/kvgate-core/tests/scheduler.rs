@@ -765,3 +765,55 @@ fn nan_costs_and_tiny_temperatures_still_pick_the_cheapest() {
     let (o, _) = run(&w, &cands, 16);
     assert!(matches!(o, Outcome::Chosen { .. }));
 }
+
+#[test]
+fn a_parked_worker_is_not_routed_to_but_keeps_its_cache_until_it_expires() {
+    let mut r = router(|_| {});
+    let t0 = Instant::now();
+    let h = prompt(31, 8);
+    r.apply_event(&stored_event(B, &h));
+    assert!(r.park_worker(WorkerId(2), t0));
+    assert!(!r.park_worker(WorkerId(2), t0), "already parked");
+    assert!(r.is_parked(WorkerId(2)));
+    // Out of routing: its prefix goes to A.
+    assert_eq!(r.targets(&[WorkerRole::Aggregated]), vec![A]);
+    let d = route(&mut r, "while-parked", &h, t0).unwrap();
+    assert_eq!(d.worker, A);
+    r.free(&"while-parked".into());
+    // Its events still apply (the engine runs on while its pod is unready).
+    let more = prompt(32, 4);
+    assert!(r.apply_event(&stored_event(B, &more)));
+    // Back within the grace period: it routes on everything it holds at once.
+    r.upsert_worker(WorkerInfo {
+        id: WorkerId(2),
+        dp_size: 1,
+        role: WorkerRole::Aggregated,
+        capacity: WorkerCapacity {
+            total_kv_blocks: Some(1000),
+            max_num_batched_tokens: Some(8192),
+        },
+    });
+    assert!(!r.is_parked(WorkerId(2)));
+    let h2 = prompt(31, 8);
+    let d = route(&mut r, "back", &h2, t0).unwrap();
+    assert_eq!((d.worker, d.overlap_blocks), (B, 8));
+    r.free(&"back".into());
+    assert_eq!(route(&mut r, "more", &more, t0).unwrap().worker, B);
+    r.free(&"more".into());
+
+    // Parked again and never back: forgotten after the grace period, not before.
+    let t1 = t0 + Duration::from_secs(100);
+    r.park_worker(WorkerId(2), t1);
+    assert!(
+        r.expire_parked(t1 + Duration::from_secs(29), Duration::from_secs(30))
+            .is_empty()
+    );
+    assert_eq!(r.index().num_blocks(B, StorageTier::Device), 12);
+    assert_eq!(
+        r.expire_parked(t1 + Duration::from_secs(30), Duration::from_secs(30)),
+        vec![WorkerId(2)]
+    );
+    assert_eq!(r.index().num_blocks(B, StorageTier::Device), 0);
+    assert!(!r.is_parked(WorkerId(2)));
+    assert!(!r.apply_event(&stored_event(B, &h)), "unknown once expired");
+}

@@ -87,6 +87,9 @@ pub struct KubernetesWorkers {
     pub block_size: u32,
     /// The engines' vLLM ZMQ KV event port, for pods that do not annotate one.
     pub kv_events_port: Option<u16>,
+    /// How long a pod that stops being an endpoint (unready, deleted) keeps its cache entries
+    /// and event subscription in case it comes back (zero: dropped at once).
+    pub unready_grace: Duration,
 }
 
 impl std::fmt::Debug for KubernetesWorkers {
@@ -97,6 +100,7 @@ impl std::fmt::Debug for KubernetesWorkers {
             .field("model", &self.model)
             .field("block_size", &self.block_size)
             .field("kv_events_port", &self.kv_events_port)
+            .field("unready_grace", &self.unready_grace)
             .finish_non_exhaustive()
     }
 }
@@ -153,6 +157,7 @@ async fn start_discovery(
         block_size: k.block_size,
         kv_events_port: k.kv_events_port,
     };
+    service.set_unready_grace(k.unready_grace);
     // Weak: discovery must not keep the service alive.
     let me = Arc::downgrade(service);
     let mut ready = Some(ready);

@@ -1004,6 +1004,7 @@ mod discovery {
             model: "qwen3".into(),
             block_size: 16,
             kv_events_port: None,
+            unready_grace: Duration::ZERO,
         });
         let (tx, rx) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
@@ -1039,6 +1040,203 @@ mod discovery {
             p["spec"]["targetPorts"] = json!([{"number": 8001}]);
         });
         routes_to(&b, "10.9.0.2:8001").await;
+    }
+
+    async fn index(b: &Bound) -> serde_json::Value {
+        reqwest::get(format!("http://{}/debug/index", b.metrics))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    async fn metric(b: &Bound, name: &str) -> f64 {
+        let text = reqwest::get(format!("http://{}/metrics", b.metrics))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(f64::NAN)
+    }
+
+    /// Polls the EPP's /debug/index until `f` holds for it.
+    async fn index_until(
+        b: &Bound,
+        what: &str,
+        f: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let v = index(b).await;
+            if f(&v) {
+                return v;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {what}: {v}"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    fn blocks(v: &serde_json::Value) -> usize {
+        v["ranks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["blocks"].as_array().unwrap().len())
+            .sum()
+    }
+
+    /// A pod that turns unready and back within the grace period keeps what the router knew of
+    /// its cache (a real mock engine publishing vLLM ZMQ events); one that stays away longer,
+    /// or comes back as another engine, loses it.
+    #[tokio::test]
+    async fn a_readiness_flap_keeps_the_cache_and_a_long_absence_drops_it() {
+        let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(kvgate_mocker::serve(
+            kvgate_mocker::MockerConfig {
+                port: 0,
+                engine: kvgate_engine::EngineConfig {
+                    block_size: 16,
+                    num_gpu_blocks: 1024,
+                    max_num_seqs: 16,
+                    max_num_batched_tokens: 8192,
+                    enable_prefix_caching: true,
+                    timing: Default::default(),
+                },
+                speedup_ratio: 100.0,
+                zmq_kv_events: Some("tcp://127.0.0.1:0".into()),
+                ..kvgate_mocker::MockerConfig::default()
+            },
+            move |addr, zmq, _| {
+                let _ = addr_tx.send((addr, zmq));
+            },
+        ));
+        let (http, zmq) = addr_rx.await.unwrap();
+        let zmq_port = zmq[0].rsplit(':').next().unwrap().to_string();
+        let engine_pod = |ready: bool, events_port: &str| {
+            json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": "w-0", "namespace": "ns", "labels": {"app": "vllm"},
+                             "annotations": {"kvgate.io/kv-events-port": events_port}},
+                "status": {"podIP": "127.0.0.1",
+                           "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}]},
+            })
+        };
+        let (fake, client) = fake_api::Fake::new(false);
+        fake.put(
+            "inferencepools",
+            json!({
+                "apiVersion": "inference.networking.k8s.io/v1", "kind": "InferencePool",
+                "metadata": {"name": "pool", "namespace": "ns"},
+                "spec": {"selector": {"matchLabels": {"app": "vllm"}}, "targetPorts": [{"number": http.port()}],
+                         "endpointPickerRef": {"name": "epp", "port": {"number": 9002}}},
+            }),
+        );
+        fake.put("pods", engine_pod(true, &zmq_port));
+        let mut c = config(PathBuf::from("/unused"));
+        c.router.use_kv_events = true;
+        c.workers = kvgate_epp::WorkerSource::Kubernetes(kvgate_epp::KubernetesWorkers {
+            client: Some(client),
+            namespace: Some("ns".into()),
+            pool: kvgate_epp::PoolRef::InferencePool("pool".into()),
+            model: "qwen3".into(),
+            block_size: 16,
+            kv_events_port: None,
+            unready_grace: Duration::from_secs(2),
+        });
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            if let Err(e) = kvgate_epp::serve(c, move |b| {
+                let _ = tx.send(b);
+            })
+            .await
+            {
+                panic!("epp failed: {e}");
+            }
+        });
+        let b = rx.await.unwrap();
+
+        // The engine caches a prompt; its events reach the EPP's index.
+        let prompt: String = (0..200).map(|i| format!("word{i} ")).collect();
+        let mut held = 0;
+        for _ in 0..100 {
+            let r = reqwest::Client::new()
+                .post(format!("http://{http}/v1/completions"))
+                .json(&json!({"model": "qwen3", "prompt": prompt, "max_tokens": 2}))
+                .send()
+                .await
+                .unwrap();
+            assert!(r.status().is_success());
+            held = blocks(&index(&b).await);
+            if held > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(held >= 4, "the EPP indexed {held} blocks");
+
+        // Unready: out of routing, cache entries kept.
+        fake.put("pods", engine_pod(false, &zmq_port));
+        let v = index_until(&b, "w-0 parked", |v| {
+            v["parked"].as_array().is_some_and(|p| p.len() == 1)
+        })
+        .await;
+        assert_eq!(blocks(&v), held);
+        // Ready again within the grace period: nothing was lost.
+        fake.put("pods", engine_pod(true, &zmq_port));
+        let v = index_until(&b, "w-0 back", |v| {
+            v["parked"].as_array().is_some_and(|p| p.is_empty())
+        })
+        .await;
+        assert_eq!(blocks(&v), held);
+        assert_eq!(
+            metric(&b, "kvgate_router_workers_returned_total").await,
+            1.0
+        );
+
+        // Unready for longer than the grace period: forgotten.
+        fake.put("pods", engine_pod(false, &zmq_port));
+        index_until(&b, "the grace period to run out", |v| {
+            blocks(v) == 0 && v["parked"].as_array().is_some_and(|p| p.is_empty())
+        })
+        .await;
+        assert_eq!(metric(&b, "kvgate_router_parked_expired_total").await, 1.0);
+
+        // Rebuilt from new events once back; then a flap that returns as another engine (its
+        // event publisher moved) starts from nothing.
+        fake.put("pods", engine_pod(true, &zmq_port));
+        let prompt2: String = (0..120).map(|i| format!("other{i} ")).collect();
+        let mut again = 0;
+        for _ in 0..100 {
+            reqwest::Client::new()
+                .post(format!("http://{http}/v1/completions"))
+                .json(&json!({"model": "qwen3", "prompt": prompt2, "max_tokens": 2}))
+                .send()
+                .await
+                .unwrap();
+            again = blocks(&index(&b).await);
+            if again > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(again > 0);
+        fake.put("pods", engine_pod(false, &zmq_port));
+        index_until(&b, "parked again", |v| {
+            v["parked"].as_array().is_some_and(|p| p.len() == 1)
+        })
+        .await;
+        fake.put("pods", engine_pod(true, "1"));
+        index_until(&b, "a new engine with an empty index", |v| {
+            blocks(v) == 0 && v["parked"].as_array().is_some_and(|p| p.is_empty())
+        })
+        .await;
     }
 
     async fn routes_to(b: &Bound, want: &str) {

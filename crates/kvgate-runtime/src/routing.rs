@@ -93,6 +93,24 @@ pub struct RoutingService {
     log: Mutex<VecDeque<DecisionRecord>>,
     log_len: usize,
     pub accuracy: AccuracyStats,
+    /// How long a worker that left the list (a pod turned unready) keeps its cache entries and
+    /// event subscription, in case it comes back; zero removes at once. Only for
+    /// [`set_workers`](Self::set_workers), the discovery path.
+    unready_grace: Mutex<Duration>,
+    /// Parked workers as they were listed, to tell a worker that is back from a new engine
+    /// with the same id (another address: a restarted pod).
+    parked: Mutex<HashMap<u64, kvgate_wire::workers::WorkerEntry>>,
+    pub parking: ParkingStats,
+}
+
+/// What became of workers that left the list with a grace period.
+#[derive(Debug, Default)]
+pub struct ParkingStats {
+    pub parked: AtomicU64,
+    /// Back within the grace period, with their cache entries.
+    pub returned: AtomicU64,
+    /// Not back in time: forgotten.
+    pub expired: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -140,6 +158,9 @@ impl RoutingService {
             log: Mutex::new(VecDeque::new()),
             log_len,
             accuracy: AccuracyStats::default(),
+            unready_grace: Mutex::new(Duration::ZERO),
+            parked: Mutex::new(HashMap::new()),
+            parking: ParkingStats::default(),
         }))
     }
 
@@ -161,7 +182,9 @@ impl RoutingService {
     }
 
     /// Replaces the worker list (model, block size and tokenizer stay): the router, the
-    /// bookings of removed workers and the event subscriptions follow.
+    /// bookings of removed workers and the event subscriptions follow. With an
+    /// [unready grace](Self::set_unready_grace), a worker that leaves is parked instead of
+    /// removed: out of routing, its cache entries and subscription kept until the grace ends.
     pub fn set_workers(&self, workers: Vec<kvgate_wire::workers::WorkerEntry>) {
         let old = self.workers.current();
         let new = WorkersFile {
@@ -172,7 +195,46 @@ impl RoutingService {
             return;
         }
         self.workers.replace(new.clone());
-        self.sync_workers(Some(&old), &new);
+        let grace = *lock(&self.unready_grace);
+        self.sync_workers_with(Some(&old), &new, grace);
+    }
+
+    /// How long a worker that leaves [`set_workers`](Self::set_workers)'s list keeps what the
+    /// router knows about it (zero: forgotten at once). Readiness probes that flap under load
+    /// then cost no cache knowledge.
+    pub fn set_unready_grace(&self, grace: Duration) {
+        *lock(&self.unready_grace) = grace;
+    }
+
+    /// Forgets the parked workers whose grace has run out.
+    pub fn expire_parked(&self) {
+        let grace = *lock(&self.unready_grace);
+        if lock(&self.parked).is_empty() {
+            return;
+        }
+        let gone = lock(&self.router).expire_parked(Instant::now(), grace);
+        for id in gone {
+            let entry = lock(&self.parked).remove(&id.0);
+            self.forget_subscriptions(id.0);
+            self.parking.expired.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                worker = entry.as_ref().map_or("", |e| e.name.as_str()),
+                grace_secs = grace.as_secs_f64(),
+                "worker not back within the grace period; its cache entries are dropped"
+            );
+        }
+    }
+
+    /// Stops following a worker's events (and forgets why they were refused).
+    fn forget_subscriptions(&self, id: u64) {
+        lock(&self.events.misconfigured).retain(|(w, _), _| *w != id);
+        lock(&self.subscriptions).retain(|(wid, _), h| {
+            let keep = *wid != id;
+            if !keep {
+                h.abort();
+            }
+            keep
+        });
     }
 
     fn start_source(self: &Arc<Self>, workers_file: Option<PathBuf>, plane: EventPlane) {
@@ -204,6 +266,14 @@ impl RoutingService {
                     None => false,
                 });
         }
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let Some(me) = me.upgrade() else { return };
+                me.expire_parked();
+            }
+        });
         let me = Arc::downgrade(self);
         tokio::spawn(async move {
             loop {
@@ -263,12 +333,52 @@ impl RoutingService {
 
     /// Brings the router and the event subscriptions in line with the workers file.
     fn sync_workers(&self, old: Option<&WorkersFile>, new: &WorkersFile) {
+        self.sync_workers_with(old, new, Duration::ZERO);
+    }
+
+    fn sync_workers_with(&self, old: Option<&WorkersFile>, new: &WorkersFile, grace: Duration) {
         let mut router = lock(&self.router);
         let mut subs = lock(&self.subscriptions);
         let new_ids: Vec<u64> = new.workers.iter().map(|w| w.instance_id().0).collect();
+        let now = Instant::now();
+        {
+            let mut parked = lock(&self.parked);
+            for w in &new.workers {
+                let id = w.instance_id();
+                let Some(prev) = parked.remove(&id.0) else {
+                    continue;
+                };
+                let same_engine = prev.kv_events == w.kv_events
+                    && prev.kv_events_replay == w.kv_events_replay
+                    && prev.dp_size == w.dp_size
+                    && prev.url == w.url;
+                if same_engine {
+                    self.parking.returned.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(worker = %w.name, "worker back within the grace period, with its cache entries");
+                } else {
+                    // Same id, another engine: what was indexed is not its cache.
+                    router.remove_worker(id);
+                    lock(&self.events.misconfigured).retain(|(x, _), _| *x != id.0);
+                    subs.retain(|(wid, _), h| {
+                        let keep = *wid != id.0;
+                        if !keep {
+                            h.abort();
+                        }
+                        keep
+                    });
+                }
+            }
+        }
         if let Some(old) = old {
             for w in &old.workers {
                 let id = w.instance_id();
+                if !new_ids.contains(&id.0) && !grace.is_zero() && router.park_worker(id, now) {
+                    // Out of routing; its engine may well still run and publish, so the
+                    // subscription and the cache entries stay until the grace ends.
+                    lock(&self.parked).insert(id.0, w.clone());
+                    self.parking.parked.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
                 // Only what the subscriptions depend on; capacity edits keep them running.
                 let changed = new
                     .workers
@@ -733,6 +843,31 @@ impl RoutingService {
             );
         }
         p.gauge(
+            "kvgate_router_parked_workers",
+            "Workers out of routing (not ready) whose cache entries are kept for the unready grace period.",
+            &[],
+            lock(&self.parked).len() as f64,
+        );
+        for (name, help, v) in [
+            (
+                "kvgate_router_workers_parked_total",
+                "Workers that left the pool and were parked with their cache entries.",
+                &self.parking.parked,
+            ),
+            (
+                "kvgate_router_workers_returned_total",
+                "Parked workers back within the grace period, routing on their cache at once.",
+                &self.parking.returned,
+            ),
+            (
+                "kvgate_router_parked_expired_total",
+                "Parked workers not back within the grace period, whose cache entries were dropped.",
+                &self.parking.expired,
+            ),
+        ] {
+            p.counter(name, help, &[], v.load(Ordering::Relaxed) as f64);
+        }
+        p.gauge(
             "kvgate_router_misconfigured_ranks",
             "Worker ranks whose KV events are refused (see /debug/index for why).",
             &[],
@@ -815,6 +950,8 @@ impl RoutingService {
             }
         }
         let blind = r.events_blind();
+        let mut parked: Vec<u64> = r.parked_workers().map(|(i, _)| i.id.0).collect();
+        parked.sort_unstable();
         drop(r);
         let ranks: Vec<serde_json::Value> = by_rank
             .into_iter()
@@ -829,6 +966,7 @@ impl RoutingService {
             .collect();
         serde_json::json!({
             "misconfigured": misconfigured,
+            "parked": parked,
             "events_blind": blind,
             "event_plane_connected": self.events.plane_connected.load(Ordering::Relaxed),
             "ranks": ranks,

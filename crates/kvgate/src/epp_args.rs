@@ -49,6 +49,11 @@ pub struct EppArgs {
     /// Pod discovery: the pool's KV block size (pods annotating another are left out).
     #[arg(long, default_value_t = 16)]
     pub block_size: u32,
+    /// Pod discovery: seconds a pod that stops being Ready keeps its cache entries and KV event
+    /// subscription (out of routing meanwhile), so a readiness flap costs no cache knowledge;
+    /// 0 drops them at once.
+    #[arg(long, env = "KVGATE_UNREADY_GRACE_SECS", default_value_t = 30.0, allow_hyphen_values = true, value_parser = parse_grace)]
+    pub unready_grace_secs: f64,
     /// Pod discovery: the engines' vLLM ZMQ KV event port, for pods without the
     /// `kvgate.io/kv-events-port` annotation.
     #[arg(long)]
@@ -155,7 +160,19 @@ impl EppArgs {
                 model,
                 block_size: self.block_size,
                 kv_events_port: self.kv_events_port,
+                unready_grace: std::time::Duration::from_secs_f64(self.unready_grace_secs),
             },
         ))
+    }
+}
+
+fn parse_grace(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if v.is_finite() && (0.0..=3600.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err("must be between 0 and 3600 seconds".into())
     }
 }

@@ -294,10 +294,14 @@ fn operator_options_are_checked_before_it_needs_a_cluster() {
 
 #[test]
 fn epp_worker_sources_are_one_or_the_other() {
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 5] = [
         (
             &["epp"],
             "give --workers FILE, or --model for pod discovery",
+        ),
+        (
+            &["epp", "--model", "m", "--unready-grace-secs", "-1"],
+            "must be between 0 and 3600 seconds",
         ),
         (
             &["epp", "--model", "m", "--endpoint-selector", "app=x"],
