@@ -54,6 +54,8 @@ pub struct OperatorMetrics {
     pub applies: [AtomicU64; 3],
     pub deletes: [AtomicU64; 3],
     pub status_writes: AtomicU64,
+    /// Failures of the watches that trigger reconciles (a missing CRD, missing RBAC, ...).
+    pub watch_errors: AtomicU64,
     /// 1 served, 0 not, -1 not checked yet.
     pub istio_available: AtomicI64,
     /// The graph API answered a list at least once.
@@ -259,13 +261,19 @@ impl Operator {
                 observed_generation: graph["metadata"]["generation"].as_i64(),
             });
         }
-        let status_written = match &plan.condition {
-            Some(c) => self.write_condition(graph, &ns, &name, c).await?,
-            None => false,
+        let status = match &plan.condition {
+            Some(c) => self.write_condition(graph, &ns, &name, c).await,
+            None => Ok(false),
         };
-        match failure {
-            Some(e) => Err(e),
-            None => Ok(Outcome {
+        match (failure, status) {
+            // The apply's failure is the one to report; a failed status write only adds to it.
+            (Some(e), Err(s)) => {
+                tracing::warn!(graph = %name, namespace = %ns, error = %s, "cannot report the failure in the graph's status");
+                Err(e)
+            }
+            (Some(e), Ok(_)) => Err(e),
+            (None, Err(s)) => Err(s),
+            (None, Ok(status_written)) => Ok(Outcome {
                 plan,
                 status_written,
             }),
@@ -401,7 +409,22 @@ pub async fn run(op: Arc<Operator>, shutdown: impl Future<Output = ()> + Send + 
             resource(Kind::InferencePool),
             owned.clone(),
         );
-    if op.istio_available().await.unwrap_or(false) {
+    // Whether to watch DestinationRules is decided here: ask a few times before giving up (a
+    // rule of a cluster that gets Istio later is still kept in sync by the periodic requeue).
+    let mut istio = false;
+    for attempt in 0..3 {
+        match op.istio_available().await {
+            Ok(v) => {
+                istio = v;
+                break;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, attempt, "cannot tell whether Istio is installed");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        }
+    }
+    if istio {
         ctl = ctl.owns_with(
             children(Kind::DestinationRule),
             resource(Kind::DestinationRule),
@@ -430,9 +453,19 @@ pub async fn run(op: Arc<Operator>, shutdown: impl Future<Output = ()> + Send + 
             },
             op.clone(),
         )
-        .for_each(|r| async move {
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "controller event");
+        .for_each(|r| {
+            let op = op.clone();
+            async move {
+                match r {
+                    Ok(_) => {}
+                    // Already logged by the error policy.
+                    Err(controller::Error::ReconcilerFailed(..)) => {}
+                    Err(controller::Error::QueueError(e)) => {
+                        op.metrics.watch_errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(error = %e, "a watch failed (missing CRD or RBAC?); changes it would report wait for the periodic requeue");
+                    }
+                    Err(e) => tracing::debug!(error = %e, "controller event"),
+                }
             }
         })
         .await;

@@ -210,7 +210,10 @@ pub fn plan(graph: &Value, opts: &RenderOptions, istio: bool, live: &Live) -> Pl
         ),
     ];
     let mut skipped_rule = false;
-    match rendered.destination_rule {
+    for (_, o) in desired.iter_mut() {
+        *o = with_applied_hash(std::mem::take(o));
+    }
+    match rendered.destination_rule.map(with_applied_hash) {
         Some(r) if istio => desired.push((Kind::DestinationRule, r)),
         Some(_) => skipped_rule = true,
         None => {}
@@ -253,7 +256,10 @@ pub fn plan(graph: &Value, opts: &RenderOptions, istio: bool, live: &Live) -> Pl
 
     let mut actions: Vec<Action> = desired
         .iter()
-        .filter(|(k, want)| live.get(*k).is_none_or(|have| !contains(have, want, "")))
+        .filter(|(k, want)| {
+            live.get(*k)
+                .is_none_or(|have| !contains(have, want, "", k.atomic_fields()))
+        })
         .map(|(k, want)| Action::Apply(*k, want.clone()))
         .collect();
     if !desired.iter().any(|(k, _)| *k == Kind::DestinationRule)
@@ -305,11 +311,15 @@ fn them(v: &[String]) -> &'static str {
     if v.len() == 1 { "it" } else { "them" }
 }
 
-/// The graph owns `o` (an owner reference with its uid).
+/// kvgate made `o` for the graph with this uid: an owner reference to the graph *and* kvgate's
+/// `managed-by` label. An owner reference alone is not enough: Dynamo's own operator makes
+/// objects of the same names, owned by the same graph, and those are not kvgate's to rewrite
+/// or delete.
 pub fn owned_by(o: &Value, uid: &str) -> bool {
-    o["metadata"]["ownerReferences"]
-        .as_array()
-        .is_some_and(|refs| refs.iter().any(|r| r["uid"] == uid))
+    o["metadata"]["labels"][MANAGED_BY.0] == MANAGED_BY.1
+        && o["metadata"]["ownerReferences"]
+            .as_array()
+            .is_some_and(|refs| refs.iter().any(|r| r["uid"] == uid))
 }
 
 /// Made by kvgate for this graph without an owner (e.g. `kvgate render | kubectl apply`), and
@@ -322,26 +332,66 @@ fn adoptable(o: &Value, graph: &str) -> bool {
     labels[MANAGED_BY.0] == MANAGED_BY.1 && labels[dgd::labels::GRAPH] == graph && no_controller
 }
 
-/// Lists that an apply replaces whole (`x-kubernetes-list-type: atomic` in their schema); the
-/// others kvgate writes are maps (`ports` by port, `ownerReferences` by uid), where entries of
-/// other managers may sit beside kvgate's.
-const ATOMIC_LISTS: &[&str] = &["/spec/targetPorts"];
+impl Kind {
+    /// Fields an apply replaces whole (`x-kubernetes-list-type: atomic` lists,
+    /// `x-kubernetes-map-type: atomic` maps): anything else in them is drift. Elsewhere, lists
+    /// are maps (`ports` by port, `ownerReferences` by uid) and maps are granular, so entries
+    /// of other managers may sit beside kvgate's.
+    pub fn atomic_fields(self) -> &'static [&'static str] {
+        match self {
+            Kind::Service => &["/spec/selector"],
+            Kind::InferencePool => &["/spec/targetPorts"],
+            Kind::DestinationRule => &[],
+        }
+    }
+}
 
-/// Whether every field `want` sets has that value in `have`.
-pub fn contains(have: &Value, want: &Value, path: &str) -> bool {
+/// Whether every field `want` sets has that value in `have` (`atomic`: paths that must be equal
+/// as a whole).
+pub fn contains(have: &Value, want: &Value, path: &str, atomic: &[&str]) -> bool {
+    if atomic.contains(&path) {
+        return match (have, want) {
+            (Value::Object(h), Value::Object(w)) => {
+                h.len() == w.len()
+                    && w.iter().all(|(k, wv)| {
+                        h.get(k)
+                            .is_some_and(|hv| contains(hv, wv, &format!("{path}/{k}"), atomic))
+                    })
+            }
+            (Value::Array(h), Value::Array(w)) => {
+                h.len() == w.len()
+                    && h.iter()
+                        .zip(w)
+                        .all(|(hv, wv)| contains(hv, wv, path, atomic))
+            }
+            (h, w) => h == w,
+        };
+    }
     match (have, want) {
         (Value::Object(h), Value::Object(w)) => w.iter().all(|(k, wv)| {
             h.get(k)
-                .is_some_and(|hv| contains(hv, wv, &format!("{path}/{k}")))
+                .is_some_and(|hv| contains(hv, wv, &format!("{path}/{k}"), atomic))
         }),
-        (Value::Array(h), Value::Array(w)) if ATOMIC_LISTS.contains(&path) => {
-            h.len() == w.len() && h.iter().zip(w).all(|(hv, wv)| contains(hv, wv, path))
-        }
-        (Value::Array(h), Value::Array(w)) => {
-            w.iter().all(|wv| h.iter().any(|hv| contains(hv, wv, path)))
-        }
+        (Value::Array(h), Value::Array(w)) => w
+            .iter()
+            .all(|wv| h.iter().any(|hv| contains(hv, wv, path, atomic))),
         (h, w) => h == w,
     }
+}
+
+/// The annotation holding a hash of what kvgate last applied: when what kvgate would apply
+/// changes, even by dropping a field (which the live object, still carrying it, cannot show),
+/// the hash differs and the object is applied again, and server-side apply removes the field.
+pub const APPLIED_HASH: &str = "kvgate.io/applied-hash";
+
+/// `o` with [`APPLIED_HASH`] set to a hash of `o` itself.
+fn with_applied_hash(mut o: Value) -> Value {
+    let hash = xxhash_rust::xxh3::xxh3_64(o.to_string().as_bytes());
+    if !o["metadata"]["annotations"].is_object() {
+        o["metadata"]["annotations"] = json!({});
+    }
+    o["metadata"]["annotations"][APPLIED_HASH] = json!(format!("{hash:016x}"));
+    o
 }
 
 /// The graph's `status.conditions` with kvgate's condition set to `c`; `None` when it already
@@ -372,43 +422,89 @@ mod tests {
         let have = json!({"spec": {"ports": [{"port": 1, "x": 1}, {"port": 2}],
                                    "targetPorts": [{"number": 8000}, {"number": 9000}]},
                           "metadata": {"labels": {"a": "1", "b": "2"}}});
+        let atomic = Kind::InferencePool.atomic_fields();
         // Map-like lists: extra entries of other managers are fine, in any order.
         assert!(contains(
             &have,
             &json!({"spec": {"ports": [{"port": 2}, {"port": 1}]}}),
-            ""
+            "",
+            atomic
         ));
         assert!(!contains(
             &have,
             &json!({"spec": {"ports": [{"port": 3}]}}),
-            ""
+            "",
+            atomic
         ));
         // An atomic list must be exactly kvgate's.
         assert!(!contains(
             &have,
             &json!({"spec": {"targetPorts": [{"number": 8000}]}}),
-            ""
+            "",
+            atomic
         ));
         assert!(contains(
             &have,
             &json!({"spec": {"targetPorts": [{"number": 8000}, {"number": 9000}]}}),
-            ""
+            "",
+            atomic
         ));
         assert!(contains(
             &have,
             &json!({"metadata": {"labels": {"a": "1"}}}),
-            ""
+            "",
+            atomic
         ));
         assert!(!contains(
             &have,
             &json!({"metadata": {"labels": {"a": "2"}}}),
-            ""
+            "",
+            atomic
         ));
         assert!(!contains(
             &have,
             &json!({"metadata": {"annotations": {}}}),
-            ""
+            "",
+            atomic
         ));
+    }
+
+    #[test]
+    fn an_atomic_map_must_match_exactly() {
+        let atomic = Kind::Service.atomic_fields();
+        let have = json!({"spec": {"selector": {"a": "1", "extra": "x"}}, "metadata": {"labels": {"a": "1", "extra": "x"}}});
+        assert!(!contains(
+            &have,
+            &json!({"spec": {"selector": {"a": "1"}}}),
+            "",
+            atomic
+        ));
+        assert!(contains(
+            &have,
+            &json!({"metadata": {"labels": {"a": "1"}}}),
+            "",
+            atomic
+        ));
+        assert!(contains(
+            &have,
+            &json!({"spec": {"selector": {"a": "1", "extra": "x"}}}),
+            "",
+            atomic
+        ));
+    }
+
+    #[test]
+    fn the_applied_hash_follows_every_field() {
+        let a = with_applied_hash(
+            json!({"metadata": {"name": "x"}, "spec": {"failureMode": "FailOpen"}}),
+        );
+        let b = with_applied_hash(json!({"metadata": {"name": "x"}, "spec": {}}));
+        assert_ne!(
+            a["metadata"]["annotations"][APPLIED_HASH],
+            b["metadata"]["annotations"][APPLIED_HASH]
+        );
+        let again = with_applied_hash(json!({"metadata": {"name": "x"}, "spec": {}}));
+        assert_eq!(b, again);
     }
 
     #[test]

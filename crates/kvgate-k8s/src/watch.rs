@@ -96,6 +96,7 @@ pub async fn watch_pool_pods(
                         pods.await;
                         return;
                     }
+                    Some(Ok(Event::Apply(o) | Event::InitApply(o))) if o.metadata.name.as_deref() != Some(name) => {}
                     Some(Ok(Event::Apply(o) | Event::InitApply(o))) => match pool_spec(&o, namespace, name) {
                         Ok(s) if s != spec => break s,
                         Ok(_) => {}

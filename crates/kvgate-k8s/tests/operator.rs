@@ -257,7 +257,7 @@ async fn hand_edits_are_kept_outside_kvgates_fields_and_put_back_inside_them() {
 
     // Someone annotates the Service, adds a port, and labels the pool: not kvgate's fields.
     fake.edit(SVCS, NS, "llama-epp", |s| {
-        s["metadata"]["annotations"] = json!({"team": "inference"});
+        s["metadata"]["annotations"]["team"] = json!("inference");
         s["spec"]["ports"]
             .as_array_mut()
             .unwrap()
@@ -280,6 +280,8 @@ async fn hand_edits_are_kept_outside_kvgates_fields_and_put_back_inside_them() {
     });
     fake.edit(SVCS, NS, "llama-epp", |s| {
         s["spec"]["selector"]["nvidia.com/dynamo-component"] = json!("Other");
+        // The selector is replaced whole by an apply: an extra key is drift too.
+        s["spec"]["selector"]["tier"] = json!("gold");
     });
     reconcile(&fake, &op).await.unwrap();
     let w = fake.take_writes();
@@ -308,7 +310,10 @@ async fn hand_edits_are_kept_outside_kvgates_fields_and_put_back_inside_them() {
         .find(|l| l.path.ends_with("/llama-epp"))
         .unwrap()
         .body;
-    assert!(body["metadata"].get("annotations").is_none(), "{body}");
+    assert!(
+        body["metadata"]["annotations"].get("team").is_none(),
+        "{body}"
+    );
     assert_eq!(body["spec"]["ports"].as_array().unwrap().len(), 3);
 }
 
@@ -358,6 +363,81 @@ async fn objects_kvgate_did_not_create_are_left_alone_until_labelled_for_adoptio
     assert_eq!(
         fake.get(SVCS, NS, "llama-epp").unwrap()["metadata"]["ownerReferences"][0]["uid"],
         uid
+    );
+}
+
+#[tokio::test]
+async fn objects_another_controller_made_for_the_graph_are_never_rewritten_or_deleted() {
+    // Dynamo's operator makes `<graph>-epp` and `<graph>-pool` too, owned by the same graph,
+    // but without kvgate's label: kvgate reports the conflict and leaves them be.
+    let (fake, client) = cluster(false, services());
+    let uid = fake.get(DGDS, NS, "llama").unwrap()["metadata"]["uid"].clone();
+    let owner = json!([{"apiVersion": "nvidia.com/v1alpha1", "kind": "DynamoGraphDeployment",
+                        "name": "llama", "uid": uid, "controller": true}]);
+    fake.put(
+        POOLS,
+        json!({"apiVersion": "inference.networking.k8s.io/v1", "kind": "InferencePool",
+               "metadata": {"name": "llama-pool", "namespace": NS, "ownerReferences": owner,
+                            "labels": {"app.kubernetes.io/managed-by": "dynamo-operator"}},
+               "spec": {"selector": {"matchLabels": {"x": "y"}}, "targetPorts": [{"number": 8000}]}}),
+    );
+    let op = operator(client, false);
+    reconcile(&fake, &op).await.unwrap();
+    let w = fake.take_writes();
+    assert!(applied(&w).is_empty(), "{:?}", applied(&w));
+    let c = condition(&fake);
+    assert_eq!(c["reason"], reason::NOT_OWNED);
+    assert!(
+        c["message"]
+            .as_str()
+            .unwrap()
+            .contains("InferencePool llm/llama-pool"),
+        "{c}"
+    );
+    // The graph drops its EPP: still not kvgate's to delete.
+    fake.edit(DGDS, NS, "llama", |g| {
+        g["spec"]["services"].as_object_mut().unwrap().remove("Epp");
+    });
+    reconcile(&fake, &op).await.unwrap();
+    assert!(deleted(&fake.take_writes()).is_empty());
+    assert!(fake.get(POOLS, NS, "llama-pool").is_some());
+}
+
+#[tokio::test]
+async fn a_field_kvgate_stops_setting_is_applied_away() {
+    let (fake, client) = cluster(false, services());
+    let with = Operator::new(
+        client.clone(),
+        OperatorConfig {
+            render: RenderOptions {
+                failure_mode: Some("FailOpen".into()),
+                ..RenderOptions::default()
+            },
+            ..OperatorConfig::default()
+        },
+        Arc::new(OperatorMetrics::new()),
+    );
+    reconcile(&fake, &with).await.unwrap();
+    assert_eq!(
+        fake.get(POOLS, NS, "llama-pool").unwrap()["spec"]["endpointPickerRef"]["failureMode"],
+        "FailOpen"
+    );
+    fake.take_writes();
+    // The operator restarted without it: the pool is applied again, without the field, so
+    // server-side apply removes it (the live pool alone cannot show that anything changed).
+    reconcile(&fake, &operator(client, false)).await.unwrap();
+    let w = fake.take_writes();
+    assert_eq!(applied(&w), ["inferencepools/llama-pool"]);
+    let body = &w
+        .iter()
+        .find(|l| l.path.ends_with("/llama-pool"))
+        .unwrap()
+        .body;
+    assert!(
+        body["spec"]["endpointPickerRef"]
+            .get("failureMode")
+            .is_none(),
+        "{body}"
     );
 }
 
@@ -551,16 +631,29 @@ async fn the_controller_reconciles_graphs_and_repairs_what_is_deleted() {
     let f2 = fake.clone();
     let m2 = metrics.clone();
     tokio::task::spawn_blocking(move || {
-        wait("the objects", &|| {
-            f2.get(POOLS, NS, "llama-pool").is_some() && f2.get(SVCS, NS, "llama-epp").is_some()
+        let ok = || m2.reconciles_ok.load(std::sync::atomic::Ordering::Relaxed);
+        wait("the objects and the condition", &|| {
+            f2.get(POOLS, NS, "llama-pool").is_some()
+                && f2.get(DGDS, NS, "llama").unwrap()["status"]["conditions"]
+                    .as_array()
+                    .is_some_and(|c| c.iter().any(|c| c["type"] == CONDITION_TYPE))
         });
+        // Quiet: the reconcile its own status write triggered is done, and nothing else comes
+        // (the next requeue is minutes away).
+        let mut settled = ok();
+        loop {
+            std::thread::sleep(Duration::from_millis(300));
+            let now = ok();
+            if now == settled {
+                break;
+            }
+            settled = now;
+        }
         f2.remove(POOLS, NS, "llama-pool");
         wait("the pool to come back", &|| {
             f2.get(POOLS, NS, "llama-pool").is_some()
         });
-        wait("a second reconcile to finish", &|| {
-            m2.reconciles_ok.load(std::sync::atomic::Ordering::Relaxed) >= 2
-        });
+        wait("the repairing reconcile to finish", &|| ok() > settled);
     })
     .await
     .unwrap();

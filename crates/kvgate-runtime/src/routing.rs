@@ -206,16 +206,27 @@ impl RoutingService {
         *lock(&self.unready_grace) = grace;
     }
 
-    /// Forgets the parked workers whose grace has run out.
+    /// Forgets the parked workers whose grace has run out. Holds the router, the subscriptions
+    /// and the parked list together (in the order `sync_workers_with` takes them), so a worker
+    /// cannot come back half-forgotten.
     pub fn expire_parked(&self) {
         let grace = *lock(&self.unready_grace);
-        if lock(&self.parked).is_empty() {
+        let mut router = lock(&self.router);
+        let mut subs = lock(&self.subscriptions);
+        let mut parked = lock(&self.parked);
+        if parked.is_empty() {
             return;
         }
-        let gone = lock(&self.router).expire_parked(Instant::now(), grace);
-        for id in gone {
-            let entry = lock(&self.parked).remove(&id.0);
-            self.forget_subscriptions(id.0);
+        for id in router.expire_parked(Instant::now(), grace) {
+            let entry = parked.remove(&id.0);
+            lock(&self.events.misconfigured).retain(|(w, _), _| *w != id.0);
+            subs.retain(|(wid, _), h| {
+                let keep = *wid != id.0;
+                if !keep {
+                    h.abort();
+                }
+                keep
+            });
             self.parking.expired.fetch_add(1, Ordering::Relaxed);
             tracing::info!(
                 worker = entry.as_ref().map_or("", |e| e.name.as_str()),
@@ -223,18 +234,6 @@ impl RoutingService {
                 "worker not back within the grace period; its cache entries are dropped"
             );
         }
-    }
-
-    /// Stops following a worker's events (and forgets why they were refused).
-    fn forget_subscriptions(&self, id: u64) {
-        lock(&self.events.misconfigured).retain(|(w, _), _| *w != id);
-        lock(&self.subscriptions).retain(|(wid, _), h| {
-            let keep = *wid != id;
-            if !keep {
-                h.abort();
-            }
-            keep
-        });
     }
 
     fn start_source(self: &Arc<Self>, workers_file: Option<PathBuf>, plane: EventPlane) {

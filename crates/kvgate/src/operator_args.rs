@@ -82,6 +82,12 @@ fn render_metrics(m: &OperatorMetrics) -> PromText {
         &[],
         m.status_writes.load(Ordering::Relaxed) as f64,
     );
+    p.counter(
+        "kvgate_operator_watch_errors_total",
+        "Failures of the watches that trigger reconciles (a missing CRD, missing RBAC); what they would report waits for the periodic requeue.",
+        &[],
+        m.watch_errors.load(Ordering::Relaxed) as f64,
+    );
     p.gauge(
         "kvgate_operator_istio_available",
         "1 when the cluster serves networking.istio.io DestinationRules, 0 when not, -1 before the first check.",

@@ -274,6 +274,8 @@ fn replica_sync_follows_the_replica_count_unless_the_env_sets_it() {
         "epp.env.DYN_ROUTER_TEMPERATURE=0.25",
         "--set",
         "epp.env.DYN_ADMISSION_CONTROL=token-capacity",
+        "--set",
+        "epp.env.DYN_ACTIVE_PREFILL_TOKENS_THRESHOLD=2000000",
     ]);
     let c = container(find(&objs, "Deployment", "t-kvgate-epp"), "epp");
     assert_eq!(
@@ -283,6 +285,11 @@ fn replica_sync_follows_the_replica_count_unless_the_env_sets_it() {
     assert_eq!(
         env_value(c, "DYN_ADMISSION_CONTROL").as_deref(),
         Some("token-capacity")
+    );
+    // A large whole number is written as one, not as 2e+06.
+    assert_eq!(
+        env_value(c, "DYN_ACTIVE_PREFILL_TOKENS_THRESHOLD").as_deref(),
+        Some("2000000")
     );
 }
 
@@ -390,7 +397,8 @@ fn bad_values_get_errors_that_name_them() {
 #[test]
 fn the_operator_gets_cluster_wide_or_namespaced_rbac_and_the_mesh_settings() {
     let objs = render(&["--set", "operator.enabled=true"]);
-    let role = find(&objs, "ClusterRole", "t-kvgate-operator");
+    // Cluster-scoped names carry the release namespace.
+    let role = find(&objs, "ClusterRole", "llm-t-kvgate-operator");
     let rules = role["rules"].as_array().unwrap();
     let allows = |group: &str, res: &str, verb: &str| {
         rules.iter().any(|r| {
@@ -407,17 +415,22 @@ fn the_operator_gets_cluster_wide_or_namespaced_rbac_and_the_mesh_settings() {
         ("inference.networking.k8s.io", "inferencepools", "patch"),
         ("inference.networking.k8s.io", "inferencepools", "watch"),
         ("networking.istio.io", "destinationrules", "patch"),
+        // blockOwnerDeletion under OwnerReferencesPermissionEnforcement.
+        ("nvidia.com", "dynamographdeployments/finalizers", "update"),
     ] {
         assert!(allows(g, r, v), "{v} {g}/{r}");
     }
     assert!(!allows("nvidia.com", "dynamographdeployments", "patch"));
-    let binding = find(&objs, "ClusterRoleBinding", "t-kvgate-operator");
+    let binding = find(&objs, "ClusterRoleBinding", "llm-t-kvgate-operator");
+    assert_eq!(binding["roleRef"]["name"], "llm-t-kvgate-operator");
     assert_eq!(
         binding["subjects"][0],
         json!({"kind": "ServiceAccount", "name": "t-kvgate-operator", "namespace": "llm"})
     );
     let deploy = find(&objs, "Deployment", "t-kvgate-operator");
     assert_eq!(deploy["spec"]["replicas"], 1);
+    // Never two operators at once, not even during an upgrade.
+    assert_eq!(deploy["spec"]["strategy"]["type"], "Recreate");
     let c = container(deploy, "operator");
     assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
     assert_eq!(

@@ -121,14 +121,18 @@ fn labels_match(o: &Value, selector: &str) -> bool {
     })
 }
 
-/// Apply-style merge: maps merge; lists of objects keyed by `uid`, `type` or `port` merge by
-/// key; other lists are replaced.
-fn merge_apply(into: &mut Value, from: &Value) {
+/// Apply-style merge: maps merge, except the atomic ones (`atomic`: paths) which are replaced;
+/// lists of objects keyed by `uid`, `type` or `port` merge by key; other lists are replaced.
+fn merge_apply(into: &mut Value, from: &Value, path: &str, atomic: &[&str]) {
+    if atomic.contains(&path) {
+        *into = from.clone();
+        return;
+    }
     match (into, from) {
         (Value::Object(a), Value::Object(b)) => {
             for (k, v) in b {
                 match a.get_mut(k) {
-                    Some(slot) => merge_apply(slot, v),
+                    Some(slot) => merge_apply(slot, v, &format!("{path}/{k}"), atomic),
                     None => {
                         a.insert(k.clone(), v.clone());
                     }
@@ -143,7 +147,7 @@ fn merge_apply(into: &mut Value, from: &Value) {
                 Some(k) => {
                     for x in b {
                         match a.iter_mut().find(|y| y[k] == x[k]) {
-                            Some(y) => merge_apply(y, x),
+                            Some(y) => merge_apply(y, x, path, atomic),
                             None => a.push(x.clone()),
                         }
                     }
@@ -433,6 +437,7 @@ impl State {
         let Some(name) = name else {
             // A list.
             let selector = query_param(&r.query, "labelSelector").unwrap_or_default();
+            let fields = query_param(&r.query, "fieldSelector").unwrap_or_default();
             let items: Vec<Value> = self
                 .objects
                 .iter()
@@ -440,6 +445,7 @@ impl State {
                     *p == plural
                         && ns.as_ref().is_none_or(|ns| ns == n)
                         && labels_match(o, &selector)
+                        && fields_match(o, &fields)
                 })
                 .map(|(_, o)| o.clone())
                 .collect();
@@ -459,7 +465,13 @@ impl State {
             ("PATCH", None) if r.content_type.starts_with("application/apply-patch") => {
                 let created = !self.objects.contains_key(&key);
                 let mut o = self.objects.get(&key).cloned().unwrap_or(json!({}));
-                merge_apply(&mut o, &r.body);
+                // A Service's selector is an atomic map: an apply replaces it whole.
+                let atomic: &[&str] = if plural == "services" {
+                    &["/spec/selector"]
+                } else {
+                    &[]
+                };
+                merge_apply(&mut o, &r.body, "", atomic);
                 if created {
                     self.uids += 1;
                     o["metadata"]["uid"] = json!(format!("uid-{}", self.uids));

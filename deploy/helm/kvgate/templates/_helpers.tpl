@@ -36,7 +36,8 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 
 {{- define "kvgate.serviceAccountName" -}}
-{{- if eq .component "epp" -}}{{ include "kvgate.epp.name" .ctx }}{{- else -}}{{ include "kvgate.operator.name" .ctx }}{{- end -}}
+{{- $names := .ctx.Values.serviceAccount.names -}}
+{{- if eq .component "epp" -}}{{ $names.epp | default (include "kvgate.epp.name" .ctx) }}{{- else -}}{{ $names.operator | default (include "kvgate.operator.name" .ctx) }}{{- end -}}
 {{- end -}}
 
 {{/* dynamo.serviceMesh.* checked once, for the DestinationRule and the operator alike. */}}
