@@ -70,6 +70,11 @@ async fn start_with(workers: &str, tweak: impl FnOnce(&mut EppConfig)) -> (Bound
     std::fs::write(&path, workers).unwrap();
     let mut c = config(path);
     tweak(&mut c);
+    (serve(c).await, dir)
+}
+
+/// Starts an EPP with `c`; returns once it is bound.
+async fn serve(c: EppConfig) -> Bound {
     let (tx, rx) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
         if let Err(e) = kvgate_epp::serve(c, move |b| {
@@ -80,7 +85,7 @@ async fn start_with(workers: &str, tweak: impl FnOnce(&mut EppConfig)) -> (Bound
             panic!("epp failed: {e}");
         }
     });
-    (rx.await.unwrap(), dir)
+    rx.await.unwrap()
 }
 
 async fn start() -> (Bound, Dir) {
@@ -1006,17 +1011,7 @@ mod discovery {
             kv_events_port: None,
             unready_grace: Duration::ZERO,
         });
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        tokio::spawn(async move {
-            if let Err(e) = kvgate_epp::serve(c, move |b| {
-                let _ = tx.send(b);
-            })
-            .await
-            {
-                panic!("epp failed: {e}");
-            }
-        });
-        let b = rx.await.unwrap();
+        let b = serve(c).await;
         // Bound, but the pods are not listed yet: not ready (2 = NOT_SERVING).
         assert_eq!(readiness(&b).await, 2);
         fake.release("pods");
@@ -1150,17 +1145,7 @@ mod discovery {
             kv_events_port: None,
             unready_grace: Duration::from_secs(2),
         });
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        tokio::spawn(async move {
-            if let Err(e) = kvgate_epp::serve(c, move |b| {
-                let _ = tx.send(b);
-            })
-            .await
-            {
-                panic!("epp failed: {e}");
-            }
-        });
-        let b = rx.await.unwrap();
+        let b = serve(c).await;
 
         // The engine caches a prompt; its events reach the EPP's index.
         let prompt: String = (0..200).map(|i| format!("word{i} ")).collect();

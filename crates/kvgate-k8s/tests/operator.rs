@@ -85,36 +85,24 @@ fn condition(fake: &Fake) -> Value {
         .unwrap_or(Value::Null)
 }
 
-fn applied(w: &[Logged]) -> Vec<String> {
+/// `<plural>/<name>` of the logged requests that `pick`.
+fn objects(w: &[Logged], pick: impl Fn(&Logged) -> bool) -> Vec<String> {
     w.iter()
-        .filter(|l| l.content_type.starts_with("application/apply-patch"))
+        .filter(|l| pick(l))
         .map(|l| {
-            l.path
-                .rsplit('/')
-                .take(2)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect::<Vec<_>>()
-                .join("/")
+            let mut it = l.path.rsplit('/');
+            let name = it.next().unwrap_or_default();
+            format!("{}/{name}", it.next().unwrap_or_default())
         })
         .collect()
 }
 
+fn applied(w: &[Logged]) -> Vec<String> {
+    objects(w, |l| l.content_type.starts_with("application/apply-patch"))
+}
+
 fn deleted(w: &[Logged]) -> Vec<String> {
-    w.iter()
-        .filter(|l| l.method == "DELETE")
-        .map(|l| {
-            l.path
-                .rsplit('/')
-                .take(2)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect::<Vec<_>>()
-                .join("/")
-        })
-        .collect()
+    objects(w, |l| l.method == "DELETE")
 }
 
 fn status_writes(w: &[Logged]) -> usize {

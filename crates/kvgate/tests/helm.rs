@@ -115,6 +115,27 @@ fn env_value(c: &Value, name: &str) -> Option<String> {
     env(c).into_iter().find(|(k, _)| k == name).map(|(_, v)| v)
 }
 
+/// `(item[a], item[b])` for each item of a list.
+fn pairs(list: &Value, a: &str, b: &str) -> Vec<(Value, Value)> {
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p[a].clone(), p[b].clone()))
+        .collect()
+}
+
+/// Whether an RBAC rule list grants `verb` on `group`/`resource`.
+fn allows(rules: &Value, group: &str, resource: &str, verb: &str) -> bool {
+    rules.as_array().unwrap().iter().any(|r| {
+        r["apiGroups"].as_array().unwrap().contains(&json!(group))
+            && r["resources"]
+                .as_array()
+                .unwrap()
+                .contains(&json!(resource))
+            && r["verbs"].as_array().unwrap().contains(&json!(verb))
+    })
+}
+
 /// The upstream InferencePool CRD from `../shared/k8s/` (or `$KVGATE_SHARED_DIR/k8s/`).
 fn pool_schema() -> kvgate_k8s::CrdSchema {
     const CRD: &str = "k8s/inference.networking.k8s.io_inferencepools.yaml";
@@ -172,36 +193,23 @@ fn the_chart_lints_and_its_default_objects_fit_together() {
     let epp_ref = &pool["spec"]["endpointPickerRef"];
     assert_eq!(epp_ref["name"], "t-kvgate-epp");
     assert_eq!(epp_ref["port"]["number"], 9002);
-    let ports: Vec<(i64, &str)> = svc["spec"]["ports"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| {
-            (
-                p["port"].as_i64().unwrap(),
-                p["targetPort"].as_str().unwrap(),
-            )
-        })
-        .collect();
+    // Service port -> the container port of that name.
     assert_eq!(
-        ports,
-        [(9002, "grpc"), (9003, "grpc-health"), (9090, "metrics")]
+        pairs(&svc["spec"]["ports"], "port", "targetPort"),
+        [
+            (json!(9002), json!("grpc")),
+            (json!(9003), json!("grpc-health")),
+            (json!(9090), json!("metrics"))
+        ]
     );
     let c = container(deploy, "epp");
-    let named: Vec<(&str, i64)> = c["ports"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| {
-            (
-                p["name"].as_str().unwrap(),
-                p["containerPort"].as_i64().unwrap(),
-            )
-        })
-        .collect();
     assert_eq!(
-        named,
-        [("grpc", 9002), ("grpc-health", 9003), ("metrics", 9090)]
+        pairs(&c["ports"], "name", "containerPort"),
+        [
+            (json!("grpc"), json!(9002)),
+            (json!("grpc-health"), json!(9003)),
+            (json!("metrics"), json!(9090))
+        ]
     );
     // Probes on the plaintext health port, readiness on the service that waits for discovery.
     assert_eq!(
@@ -223,14 +231,7 @@ fn the_chart_lints_and_its_default_objects_fit_together() {
 
     // RBAC: the pool read, its pods listed and watched, by the Deployment's ServiceAccount.
     let role = find(&objs, "Role", "t-kvgate-epp");
-    let rules = role["rules"].as_array().unwrap();
-    let allows = |group: &str, res: &str, verb: &str| {
-        rules.iter().any(|r| {
-            r["apiGroups"].as_array().unwrap().contains(&json!(group))
-                && r["resources"].as_array().unwrap().contains(&json!(res))
-                && r["verbs"].as_array().unwrap().contains(&json!(verb))
-        })
-    };
+    let allows = |g: &str, r: &str, v: &str| allows(&role["rules"], g, r, v);
     assert!(allows(
         "inference.networking.k8s.io",
         "inferencepools",
@@ -399,14 +400,7 @@ fn the_operator_gets_cluster_wide_or_namespaced_rbac_and_the_mesh_settings() {
     let objs = render(&["--set", "operator.enabled=true"]);
     // Cluster-scoped names carry the release namespace.
     let role = find(&objs, "ClusterRole", "llm-t-kvgate-operator");
-    let rules = role["rules"].as_array().unwrap();
-    let allows = |group: &str, res: &str, verb: &str| {
-        rules.iter().any(|r| {
-            r["apiGroups"].as_array().unwrap().contains(&json!(group))
-                && r["resources"].as_array().unwrap().contains(&json!(res))
-                && r["verbs"].as_array().unwrap().contains(&json!(verb))
-        })
-    };
+    let allows = |g: &str, r: &str, v: &str| allows(&role["rules"], g, r, v);
     for (g, r, v) in [
         ("nvidia.com", "dynamographdeployments", "watch"),
         ("nvidia.com", "dynamographdeployments/status", "patch"),
