@@ -25,6 +25,10 @@ macro_rules! knobs {
 }
 
 knobs! {
+    ROUTER_POLICY = "KVGATE_ROUTER_POLICY", "--router-policy", "kvgate",
+        "kvgate: lowest predicted time to first token; dynamo: Dynamo's cost function, bit for bit";
+    PREFILL_TOKENS_PER_SEC = "KVGATE_PREFILL_TOKENS_PER_SEC", "--prefill-tokens-per-sec", "learned",
+        "kvgate policy: a worker's prefill throughput; unset: learned from the router's own bookings";
     ENFORCE_DISAGG = "DYN_ENFORCE_DISAGG", "--enforce-disagg", "false",
         "true: fail when prefill routing is unavailable; false: fall back to aggregated";
     OVERLAP_SCORE_CREDIT = "DYN_ROUTER_KV_OVERLAP_SCORE_CREDIT", "--kv-overlap-score-credit", "1.0",
@@ -63,6 +67,39 @@ knobs! {
 pub const DEFAULT_APPROX_TTL: Duration = Duration::from_secs(120);
 /// Bound on predicted (worker, block) entries before the oldest are pruned.
 pub const DEFAULT_APPROX_MAX_BLOCKS: usize = 1 << 20;
+
+/// Which cost function ranks the candidates.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RouterPolicy {
+    /// Predicted time to first token, with a batch-size penalty on uncached work and the wait
+    /// for KV memory (see [`crate::latency`]).
+    #[default]
+    Kvgate,
+    /// Dynamo's cost function in blocks, bit for bit (the parity mode).
+    Dynamo,
+}
+
+impl RouterPolicy {
+    pub fn parse(s: &str) -> Result<Self, ConfigError> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "kvgate" => Ok(RouterPolicy::Kvgate),
+            "dynamo" => Ok(RouterPolicy::Dynamo),
+            _ => Err(ConfigError::new(
+                &ROUTER_POLICY,
+                s,
+                "must be `kvgate` or `dynamo`",
+            )),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RouterPolicy::Kvgate => "kvgate",
+            RouterPolicy::Dynamo => "dynamo",
+        }
+    }
+}
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum AdmissionMode {
@@ -106,6 +143,9 @@ impl AdmissionConfig {
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct RouterConfig {
+    pub policy: RouterPolicy,
+    /// Fixed prefill throughput for the kvgate policy; `None` learns it.
+    pub prefill_tokens_per_sec: Option<f64>,
     pub enforce_disagg: bool,
     pub overlap_score_credit: f64,
     pub overlap_score_credit_decay: f64,
@@ -127,6 +167,8 @@ pub struct RouterConfig {
 impl Default for RouterConfig {
     fn default() -> Self {
         Self {
+            policy: RouterPolicy::default(),
+            prefill_tokens_per_sec: None,
             enforce_disagg: false,
             overlap_score_credit: 1.0,
             overlap_score_credit_decay: 0.0,
@@ -201,6 +243,15 @@ fn fraction(knob: &Knob, v: f64) -> Result<(), ConfigError> {
 impl RouterConfig {
     /// Checks every knob's range. Returns the first problem, naming the variable.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(v) = self.prefill_tokens_per_sec
+            && !(v.is_finite() && v >= 1.0)
+        {
+            return Err(ConfigError::new(
+                &PREFILL_TOKENS_PER_SEC,
+                v,
+                "must be a finite number of tokens per second >= 1 (leave it unset to learn it)",
+            ));
+        }
         non_negative(&OVERLAP_SCORE_CREDIT, self.overlap_score_credit)?;
         non_negative(&OVERLAP_SCORE_CREDIT_DECAY, self.overlap_score_credit_decay)?;
         non_negative(&PREFILL_LOAD_SCALE, self.prefill_load_scale)?;
@@ -295,7 +346,12 @@ mod tests {
             AdmissionMode::parse(ADMISSION_CONTROL.default).unwrap(),
             c.admission.mode
         );
-        assert_eq!(KNOBS.len(), 16);
+        assert_eq!(
+            RouterPolicy::parse(ROUTER_POLICY.default).unwrap(),
+            c.policy
+        );
+        assert_eq!(c.prefill_tokens_per_sec, None);
+        assert_eq!(KNOBS.len(), 18);
     }
 
     #[test]
@@ -315,6 +371,10 @@ mod tests {
     #[test]
     fn every_range_is_checked() {
         let bad = [
+            RouterConfig {
+                prefill_tokens_per_sec: Some(0.5),
+                ..Default::default()
+            },
             RouterConfig {
                 overlap_score_credit: f64::NAN,
                 ..Default::default()
@@ -361,6 +421,7 @@ mod tests {
         assert_eq!(
             names,
             [
+                "KVGATE_PREFILL_TOKENS_PER_SEC",
                 "DYN_ROUTER_KV_OVERLAP_SCORE_CREDIT",
                 "DYN_ROUTER_KV_OVERLAP_SCORE_CREDIT_DECAY",
                 "DYN_ROUTER_PREFILL_LOAD_SCALE",
@@ -388,5 +449,14 @@ mod tests {
         };
         assert!(implicit.enabled());
         assert!(!AdmissionConfig::default().enabled());
+    }
+
+    #[test]
+    fn router_policy_parsing() {
+        assert_eq!(RouterPolicy::parse("Dynamo").unwrap(), RouterPolicy::Dynamo);
+        assert_eq!(RouterPolicy::parse("kvgate").unwrap(), RouterPolicy::Kvgate);
+        let e = RouterPolicy::parse("lmetric").unwrap_err();
+        assert_eq!(e.env, "KVGATE_ROUTER_POLICY");
+        assert!(e.to_string().contains("`kvgate` or `dynamo`"));
     }
 }

@@ -5,6 +5,7 @@
 //! - [`index`]: the prefix index fed by KV events; [`sequencer`] orders those events.
 //! - [`load`]: in-flight requests per worker (prefill tokens, active blocks, output blocks).
 //! - [`predicted`]: the approximate index used without KV events (routing decisions with a TTL).
+//! - [`latency`]: kvgate's policy: predicted time to first token, learned prefill rate.
 //! - [`scheduler`]: the cost function, selection, temperature, admission and explanations.
 //! - [`router`]: all of the above behind one type that books and frees requests.
 //! - [`replica`]: router replicas sharing their bookings (messages, gaps, states).
@@ -18,6 +19,7 @@ pub mod hashing;
 mod holders;
 pub mod ids;
 pub mod index;
+pub mod latency;
 pub mod load;
 mod orphans;
 pub mod predicted;

@@ -32,6 +32,12 @@ pub struct Booking {
     pub output_tokens: u32,
     /// When it was booked, or last seen alive (`touch`); the stale sweep measures from here.
     pub booked_at: Instant,
+    /// When it was booked (never moved): the latency model measures from here.
+    pub created_at: Instant,
+    /// Prefill tokens already queued on the worker when this request was booked there.
+    pub queued_ahead: u64,
+    /// When its first token was reported with a time ([`LoadTracker::complete_prefill_at`]).
+    pub first_token_at: Option<Instant>,
 }
 
 impl Booking {
@@ -188,8 +194,15 @@ impl LoadTracker {
             expected_output_tokens: b.expected_output_tokens,
             output_tokens: 0,
             booked_at: now,
+            created_at: now,
+            queued_ahead: 0,
+            first_token_at: None,
         };
         let load = self.workers.entry(b.worker).or_default();
+        let booking = Booking {
+            queued_ahead: load.prefill_tokens,
+            ..booking
+        };
         load.prefill_tokens += booking.prefill_tokens;
         for &s in &booking.seqs {
             *load.blocks.entry(s).or_insert(0) += 1;
@@ -202,17 +215,37 @@ impl LoadTracker {
 
     /// The first response byte arrived: the prompt is computed.
     pub fn prefill_complete(&mut self, request: &RequestId) -> Change {
-        let Some(b) = self.bookings.get_mut(request) else {
-            return Change::NoChange;
-        };
+        match self.complete_prefill(request) {
+            Some(_) => Change::Applied,
+            None => Change::NoChange,
+        }
+    }
+
+    /// Like [`prefill_complete`](Self::prefill_complete), at `now`; returns the booking when it
+    /// applied.
+    pub fn complete_prefill_at(&mut self, request: &RequestId, now: Instant) -> Option<&Booking> {
+        self.complete_prefill_inner(request, Some(now))
+    }
+
+    fn complete_prefill(&mut self, request: &RequestId) -> Option<&Booking> {
+        self.complete_prefill_inner(request, None)
+    }
+
+    fn complete_prefill_inner(
+        &mut self,
+        request: &RequestId,
+        now: Option<Instant>,
+    ) -> Option<&Booking> {
+        let b = self.bookings.get_mut(request)?;
         if b.prefill_done {
-            return Change::NoChange;
+            return None;
         }
         b.prefill_done = true;
+        b.first_token_at = now;
         if let Some(load) = self.workers.get_mut(&b.worker) {
             load.prefill_tokens = load.prefill_tokens.saturating_sub(b.prefill_tokens);
         }
-        Change::Applied
+        Some(b)
     }
 
     /// The request has generated `total_output_tokens` so far (moves predicted output load).
@@ -259,6 +292,11 @@ impl LoadTracker {
             Some(_) => Change::Applied,
             None => Change::NoChange,
         }
+    }
+
+    /// Like [`free`](Self::free); returns the removed booking.
+    pub fn take(&mut self, request: &RequestId) -> Option<Booking> {
+        self.remove_booking(request)
     }
 
     fn remove_booking(&mut self, request: &RequestId) -> Option<Booking> {

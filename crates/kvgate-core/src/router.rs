@@ -9,6 +9,7 @@ use crate::fasthash::FastMap;
 use crate::hashing::BlockHashes;
 use crate::ids::{RequestId, WorkerId, WorkerRank};
 use crate::index::{OverlapScores, PrefixIndex};
+use crate::latency::{Estimates, LatencyModel};
 use crate::load::{BookError, Change, LoadTracker, NewBooking};
 use crate::predicted::PredictedIndex;
 use crate::random::RandomSource;
@@ -105,6 +106,8 @@ pub struct Router {
     /// entries, predictions and bookings stay and their events still apply, so one that comes
     /// back soon routes on what it holds; [`Router::expire_parked`] forgets them for good.
     parked: FastMap<WorkerId, (WorkerInfo, Instant)>,
+    /// The kvgate policy's learned prefill rate and residency.
+    latency: LatencyModel,
 }
 
 /// The most data-parallel ranks a worker may announce.
@@ -138,6 +141,7 @@ impl Router {
             index: PrefixIndex::new(),
             predicted,
             load: LoadTracker::new(block_size),
+            latency: LatencyModel::new(config.prefill_tokens_per_sec),
             config,
             events_unknown_worker: 0,
             events_blind: false,
@@ -159,6 +163,10 @@ impl Router {
     }
     pub fn predicted(&self) -> Option<&PredictedIndex> {
         self.predicted.as_ref()
+    }
+    /// The kvgate policy's current prefill rate and residency.
+    pub fn estimates(&self) -> Estimates {
+        self.latency.estimates()
     }
 
     /// Adds or updates a worker. `dp_size` is clamped to `1..=MAX_DP_SIZE`.
@@ -381,6 +389,7 @@ impl Router {
                         0.0
                     },
                     new_blocks: load.map_or(seqs.len(), |l| l.new_blocks(seqs)),
+                    requests: load.map_or(0, |l| l.requests),
                     capacity,
                 }
             })
@@ -392,6 +401,7 @@ impl Router {
             ScoreRequest {
                 isl_tokens: isl,
                 block_size: self.block_size,
+                estimates: self.latency.estimates(),
             },
             &candidates,
             rng,
@@ -466,8 +476,20 @@ impl Router {
         Ok(())
     }
 
+    /// The request's first token arrived (time unknown: nothing is learned).
     pub fn prefill_complete(&mut self, request: &RequestId) -> Change {
         self.load.prefill_complete(request)
+    }
+
+    /// The request's first token arrived at `now`: also a sample of the worker's prefill rate.
+    pub fn prefill_complete_at(&mut self, request: &RequestId, now: Instant) -> Change {
+        let Some(b) = self.load.complete_prefill_at(request, now) else {
+            return Change::NoChange;
+        };
+        let tokens = b.queued_ahead + b.prefill_tokens;
+        let elapsed = now.saturating_duration_since(b.created_at);
+        self.latency.observe_prefill(tokens, elapsed);
+        Change::Applied
     }
 
     pub fn record_output(&mut self, request: &RequestId, total_output_tokens: u32) -> Change {
@@ -492,8 +514,24 @@ impl Router {
         self.load.touch(request, now)
     }
 
+    /// The request ended (time unknown: nothing is learned).
     pub fn free(&mut self, request: &RequestId) -> Change {
         self.load.free(request)
+    }
+
+    /// The request ended at `now`: also a sample of how long a request holds KV memory once
+    /// it runs, from its first token to its end. Queueing before the first token is left out on
+    /// purpose: under overload it grows without bound, and a residency that grows with the
+    /// queue would make the memory term drown the cache term just when hits matter most.
+    pub fn free_at(&mut self, request: &RequestId, now: Instant) -> Change {
+        let Some(b) = self.load.take(request) else {
+            return Change::NoChange;
+        };
+        if let Some(t) = b.first_token_at {
+            self.latency
+                .observe_residency(now.saturating_duration_since(t));
+        }
+        Change::Applied
     }
 
     /// Periodic housekeeping: expire predictions, free leaked bookings. Returns the freed ids.

@@ -15,18 +15,24 @@
 //! ties broken uniformly at random; temperature `T > 0` samples with
 //! `p_i ∝ exp(-(c_i - c_min) / ((c_max - c_min) * T))`, uniform when all costs are equal.
 //!
+//! That is [`RouterPolicy::Dynamo`]. Under [`RouterPolicy::Kvgate`] the same inputs (and the same
+//! credit, decay, scale and track-* knobs) feed a predicted time to first token instead, in
+//! milliseconds: see [`crate::latency`]. Selection, temperature and admission are shared.
+//!
 //! Admission (`token-capacity`) first removes busy workers (strict `>` on each threshold); when
 //! every candidate is busy the outcome is [`Outcome::Overloaded`], distinct from "no workers".
 
-use crate::config::{AdmissionConfig, RouterConfig};
+use crate::config::{AdmissionConfig, RouterConfig, RouterPolicy};
 use crate::ids::WorkerRank;
 use crate::index::TierOverlap;
+use crate::latency::{Estimates, PredictInput, Predicted, predict};
 use crate::random::RandomSource;
 use serde::Serialize;
 
 /// The cost function's weights (normally the config's; a decode leg may override the credit).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct CostWeights {
+    pub policy: RouterPolicy,
     pub overlap_score_credit: f64,
     pub overlap_score_credit_decay: f64,
     pub prefill_load_scale: f64,
@@ -38,6 +44,7 @@ pub struct CostWeights {
 impl From<&RouterConfig> for CostWeights {
     fn from(c: &RouterConfig) -> Self {
         Self {
+            policy: c.policy,
             overlap_score_credit: c.overlap_score_credit,
             overlap_score_credit_decay: c.overlap_score_credit_decay,
             prefill_load_scale: c.prefill_load_scale,
@@ -67,6 +74,8 @@ pub struct CandidateInput {
     pub output_blocks: f64,
     /// Request blocks not already active on this worker.
     pub new_blocks: usize,
+    /// Requests booked on the worker (running or queued).
+    pub requests: usize,
     pub capacity: WorkerCapacity,
 }
 
@@ -107,7 +116,11 @@ pub struct CandidateScore {
     pub decay: f64,
     pub credit_blocks: f64,
     pub decode_blocks: f64,
+    /// The policy's cost: blocks under `dynamo`, predicted milliseconds under `kvgate` (whose
+    /// components are in `predicted`; the block terms above are then shown for comparison).
     pub cost: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub predicted: Option<Predicted>,
     /// Selection probability (temperature > 0 only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub probability: Option<f64>,
@@ -119,6 +132,10 @@ pub struct CandidateScore {
 /// Everything that went into one decision, for debugging and the EPP's debug endpoint.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Explanation {
+    pub policy: RouterPolicy,
+    /// The kvgate policy's prefill rate and residency at decision time.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub estimates: Option<Estimates>,
     pub isl_tokens: usize,
     pub request_blocks: usize,
     pub block_size: usize,
@@ -144,6 +161,8 @@ pub enum Outcome {
 pub struct ScoreRequest {
     pub isl_tokens: usize,
     pub block_size: usize,
+    /// Used by the kvgate policy only.
+    pub estimates: Estimates,
 }
 
 impl ScoreRequest {
@@ -237,8 +256,43 @@ pub fn schedule(
             } else {
                 0.0
             };
-            let cost = weights.prefill_load_scale * (prefill_blocks - credit_blocks).max(0.0)
-                + decode_blocks;
+            let (cost, predicted) = match weights.policy {
+                RouterPolicy::Dynamo => (
+                    weights.prefill_load_scale * (prefill_blocks - credit_blocks).max(0.0)
+                        + decode_blocks,
+                    None,
+                ),
+                RouterPolicy::Kvgate => {
+                    let p = predict(
+                        &PredictInput {
+                            isl_tokens: req.isl_tokens as u64,
+                            credited_blocks: credit_blocks,
+                            block_size: req.block_size as u64,
+                            queued_prefill_tokens: if weights.track_prefill_tokens {
+                                c.active_prefill_tokens
+                            } else {
+                                0
+                            },
+                            min_queued_prefill_tokens: if weights.track_prefill_tokens {
+                                min_active_prefill
+                            } else {
+                                0
+                            },
+                            requests: c.requests,
+                            prefill_load_scale: weights.prefill_load_scale,
+                            memory: match c.capacity.total_kv_blocks {
+                                Some(total) if weights.track_active_blocks => {
+                                    Some((decode_blocks, c.active_blocks, total))
+                                }
+                                _ => None,
+                            },
+                        },
+                        &req.estimates,
+                    );
+                    // Near-equal candidates tie, so that the cache decides between them.
+                    ((p.total_ms() * 10.0).round() / 10.0, Some(p))
+                }
+            };
             CandidateScore {
                 worker: c.worker,
                 overlap_blocks: overlap,
@@ -253,6 +307,7 @@ pub fn schedule(
                 credit_blocks,
                 decode_blocks,
                 cost,
+                predicted,
                 probability: None,
                 busy: *b,
             }
@@ -260,6 +315,8 @@ pub fn schedule(
         .collect();
 
     let mut explanation = Explanation {
+        policy: weights.policy,
+        estimates: (weights.policy == RouterPolicy::Kvgate).then_some(req.estimates),
         isl_tokens: req.isl_tokens,
         request_blocks: req.request_blocks(),
         block_size: req.block_size,
@@ -282,7 +339,7 @@ pub fn schedule(
     let chosen = if weights.temperature > 0.0 {
         sample_softmax(&mut scores, &eligible, weights.temperature, rng)
     } else {
-        argmin_random_ties(&scores, &eligible, rng)
+        argmin_random_ties(&scores, &eligible, weights.policy, rng)
     };
 
     // Fallbacks: the other eligible candidates by cost, ties by worker for stable output.
@@ -304,6 +361,7 @@ pub fn schedule(
 fn argmin_random_ties(
     scores: &[CandidateScore],
     eligible: &[usize],
+    policy: RouterPolicy,
     rng: &mut dyn RandomSource,
 ) -> usize {
     // total_cmp puts NaN last, so a NaN cost never wins over a number.
@@ -314,11 +372,16 @@ fn argmin_random_ties(
     else {
         return 0;
     };
-    let ties: Vec<usize> = eligible
+    let mut ties: Vec<usize> = eligible
         .iter()
         .copied()
         .filter(|&i| scores[i].cost == min)
         .collect();
+    if policy == RouterPolicy::Kvgate
+        && let Some(most) = ties.iter().map(|&i| scores[i].overlap_blocks).max()
+    {
+        ties.retain(|&i| scores[i].overlap_blocks == most);
+    }
     match ties.len() {
         // Every cost is NaN (cannot happen with a validated config): take the first.
         0 => eligible[0],
@@ -350,11 +413,11 @@ fn sample_softmax(
     } else {
         // A temperature so small that the spread underflows, or non-finite costs: the limit
         // of the distribution is the argmin.
-        return argmin_random_ties(scores, eligible, rng);
+        return argmin_random_ties(scores, eligible, RouterPolicy::Dynamo, rng);
     };
     let total: f64 = weights.iter().sum();
     if !(total.is_finite() && total > 0.0) {
-        return argmin_random_ties(scores, eligible, rng);
+        return argmin_random_ties(scores, eligible, RouterPolicy::Dynamo, rng);
     }
     for (k, &i) in eligible.iter().enumerate() {
         scores[i].probability = Some(weights[k] / total);

@@ -2,9 +2,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use kvgate_core::config::{AdmissionConfig, AdmissionMode, RouterConfig};
+use kvgate_core::config::{AdmissionConfig, AdmissionMode, RouterConfig, RouterPolicy};
 use kvgate_core::hashing::{BlockHashes, HashSeed};
 use kvgate_core::index::TierOverlap;
+use kvgate_core::latency::{BATCH_PENALTY, Estimates};
 use kvgate_core::random::SplitMix64;
 use kvgate_core::router::{RouteError, RouteRequest, Router, WorkerInfo, WorkerRole};
 use kvgate_core::scheduler::{
@@ -35,6 +36,7 @@ fn cand(
         active_blocks: active,
         output_blocks: 0.0,
         new_blocks: new,
+        requests: 0,
         capacity: WorkerCapacity {
             total_kv_blocks: Some(1000),
             max_num_batched_tokens: Some(8192),
@@ -42,8 +44,12 @@ fn cand(
     }
 }
 
+/// Dynamo's cost function (the parity mode): what most tests here pin down.
 fn weights(f: impl FnOnce(&mut RouterConfig)) -> CostWeights {
-    let mut c = RouterConfig::default();
+    let mut c = RouterConfig {
+        policy: RouterPolicy::Dynamo,
+        ..RouterConfig::default()
+    };
     f(&mut c);
     CostWeights::from(&c)
 }
@@ -52,6 +58,7 @@ fn req(isl: usize) -> ScoreRequest {
     ScoreRequest {
         isl_tokens: isl,
         block_size: BS,
+        estimates: Estimates::default(),
     }
 }
 
@@ -362,6 +369,7 @@ fn arb_cand(i: u64) -> impl Strategy<Value = CandidateInput> {
             active_blocks: a,
             output_blocks: f64::from(out),
             new_blocks: n,
+            requests: a / 16,
             capacity: WorkerCapacity {
                 total_kv_blocks: Some(1000),
                 max_num_batched_tokens: Some(8192),
@@ -377,8 +385,14 @@ fn arb_weights() -> impl Strategy<Value = CostWeights> {
         0.0f64..3.0,
         any::<bool>(),
         any::<bool>(),
+        any::<bool>(),
     )
-        .prop_map(|(c, d, s, tp, ta)| CostWeights {
+        .prop_map(|(c, d, s, tp, ta, kv)| CostWeights {
+            policy: if kv {
+                RouterPolicy::Kvgate
+            } else {
+                RouterPolicy::Dynamo
+            },
             overlap_score_credit: c,
             overlap_score_credit_decay: d,
             prefill_load_scale: s,
@@ -434,7 +448,10 @@ proptest! {
 // ---------------- through the Router ----------------
 
 fn router(f: impl FnOnce(&mut RouterConfig)) -> Router {
-    let mut c = RouterConfig::default();
+    let mut c = RouterConfig {
+        policy: RouterPolicy::Dynamo,
+        ..RouterConfig::default()
+    };
     f(&mut c);
     c.validate().unwrap();
     let mut r = Router::new(c, BS).unwrap();
@@ -816,4 +833,198 @@ fn a_parked_worker_is_not_routed_to_but_keeps_its_cache_until_it_expires() {
     assert_eq!(r.index().num_blocks(B, StorageTier::Device), 0);
     assert!(!r.is_parked(WorkerId(2)));
     assert!(!r.apply_event(&stored_event(B, &h)), "unknown once expired");
+}
+
+// ---------------- the kvgate policy ----------------
+
+fn kvgate(f: impl FnOnce(&mut RouterConfig)) -> CostWeights {
+    let mut c = RouterConfig::default();
+    assert_eq!(
+        c.policy,
+        RouterPolicy::Kvgate,
+        "kvgate is the default policy"
+    );
+    f(&mut c);
+    CostWeights::from(&c)
+}
+
+/// A 1024-token request at 10,000 prefill tokens/s, admission off.
+fn kv_schedule(
+    w: &CostWeights,
+    cands: &[CandidateInput],
+    seed: u64,
+) -> (Outcome, kvgate_core::scheduler::Explanation) {
+    schedule(
+        w,
+        &AdmissionConfig::default(),
+        req_at(1024, 10_000.0),
+        cands,
+        &mut SplitMix64::new(seed),
+    )
+}
+
+/// 10,000 prefill tokens per second: 10 tokens per millisecond.
+fn req_at(isl: usize, rate: f64) -> ScoreRequest {
+    ScoreRequest {
+        estimates: Estimates {
+            prefill_tokens_per_sec: rate,
+            residency_ms: 5_000.0,
+            ..Estimates::default()
+        },
+        ..req(isl)
+    }
+}
+
+#[test]
+fn kvgate_cost_is_the_predicted_ttft_in_ms() {
+    let w = kvgate(|_| {});
+    let mut a = cand(A, 32, 1000, 10, 0);
+    a.requests = 3;
+    let (_, e) = kv_schedule(&w, &[a], 0);
+    let c = &e.candidates[0];
+    let p = c.predicted.unwrap();
+    // 512 of 1024 tokens cached; (1000 + 512) / 10 ms queued; 0.25 * 51.2 ms * (1 + 3).
+    assert_eq!((p.cached_tokens, p.uncached_tokens), (512, 512));
+    assert!((p.prefill_ms - 151.2).abs() < 1e-9, "{p:?}");
+    assert!(
+        (p.batch_ms - BATCH_PENALTY * 51.2 * 4.0).abs() < 1e-9,
+        "{p:?}"
+    );
+    assert_eq!(p.memory_wait_ms, 0.0);
+    assert!((c.cost - 202.4).abs() < 1e-9, "{c:?}");
+    assert_eq!(e.policy, RouterPolicy::Kvgate);
+    assert_eq!(e.estimates.unwrap().prefill_tokens_per_sec, 10_000.0);
+    let json = serde_json::to_value(&e).unwrap();
+    assert_eq!(json["policy"], "kvgate");
+    assert!(json["candidates"][0]["predicted"]["batch_ms"].is_number());
+}
+
+#[test]
+fn kvgate_stays_on_the_cache_until_its_queue_outweighs_the_recompute() {
+    let w = kvgate(|_| {});
+    // A: caches the whole 4096-token prompt, queued work q; B: idle, cold.
+    let pick = |q: u64| {
+        let a = cand(A, 256, q, 0, 0);
+        let b = cand(B, 0, 0, 0, 256);
+        chosen(
+            &schedule(
+                &w,
+                &AdmissionConfig::default(),
+                req_at(4096, 10_000.0),
+                &[a, b],
+                &mut SplitMix64::new(1),
+            )
+            .0,
+        )
+    };
+    // Cold costs (4096 + 0.25 * 4096) / 10 = 512 ms; warm costs q / 10 ms.
+    assert_eq!(pick(0), A);
+    assert_eq!(pick(5000), A);
+    assert_eq!(pick(5200), B);
+}
+
+#[test]
+fn kvgate_spreads_cold_work_by_batch_size() {
+    let w = kvgate(|_| {});
+    // Same queue, same (no) cache: the worker with fewer requests wins.
+    let mut a = cand(A, 0, 0, 0, 64);
+    a.requests = 8;
+    let mut b = cand(B, 0, 0, 0, 64);
+    b.requests = 2;
+    let (o, _) = kv_schedule(&w, &[a, b], 0);
+    assert_eq!(chosen(&o), B);
+}
+
+#[test]
+fn kvgate_charges_the_wait_for_kv_memory() {
+    let w = kvgate(|_| {});
+    // A caches half the prompt but its KV cache is full; B is cold with room.
+    let a = cand(A, 32, 0, 990, 32);
+    let b = cand(B, 0, 0, 100, 64);
+    let (o, e) = kv_schedule(&w, &[a, b], 0);
+    assert_eq!(chosen(&o), B);
+    let pa = e.candidates[0].predicted.unwrap();
+    assert_eq!(pa.memory_excess_blocks, 22.0);
+    assert!((pa.memory_wait_ms - 22.0 / 990.0 * 5_000.0).abs() < 1e-9);
+    // With active blocks untracked (or capacity unknown) there is no memory term.
+    let w = kvgate(|c| c.track_active_blocks = false);
+    let (o, e) = kv_schedule(&w, &[a, b], 0);
+    assert_eq!(chosen(&o), A);
+    assert_eq!(e.candidates[0].predicted.unwrap().memory_wait_ms, 0.0);
+}
+
+#[test]
+fn kvgate_knobs_keep_their_meaning() {
+    let a = cand(A, 64, 4000, 0, 0);
+    let b = cand(B, 0, 0, 0, 64);
+    let run = |w: &CostWeights| {
+        schedule(
+            w,
+            &AdmissionConfig::default(),
+            req_at(1024, 10_000.0),
+            &[a, b],
+            &mut SplitMix64::new(0),
+        )
+    };
+    // Default: A caches everything but has 400 ms queued; B computes 1024 tokens: 128 ms.
+    assert_eq!(chosen(&run(&kvgate(|_| {})).0), B);
+    // Not tracking prefill tokens: A's queue is invisible.
+    assert_eq!(
+        chosen(&run(&kvgate(|c| c.track_prefill_tokens = false)).0),
+        A
+    );
+    // Credit 0: nothing counts as cached; both compute the prompt, B has no queue.
+    let (_, e) = run(&kvgate(|c| c.overlap_score_credit = 0.0));
+    assert_eq!(e.candidates[0].predicted.unwrap().cached_tokens, 0);
+    // Credit decay shrinks the credit of the loaded worker.
+    let (_, e) = run(&kvgate(|c| c.overlap_score_credit_decay = 1.0));
+    let p = e.candidates[0].predicted.unwrap();
+    assert!(p.cached_tokens < 1024, "{p:?}");
+    // Prefill load scale 0: only the batch and memory terms remain; A (all cached) is free.
+    let (o, e) = run(&kvgate(|c| c.prefill_load_scale = 0.0));
+    assert_eq!(chosen(&o), A);
+    assert_eq!(e.candidates[0].cost, 0.0);
+    // Temperature samples over the same costs.
+    let (_, e) = run(&kvgate(|c| c.temperature = 1.0));
+    assert!(e.candidates.iter().all(|c| c.probability.is_some()));
+}
+
+#[test]
+fn kvgate_ties_go_to_the_bigger_cache() {
+    let w = kvgate(|c| c.prefill_load_scale = 0.0);
+    // Both cost 0 (no batch, no memory term); A caches more.
+    for seed in 0..20 {
+        let a = cand(A, 64, 0, 0, 0);
+        let b = cand(B, 10, 0, 0, 0);
+        let (o, _) = kv_schedule(&w, &[b, a], seed);
+        assert_eq!(chosen(&o), A);
+    }
+}
+
+#[test]
+fn the_router_learns_the_prefill_rate_and_residency_from_its_bookings() {
+    let mut r = router(|c| c.policy = RouterPolicy::Kvgate);
+    let before = r.estimates();
+    assert!(before.learned_rate);
+    let t0 = Instant::now();
+    let p = prompt(7, 256);
+    let id = RequestId::from("a");
+    route(&mut r, "a", &p, t0).unwrap();
+    // 4096 tokens in 50 ms: 81,920 tokens/s, above the initial guess, so the rate rises.
+    r.prefill_complete_at(&id, t0 + Duration::from_millis(50));
+    let after = r.estimates();
+    assert_eq!(after.rate_samples, 1);
+    assert!(after.prefill_tokens_per_sec > before.prefill_tokens_per_sec);
+    r.free_at(&id, t0 + Duration::from_secs(30));
+    let e = r.estimates();
+    assert_eq!(e.residency_samples, 1);
+    assert!(e.residency_ms > before.residency_ms);
+    // A fixed rate is not learned.
+    let mut r = router(|c| {
+        c.policy = RouterPolicy::Kvgate;
+        c.prefill_tokens_per_sec = Some(12_345.0);
+    });
+    route(&mut r, "a", &p, t0).unwrap();
+    r.prefill_complete_at(&id, t0 + Duration::from_millis(50));
+    assert_eq!(r.estimates().prefill_tokens_per_sec, 12_345.0);
 }

@@ -488,6 +488,20 @@ async fn a_shared_prefix_returns_to_its_worker_and_accuracy_is_measured() {
         2
     );
     assert!(d[0]["predicted_cached_tokens"].as_u64().unwrap() > 0);
+    // The default (kvgate) policy explains each candidate's predicted components.
+    let e = &d[0]["explanation"];
+    assert_eq!(e["policy"], "kvgate");
+    assert!(e["estimates"]["prefill_tokens_per_sec"].as_f64().unwrap() > 0.0);
+    for c in e["candidates"].as_array().unwrap() {
+        let p = &c["predicted"];
+        for k in ["prefill_ms", "batch_ms", "memory_wait_ms"] {
+            assert!(p[k].as_f64().is_some(), "{k} missing: {c}");
+        }
+        let total = p["prefill_ms"].as_f64().unwrap()
+            + p["batch_ms"].as_f64().unwrap()
+            + p["memory_wait_ms"].as_f64().unwrap();
+        assert!((c["cost"].as_f64().unwrap() - total).abs() <= 0.05, "{c}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

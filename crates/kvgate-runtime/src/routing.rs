@@ -631,7 +631,7 @@ impl RoutingService {
 
     pub fn prefill_complete(&self, id: &RequestId) {
         let mut r = lock(&self.router);
-        if r.prefill_complete(id) == Change::Applied {
+        if r.prefill_complete_at(id, Instant::now()) == Change::Applied {
             self.sync(SyncOp::PrefillDone { id: id.to_string() });
         }
     }
@@ -642,7 +642,7 @@ impl RoutingService {
 
     pub fn free(&self, id: &RequestId) {
         let mut r = lock(&self.router);
-        if r.free(id) == Change::Applied {
+        if r.free_at(id, Instant::now()) == Change::Applied {
             self.sync(SyncOp::Freed { id: id.to_string() });
         }
     }

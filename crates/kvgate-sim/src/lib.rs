@@ -3,10 +3,14 @@
 //! policy, on identical hardware, and reports what each achieved.
 //!
 //! - [`trace`]: parsing traces, expanding block ids to prompts, the trace's reuse bound;
-//! - [`policy`]: the policies compared (random, round-robin, least-load, GAIE's default picker,
-//!   SGLang's cache-aware router, Dynamo's cost function, kvgate's);
+//! - [`tracegen`]: seeded traces of other shapes (agent loops, short chats, huge documents);
+//! - [`policy`]: the peer policies compared (random, round-robin, least-load, GAIE's default
+//!   picker, SGLang's cache-aware router, llm-d's default profile, LMetric) and the router core
+//!   itself under either of its policies (Dynamo's cost function, kvgate's): the core's code is
+//!   not copied here, it is called;
 //! - [`sim`]: the discrete-event simulation and the figures per policy.
 
 pub mod policy;
 pub mod sim;
 pub mod trace;
+pub mod tracegen;

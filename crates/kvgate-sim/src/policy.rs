@@ -12,18 +12,21 @@
 //!   the worker with the smallest tree;
 //! - [`KvRouter`] with [`KvRouter::dynamo`]: Dynamo's cost function with its default knobs,
 //!   reimplemented in `kvgate-core` and fed by the engines' KV events;
-//! - [`KvRouter`] with [`KvRouter::kvgate`]: kvgate's policy (see its docs).
+//! - [`KvRouter`] with [`KvRouter::kvgate`]: kvgate's policy, from `kvgate-core` (the product's);
+//! - [`LlmdDefault`]: llm-d's 2026 default scheduler profile: a prefix-cache affinity filter
+//!   ("sticky until saturated") and a token-load scorer;
+//! - [`Lmetric`]: LMetric's score, queued plus own uncached prefill tokens times the batch size.
 //!
 //! Engines' metrics are read at decision time (a real picker scrapes them every ~50 ms: this
 //! favours the metric-driven policies slightly).
 
-use kvgate_core::config::RouterConfig;
+use kvgate_core::config::{RouterConfig, RouterPolicy};
 use kvgate_core::hashing::BlockHashes;
 use kvgate_core::random::{RandomSource, SplitMix64};
 use kvgate_core::router::{RouteRequest, Router, WorkerInfo, WorkerRole};
 use kvgate_core::scheduler::WorkerCapacity;
 use kvgate_core::{RequestId, SeqHash, WorkerId, WorkerRank};
-use kvgate_engine::{CacheEvent, TimingModel};
+use kvgate_engine::CacheEvent;
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
@@ -336,27 +339,13 @@ impl Policy for SglangCacheAware {
     }
 }
 
-/// kvgate's weight of a worker's KV usage (booked blocks / capacity), in milliseconds of
-/// predicted time per unit of usage. Measured with `kvgate bench replay` on the bundled trace:
-/// 50 to 400 give the same TTFT and cut ITL and end-to-end latency by a fifth against 0.
-const KV_USAGE_MS: f64 = 100.0;
-
-/// How [`KvRouter`] chooses among workers.
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Scoring {
-    /// The router core's cost function as configured.
-    Cost,
-    /// Predicted time to first token from queued prefill work (see [`KvRouter::kvgate`]).
-    PredictedTtft { timing: TimingModel },
-}
-
-/// A router fed by the engines' KV events and booking its own decisions: the Dynamo cost
-/// function (default knobs), or kvgate's policy.
+/// A router core fed by the engines' KV events and booking its own decisions, with the policy
+/// its configuration names: Dynamo's cost function ([`KvRouter::dynamo`]) or kvgate's
+/// ([`KvRouter::kvgate`], the product default). The same code as in `kvgate epp`.
 pub struct KvRouter {
     name: String,
     router: Router,
     rng: SplitMix64,
-    scoring: Scoring,
     events: u64,
 }
 
@@ -369,13 +358,13 @@ fn request_id(id: u64) -> RequestId {
 }
 
 impl KvRouter {
-    fn new(
+    /// A router with any configuration (its `policy` decides the scoring).
+    pub fn with_config(
         name: &str,
         config: RouterConfig,
         fleet: &[WorkerView],
         block_size: usize,
         seed: u64,
-        scoring: Scoring,
     ) -> Result<Self, String> {
         let mut router = Router::new(config, block_size).map_err(|e| e.to_string())?;
         for (i, w) in fleet.iter().enumerate() {
@@ -393,7 +382,6 @@ impl KvRouter {
             name: name.into(),
             router,
             rng: SplitMix64::new(seed),
-            scoring,
             events: 0,
         })
     }
@@ -401,49 +389,25 @@ impl KvRouter {
     /// Dynamo's KV router: its cost function with the default knobs (credit 1, prefill load
     /// scale 1, temperature 0, active blocks tracked), as reimplemented in `kvgate-core`.
     pub fn dynamo(fleet: &[WorkerView], block_size: usize, seed: u64) -> Result<Self, String> {
-        Self::new(
-            "dynamo",
-            RouterConfig::default(),
-            fleet,
-            block_size,
-            seed,
-            Scoring::Cost,
-        )
+        let config = RouterConfig {
+            policy: RouterPolicy::Dynamo,
+            ..RouterConfig::default()
+        };
+        Self::with_config("dynamo", config, fleet, block_size, seed)
     }
 
-    /// kvgate's policy: the same event-fed index and bookings, but each worker is scored by the
-    /// time its first token would take: the prefill work already queued there (booked prompt
-    /// tokens not yet computed) plus this prompt's uncached part, run through the engine's
-    /// prefill timing in chunks of its batch budget, plus a look-ahead at decode speed (its KV
-    /// usage with this prompt booked, weighted by [`KV_USAGE_MS`]). A worker whose KV cache
-    /// cannot hold the prompt next to its active requests pays the time it would wait for
-    /// room. Ties (to 0.1 ms) go to the worker caching more of the prompt.
-    pub fn kvgate(
-        fleet: &[WorkerView],
-        block_size: usize,
-        timing: TimingModel,
-        seed: u64,
-    ) -> Result<Self, String> {
-        Self::new(
-            "kvgate",
-            RouterConfig::default(),
-            fleet,
-            block_size,
-            seed,
-            Scoring::PredictedTtft { timing },
-        )
+    /// kvgate's policy ([`kvgate_core::latency`]) with the default knobs: the prefill rate is
+    /// learned from the simulated first tokens, as it would be from real ones.
+    pub fn kvgate(fleet: &[WorkerView], block_size: usize, seed: u64) -> Result<Self, String> {
+        let config = RouterConfig {
+            policy: RouterPolicy::Kvgate,
+            ..RouterConfig::default()
+        };
+        Self::with_config("kvgate", config, fleet, block_size, seed)
     }
 
-    /// Milliseconds to compute `tokens` of prefill in chunks of `budget`.
-    fn prefill_ms(timing: &TimingModel, tokens: u64, budget: u64) -> f64 {
-        let budget = budget.max(1);
-        let full = tokens / budget;
-        let rest = tokens % budget;
-        let mut ms = full as f64 * timing.prefill_ms(budget as usize);
-        if rest > 0 {
-            ms += timing.prefill_ms(rest as usize);
-        }
-        ms
+    pub fn router(&self) -> &Router {
+        &self.router
     }
 }
 
@@ -452,47 +416,14 @@ impl Policy for KvRouter {
         &self.name
     }
 
-    fn route(&mut self, req: &Arrival<'_>, fleet: &[WorkerView], now: Instant) -> usize {
+    fn route(&mut self, req: &Arrival<'_>, _: &[WorkerView], now: Instant) -> usize {
         let id = request_id(req.id);
-        let allowed: Option<Vec<WorkerRank>> = match self.scoring {
-            Scoring::Cost => None,
-            Scoring::PredictedTtft { timing } => {
-                let overlaps = self.router.overlaps(req.hashes, now);
-                let bs = self.router.block_size() as u64;
-                let isl = req.hashes.num_tokens() as u64;
-                let need = req.hashes.seqs().len() as u64;
-                let load = self.router.load();
-                let predicted = |i: usize| {
-                    let w = worker_rank(i);
-                    let cached = (u64::from(overlaps.device(&w)) * bs).min(isl);
-                    let (queued, active) = load
-                        .load(&w)
-                        .map_or((0, 0), |l| (l.prefill_tokens, l.active_blocks() as u64));
-                    let budget = fleet[i].max_num_batched_tokens as u64;
-                    let mut ms = Self::prefill_ms(&timing, queued + isl - cached, budget);
-                    // Decode-load look-ahead: every token decoded there is slower the fuller its
-                    // KV cache (the timing model's decode time rises ~6x from empty to full).
-                    let total = fleet[i].total_kv_blocks as u64;
-                    if total > 0 {
-                        ms += KV_USAGE_MS * (active + need).min(total) as f64 / total as f64;
-                    }
-                    // No room for the prompt's blocks: it waits for running requests to end.
-                    if total > 0 && active + need > total {
-                        ms += 1_000.0 * (active + need - total) as f64 / total as f64;
-                    }
-                    // Round to 0.1 ms so that near-equal workers tie and the cache decides.
-                    ((ms * 10.0).round() as u64, u64::MAX - cached)
-                };
-                let best = pick_best(&mut self.rng, fleet.len(), predicted, true);
-                Some(vec![worker_rank(best)])
-            }
-        };
         let decision = self.router.route(
             RouteRequest {
                 request: &id,
                 hashes: req.hashes,
                 expected_output_tokens: Some(req.max_output_tokens),
-                allowed: allowed.as_deref(),
+                allowed: None,
                 book: true,
             },
             now,
@@ -505,12 +436,12 @@ impl Policy for KvRouter {
         }
     }
 
-    fn first_token(&mut self, id: u64, _: Instant) {
-        self.router.prefill_complete(&request_id(id));
+    fn first_token(&mut self, id: u64, now: Instant) {
+        self.router.prefill_complete_at(&request_id(id), now);
     }
 
-    fn finished(&mut self, id: u64, _: Instant) {
-        self.router.free(&request_id(id));
+    fn finished(&mut self, id: u64, now: Instant) {
+        self.router.free_at(&request_id(id), now);
     }
 
     fn cache_events(&mut self, worker: usize, events: &[CacheEvent]) {
@@ -519,5 +450,186 @@ impl Policy for KvRouter {
             self.router
                 .apply_event(&e.to_kv_event(worker_rank(worker), self.events));
         }
+    }
+}
+
+/// llm-d's affinity filter: a prefix score at least this keeps the request on warm endpoints.
+const LLMD_AFFINITY_THRESHOLD: f64 = 0.80;
+/// ...unless the warm endpoints' predicted wait exceeds the cold ones' by more than this.
+const LLMD_RELEASE_MS: f64 = 18_000.0;
+/// The peak prefill throughput llm-d calibrates its wait prediction with.
+const LLMD_PREFILL_TOKENS_PER_SEC: f64 = 15_928.0;
+/// The token-load scorer's saturation point.
+const LLMD_MAX_TOKEN_LOAD: u64 = 4_194_304;
+/// llm-d's approximate prefix index: 64-token blocks, 31,250 per endpoint.
+const LLMD_BLOCK_TOKENS: usize = 64;
+const LLMD_LRU_PER_ENDPOINT: usize = 31_250;
+
+/// llm-d's 2026 default profile, as its docs describe it: an approximate prefix index from
+/// routing history (64-token blocks, an LRU per endpoint); endpoints whose prefix score (matched
+/// share of the prompt) is at least 0.80 are kept ("sticky") unless the best of them would wait
+/// more than 18 s longer than the best cold one, the wait being the uncached tokens committed
+/// there (routed, no first token yet) over 15,928 tokens/s; the survivors are scored by token
+/// load (committed uncached tokens plus this request's, `1 - min(L, 2^22) / 2^22`), and the
+/// highest score wins, ties at random.
+pub struct LlmdDefault {
+    rng: SplitMix64,
+    lru: Vec<LruBlocks>,
+    committed: Vec<u64>,
+    open: HashMap<u64, (usize, u64)>,
+}
+
+impl LlmdDefault {
+    pub fn new(workers: usize, seed: u64) -> Self {
+        Self {
+            rng: SplitMix64::new(seed),
+            lru: (0..workers)
+                .map(|_| LruBlocks::new(LLMD_LRU_PER_ENDPOINT))
+                .collect(),
+            committed: vec![0; workers],
+            open: HashMap::new(),
+        }
+    }
+}
+
+impl Policy for LlmdDefault {
+    fn name(&self) -> &str {
+        "llm-d-default"
+    }
+    fn route(&mut self, req: &Arrival<'_>, fleet: &[WorkerView], _: Instant) -> usize {
+        // One 64-token block per four 16-token ones: the hash of its last 16-token block
+        // identifies the whole prefix up to there.
+        let per = (LLMD_BLOCK_TOKENS / req.hashes.block_size().max(1)).max(1);
+        let chunks: Vec<SeqHash> = req
+            .hashes
+            .seqs()
+            .iter()
+            .skip(per - 1)
+            .step_by(per)
+            .copied()
+            .collect();
+        let isl = req.hashes.num_tokens() as u64;
+        let n = fleet.len();
+        let matched: Vec<usize> = (0..n).map(|i| self.lru[i].prefix_len(&chunks)).collect();
+        let uncached = |i: usize| isl.saturating_sub((matched[i] * LLMD_BLOCK_TOKENS) as u64);
+        let score = |i: usize| {
+            if chunks.is_empty() {
+                0.0
+            } else {
+                matched[i] as f64 / chunks.len() as f64
+            }
+        };
+        let wait_ms = |i: usize| self.committed[i] as f64 / LLMD_PREFILL_TOKENS_PER_SEC * 1e3;
+        let warm: Vec<usize> = (0..n)
+            .filter(|&i| score(i) >= LLMD_AFFINITY_THRESHOLD)
+            .collect();
+        let cold: Vec<usize> = (0..n)
+            .filter(|&i| score(i) < LLMD_AFFINITY_THRESHOLD)
+            .collect();
+        let min_wait = |set: &[usize]| {
+            set.iter()
+                .map(|&i| wait_ms(i))
+                .fold(f64::INFINITY, f64::min)
+        };
+        let candidates: Vec<usize> = if warm.is_empty()
+            || (!cold.is_empty() && min_wait(&warm) - min_wait(&cold) > LLMD_RELEASE_MS)
+        {
+            (0..n).collect()
+        } else {
+            warm
+        };
+        let token_score = |k: usize| {
+            let i = candidates[k];
+            let load = (self.committed[i] + uncached(i)).min(LLMD_MAX_TOKEN_LOAD);
+            1.0 - load as f64 / LLMD_MAX_TOKEN_LOAD as f64
+        };
+        let k = pick_best(&mut self.rng, candidates.len(), token_score, false);
+        let w = candidates.get(k).copied().unwrap_or(0);
+        let own = uncached(w);
+        self.committed[w] += own;
+        self.open.insert(req.id, (w, own));
+        for &c in &chunks {
+            self.lru[w].touch(c);
+        }
+        w
+    }
+    fn first_token(&mut self, id: u64, _: Instant) {
+        if let Some((w, t)) = self.open.get_mut(&id) {
+            self.committed[*w] = self.committed[*w].saturating_sub(*t);
+            *t = 0;
+        }
+    }
+    fn finished(&mut self, id: u64, _: Instant) {
+        if let Some((w, t)) = self.open.remove(&id) {
+            self.committed[w] = self.committed[w].saturating_sub(t);
+        }
+    }
+}
+
+/// LMetric (arXiv 2603.15202): the worker minimising `(queued uncached prefill tokens + this
+/// request's uncached tokens) * (outstanding requests + 1)`, first index on ties; nothing to
+/// tune. Cache state from the engines' KV events and load from its own bookings, through the
+/// router core's index and load tracker.
+pub struct Lmetric {
+    inner: KvRouter,
+}
+
+impl Lmetric {
+    pub fn new(fleet: &[WorkerView], block_size: usize) -> Result<Self, String> {
+        let config = RouterConfig {
+            policy: RouterPolicy::Dynamo,
+            ..RouterConfig::default()
+        };
+        Ok(Self {
+            inner: KvRouter::with_config("lmetric", config, fleet, block_size, 1)?,
+        })
+    }
+}
+
+impl Policy for Lmetric {
+    fn name(&self) -> &str {
+        "lmetric"
+    }
+    fn route(&mut self, req: &Arrival<'_>, fleet: &[WorkerView], now: Instant) -> usize {
+        let router = &mut self.inner.router;
+        let overlaps = router.overlaps(req.hashes, now);
+        let bs = router.block_size() as u64;
+        let isl = req.hashes.num_tokens() as u64;
+        let load = router.load();
+        let mut best = (u128::MAX, 0usize);
+        for i in 0..fleet.len() {
+            let w = worker_rank(i);
+            let cached = (u64::from(overlaps.device(&w)) * bs).min(isl);
+            let (queued, reqs) = load
+                .load(&w)
+                .map_or((0, 0), |l| (l.prefill_tokens, l.requests as u64));
+            let score = u128::from(queued + isl - cached) * u128::from(reqs + 1);
+            if score < best.0 {
+                best = (score, i);
+            }
+        }
+        let id = request_id(req.id);
+        let allowed = [worker_rank(best.1)];
+        let decision = router.route(
+            RouteRequest {
+                request: &id,
+                hashes: req.hashes,
+                expected_output_tokens: Some(req.max_output_tokens),
+                allowed: Some(&allowed),
+                book: true,
+            },
+            now,
+            &mut self.inner.rng,
+        );
+        decision.map_or(best.1, |d| d.worker.worker.0 as usize - 1)
+    }
+    fn first_token(&mut self, id: u64, now: Instant) {
+        self.inner.first_token(id, now);
+    }
+    fn finished(&mut self, id: u64, now: Instant) {
+        self.inner.finished(id, now);
+    }
+    fn cache_events(&mut self, worker: usize, events: &[CacheEvent]) {
+        self.inner.cache_events(worker, events);
     }
 }

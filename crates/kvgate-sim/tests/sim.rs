@@ -4,7 +4,8 @@
 
 use kvgate_engine::{EngineConfig, TimingModel};
 use kvgate_sim::policy::{
-    GaieDefault, KvRouter, LeastLoad, Policy, Random, RoundRobin, SglangCacheAware,
+    GaieDefault, KvRouter, LeastLoad, LlmdDefault, Lmetric, Policy, Random, RoundRobin,
+    SglangCacheAware,
 };
 use kvgate_sim::sim::{SimConfig, fleet_view, simulate};
 use kvgate_sim::trace::{TraceRow, reuse_bound};
@@ -45,7 +46,9 @@ fn all_policies(c: &SimConfig) -> Vec<Box<dyn Policy>> {
         Box::new(GaieDefault::new(c.workers, 1)),
         Box::new(SglangCacheAware::new(c.workers, 16, 1)),
         Box::new(KvRouter::dynamo(&fleet, 16, 1).unwrap()),
-        Box::new(KvRouter::kvgate(&fleet, 16, c.engine.timing, 1).unwrap()),
+        Box::new(KvRouter::kvgate(&fleet, 16, 1).unwrap()),
+        Box::new(LlmdDefault::new(c.workers, 1)),
+        Box::new(Lmetric::new(&fleet, 16).unwrap()),
     ]
 }
 
@@ -109,7 +112,13 @@ fn cache_aware_policies_find_the_reuse_that_random_misses() {
         );
         hits.insert(p.name().to_string(), r.hit_rate);
     }
-    for cache_aware in ["sglang-cache-aware", "dynamo", "kvgate"] {
+    for cache_aware in [
+        "sglang-cache-aware",
+        "dynamo",
+        "kvgate",
+        "llm-d-default",
+        "lmetric",
+    ] {
         assert!(
             hits[cache_aware] > 0.9 * bound && hits[cache_aware] > 1.5 * hits["random"],
             "{cache_aware}: {hits:?} (bound {bound})"
@@ -125,14 +134,14 @@ fn runs_are_deterministic() {
     let a = simulate(
         &rows,
         &c,
-        &mut KvRouter::kvgate(&fleet, 16, c.engine.timing, 9).unwrap(),
+        &mut KvRouter::kvgate(&fleet, 16, 9).unwrap(),
         |_, _| {},
     )
     .unwrap();
     let b = simulate(
         &rows,
         &c,
-        &mut KvRouter::kvgate(&fleet, 16, c.engine.timing, 9).unwrap(),
+        &mut KvRouter::kvgate(&fleet, 16, 9).unwrap(),
         |_, _| {},
     )
     .unwrap();

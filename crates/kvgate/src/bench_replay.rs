@@ -1,13 +1,17 @@
 //! `kvgate bench replay`: routing quality in virtual time. Every policy replays the same trace on
 //! the same simulated fleet (`kvgate-sim`); the table compares prefix hit rate with the trace's
 //! reuse bound, TTFT, inter-token latency, end-to-end latency, throughput and load imbalance.
+//! With `--sweep` it measures each policy's capacity at a TTFT objective instead
+//! ([`crate::bench_sweep`]); `--trace-shape` replays a generated trace of another shape.
 
 use kvgate_engine::{EngineConfig, TimingModel};
 use kvgate_sim::policy::{
-    GaieDefault, KvRouter, LeastLoad, Policy, Random, RoundRobin, SglangCacheAware,
+    GaieDefault, KvRouter, LeastLoad, LlmdDefault, Lmetric, Policy, Random, RoundRobin,
+    SglangCacheAware,
 };
 use kvgate_sim::sim::{PolicyResult, SimConfig, fleet_view, simulate};
 use kvgate_sim::trace::{self, TraceRow};
+use kvgate_sim::tracegen::{GenConfig, Shape};
 use std::path::PathBuf;
 
 /// The bundled Mooncake conversation trace (see bench/traces/README.md).
@@ -16,12 +20,14 @@ const DEFAULT_TRACE: &str = concat!(
     "/../../bench/traces/mooncake_conversation_trace.jsonl"
 );
 
-pub const POLICIES: [&str; 7] = [
+pub const POLICIES: [&str; 9] = [
     "random",
     "round-robin",
     "least-load",
     "gaie-default",
     "sglang-cache-aware",
+    "llm-d-default",
+    "lmetric",
     "dynamo",
     "kvgate",
 ];
@@ -31,6 +37,33 @@ pub struct BenchReplayArgs {
     /// Mooncake-format trace (JSON lines: timestamp ms, input_length, output_length, hash_ids).
     #[arg(long, default_value = DEFAULT_TRACE)]
     pub trace: PathBuf,
+    /// Replay a generated trace of this shape instead of `--trace` (agent, chat, docs; see
+    /// `kvgate bench gen-trace`).
+    #[arg(long, value_name = "SHAPE")]
+    pub trace_shape: Option<String>,
+    /// Seed of the generated trace.
+    #[arg(long, default_value_t = 1)]
+    pub trace_seed: u64,
+    /// Capacity sweep: each policy over a grid of rate scales, its capacity at the TTFT p90
+    /// objective, ratios, hit rates and throughput per point.
+    #[arg(long)]
+    pub sweep: bool,
+    /// `--sweep`: the TTFT p90 objective, in milliseconds.
+    #[arg(long, default_value_t = 2000.0)]
+    pub slo_ttft_p90_ms: f64,
+    /// `--sweep`: explicit grid of rate scales, comma-separated (default: from the 80%-busy
+    /// scale upward by `--grid-step` until 1.5x past every policy's knee).
+    #[arg(long, value_delimiter = ',')]
+    pub scales: Vec<f64>,
+    /// `--sweep`: ratio between consecutive grid points.
+    #[arg(long, default_value_t = 1.25)]
+    pub grid_step: f64,
+    /// `--sweep`: at most this many grid points.
+    #[arg(long, default_value_t = 14)]
+    pub max_points: usize,
+    /// `--sweep`: simulations run in parallel.
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
     /// Simulated engines.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub workers: u32,
@@ -67,7 +100,8 @@ pub struct BenchReplayArgs {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
-    /// Also draw TTFT CDFs and hit rates into this SVG file.
+    /// Also draw TTFT CDFs and hit rates into this SVG file (`--sweep`: TTFT p90 and hit rate
+    /// against the rate scale).
     #[arg(long, value_name = "FILE.svg")]
     pub plot: Option<PathBuf>,
     /// Check the simulation against reality: replay the same requests through real mocker
@@ -162,10 +196,12 @@ fn real_check(a: &BenchReplayArgs, rows: &[TraceRow], cfg: &SimConfig) -> Result
         kv_transfer_gbps: 25.0,
         envoy: a.envoy.clone(),
     };
+    // The KV paths run the product's default policy, as a user gets it.
+    let default = kvgate_core::config::RouterPolicy::default().as_str();
     let paths: [(&str, &str); 3] = [
         ("round-robin", "round-robin"),
-        ("kv", "dynamo"),
-        ("envoy+epp", "dynamo"),
+        ("kv", default),
+        ("envoy+epp", default),
     ];
     for (path, sim_name) in paths {
         let real = match path {
@@ -223,11 +259,12 @@ fn real_check(a: &BenchReplayArgs, rows: &[TraceRow], cfg: &SimConfig) -> Result
     Ok(())
 }
 
-const COLOURS: [&str; 7] = [
-    "#999999", "#b07aa1", "#76b7b2", "#f28e2b", "#59a14f", "#4e79a7", "#e15759",
+const COLOURS: [&str; 9] = [
+    "#999999", "#b07aa1", "#76b7b2", "#f28e2b", "#59a14f", "#edc948", "#9c755f", "#4e79a7",
+    "#e15759",
 ];
 
-fn esc(s: &str) -> String {
+pub(crate) fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
@@ -345,7 +382,9 @@ fn policy(name: &str, cfg: &SimConfig, seed: u64) -> Result<Box<dyn Policy>, Str
         "gaie-default" => Box::new(GaieDefault::new(cfg.workers, seed)),
         "sglang-cache-aware" => Box::new(SglangCacheAware::new(cfg.workers, bs, seed)),
         "dynamo" => Box::new(KvRouter::dynamo(&fleet, bs, seed)?),
-        "kvgate" => Box::new(KvRouter::kvgate(&fleet, bs, cfg.engine.timing, seed)?),
+        "kvgate" => Box::new(KvRouter::kvgate(&fleet, bs, seed)?),
+        "llm-d-default" => Box::new(LlmdDefault::new(cfg.workers, seed)),
+        "lmetric" => Box::new(Lmetric::new(&fleet, bs)?),
         other => {
             return Err(format!(
                 "unknown policy {other:?} (known: {})",
@@ -355,7 +394,7 @@ fn policy(name: &str, cfg: &SimConfig, seed: u64) -> Result<Box<dyn Policy>, Str
     })
 }
 
-fn run_one(
+pub(crate) fn run_one(
     rows: &[TraceRow],
     cfg: &SimConfig,
     name: &str,
@@ -411,9 +450,20 @@ fn find_rate_scale(
 }
 
 pub fn run(a: BenchReplayArgs) -> Result<(), String> {
-    let text = std::fs::read_to_string(&a.trace)
-        .map_err(|e| format!("cannot read the trace {}: {e}", a.trace.display()))?;
-    let mut rows = trace::parse(&text)?;
+    let (mut rows, trace_name) = match &a.trace_shape {
+        Some(shape) => {
+            let shape = Shape::parse(shape)?;
+            (
+                kvgate_sim::tracegen::generate(&GenConfig::new(shape, a.trace_seed)),
+                format!("generated {shape} trace (seed {})", a.trace_seed),
+            )
+        }
+        None => {
+            let text = std::fs::read_to_string(&a.trace)
+                .map_err(|e| format!("cannot read the trace {}: {e}", a.trace.display()))?;
+            (trace::parse(&text)?, a.trace.display().to_string())
+        }
+    };
     if let Some(n) = a.requests {
         rows.truncate(n.max(1));
     }
@@ -455,6 +505,9 @@ pub fn run(a: BenchReplayArgs) -> Result<(), String> {
     if a.rate_scale.is_some_and(|s| !(s.is_finite() && s > 0.0)) {
         return Err("--rate-scale must be > 0".into());
     }
+    if a.sweep {
+        return run_sweep(&a, &rows, &mut cfg, &trace_name, bound);
+    }
     if a.real {
         // The bundled trace's ~80%-busy scale on 16 engines; real runs are short checks.
         cfg.rate_scale = a.rate_scale.unwrap_or(1.57);
@@ -493,7 +546,7 @@ pub fn run(a: BenchReplayArgs) -> Result<(), String> {
             .map(|(n, r)| (n.clone(), serde_json::to_value(r).unwrap_or_default()))
             .collect();
         let out = serde_json::json!({
-            "trace": a.trace.display().to_string(),
+            "trace": trace_name,
             "requests": rows.len(),
             "workers": a.workers,
             "rate_scale": cfg.rate_scale,
@@ -532,5 +585,74 @@ pub fn run(a: BenchReplayArgs) -> Result<(), String> {
             r.busy_fraction * 100.0
         );
     }
+    Ok(())
+}
+
+fn run_sweep(
+    a: &BenchReplayArgs,
+    rows: &[TraceRow],
+    cfg: &mut SimConfig,
+    trace_name: &str,
+    bound: f64,
+) -> Result<(), String> {
+    if !(a.slo_ttft_p90_ms.is_finite() && a.slo_ttft_p90_ms > 0.0) {
+        return Err("--slo-ttft-p90-ms must be > 0".into());
+    }
+    if a.scales.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
+        return Err("--scales must all be > 0".into());
+    }
+    if a.threads == 0 || a.threads > 64 {
+        return Err("--threads must be in 1..=64".into());
+    }
+    let started = std::time::Instant::now();
+    let start = if a.scales.is_empty() {
+        match a.rate_scale {
+            Some(s) => s,
+            None => {
+                if !a.json {
+                    eprintln!(
+                        "finding the rate scale for {:.0}% busy engines (the sweep's first point):",
+                        a.load_target * 100.0
+                    );
+                }
+                find_rate_scale(rows, cfg, a.load_target, a.json)?
+            }
+        }
+    } else {
+        a.scales[0]
+    };
+    let default = kvgate_core::config::RouterPolicy::default().as_str();
+    let sw = crate::bench_sweep::sweep(a, rows, cfg, start, default)?;
+    let v = crate::bench_sweep::verdict(&sw);
+    let secs = started.elapsed().as_secs_f64();
+    if let Some(path) = &a.plot {
+        let title = format!(
+            "{trace_name}: {} requests, {} engines; TTFT p90 objective {:.0} ms",
+            rows.len(),
+            a.workers,
+            a.slo_ttft_p90_ms
+        );
+        std::fs::write(path, crate::bench_sweep::svg(&sw, &title, &COLOURS))
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    if a.json {
+        let out = serde_json::json!({
+            "trace": trace_name,
+            "requests": rows.len(),
+            "workers": a.workers,
+            "reuse_bound": bound,
+            "seconds": secs,
+            "sweep": sw,
+            "verdict": v,
+        });
+        println!("{out}");
+        return Ok(());
+    }
+    println!(
+        "\n{trace_name}: {} requests, {} engines, reuse bound {bound:.3}; swept in {secs:.0} s\n",
+        rows.len(),
+        a.workers
+    );
+    print!("{}", crate::bench_sweep::table(&sw, &v));
     Ok(())
 }

@@ -63,6 +63,9 @@ pub enum BenchCommand {
     /// Routing quality in virtual time: every policy replays the same trace on the same
     /// simulated fleet (hit rate vs the reuse bound, TTFT, ITL, e2e, throughput, imbalance).
     Replay(Box<crate::bench_replay::BenchReplayArgs>),
+    /// Writes a seeded Mooncake-format trace of another shape: agent loops, short chats, huge
+    /// documents (for `bench replay --trace`).
+    GenTrace(crate::bench_gen_trace::GenTraceArgs),
     /// kvgate's prefix index vs dynamo-kv-router's and kv-index's on identical trace streams.
     /// The peers are never linked into kvgate: this runs `cargo bench -p kvgate-peers --bench
     /// indexer` in the source tree kvgate was built from.
@@ -267,6 +270,9 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::Bench(BenchCommand::Replay(args)) => {
             crate::bench_replay::run(*args).map_err(CliError)
+        }
+        Command::Bench(BenchCommand::GenTrace(args)) => {
+            crate::bench_gen_trace::run(&args).map_err(CliError)
         }
         Command::Bench(BenchCommand::Events(args)) => quiet_runtime()?
             .block_on(crate::bench_events::run(*args))

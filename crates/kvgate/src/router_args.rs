@@ -4,12 +4,18 @@
 //! env var *and* the flag, whichever the value came from.
 
 use clap::Args;
-use kvgate_core::config::{self as knobs, AdmissionMode, ConfigError, Knob, RouterConfig};
+use kvgate_core::config::{
+    self as knobs, AdmissionMode, ConfigError, Knob, RouterConfig, RouterPolicy,
+};
 use std::fmt::Write as _;
 use std::time::Duration;
 
 #[derive(Args, Debug, Clone, Default)]
 pub struct RouterArgs {
+    #[arg(long, env = "KVGATE_ROUTER_POLICY", value_name = "POLICY", help = knobs::ROUTER_POLICY.help)]
+    pub router_policy: Option<String>,
+    #[arg(long, env = "KVGATE_PREFILL_TOKENS_PER_SEC", value_name = "TOKENS", allow_hyphen_values = true, help = knobs::PREFILL_TOKENS_PER_SEC.help)]
+    pub prefill_tokens_per_sec: Option<String>,
     #[arg(long, env = "DYN_ENFORCE_DISAGG", value_name = "BOOL", help = knobs::ENFORCE_DISAGG.help)]
     pub enforce_disagg: Option<String>,
     #[arg(long, env = "DYN_ROUTER_KV_OVERLAP_SCORE_CREDIT", value_name = "BLOCKS", allow_hyphen_values = true, help = knobs::OVERLAP_SCORE_CREDIT.help)]
@@ -78,7 +84,8 @@ fn parse_u64(knob: &Knob, v: &Option<String>) -> Result<Option<u64>, ConfigError
 }
 
 impl RouterArgs {
-    /// Builds and validates the configuration; unset knobs take Dynamo's defaults.
+    /// Builds and validates the configuration; unset knobs take the documented defaults
+    /// (Dynamo's, plus kvgate's policy).
     pub fn to_config(&self) -> Result<RouterConfig, ConfigError> {
         let d = RouterConfig::default();
         let ttl = match parse_f64(&knobs::PREDICTED_TTL_SECS, &self.router_predicted_ttl_secs)? {
@@ -103,6 +110,14 @@ impl RouterArgs {
             })?),
         };
         let config = RouterConfig {
+            policy: match &self.router_policy {
+                None => d.policy,
+                Some(s) => RouterPolicy::parse(s)?,
+            },
+            prefill_tokens_per_sec: parse_f64(
+                &knobs::PREFILL_TOKENS_PER_SEC,
+                &self.prefill_tokens_per_sec,
+            )?,
             enforce_disagg: parse_bool(
                 &knobs::ENFORCE_DISAGG,
                 &self.enforce_disagg,
@@ -174,6 +189,12 @@ impl RouterArgs {
 pub fn describe(c: &RouterConfig) -> String {
     let opt_f = |v: Option<f64>| v.map_or("unset".to_string(), |x| x.to_string());
     let rows: Vec<(&Knob, String)> = vec![
+        (&knobs::ROUTER_POLICY, c.policy.as_str().to_string()),
+        (
+            &knobs::PREFILL_TOKENS_PER_SEC,
+            c.prefill_tokens_per_sec
+                .map_or("learned".into(), |v| v.to_string()),
+        ),
         (&knobs::ENFORCE_DISAGG, c.enforce_disagg.to_string()),
         (
             &knobs::OVERLAP_SCORE_CREDIT,

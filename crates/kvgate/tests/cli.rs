@@ -116,12 +116,12 @@ fn bench_replay_prints_every_policy_as_json_within_the_bound() {
     for name in ["random", "gaie-default", "kvgate", "reuse bound"] {
         assert!(svg.contains(name), "{name} missing from the plot");
     }
-    assert_eq!(svg.matches("<polyline").count(), 7);
+    assert_eq!(svg.matches("<polyline").count(), 9);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let bound = v["reuse_bound"].as_f64().unwrap();
     assert!(bound > 0.0 && bound < 1.0, "{v}");
     let policies = v["policies"].as_object().unwrap();
-    assert_eq!(policies.len(), 7, "{v}");
+    assert_eq!(policies.len(), 9, "{v}");
     for (name, p) in policies {
         assert_eq!(p["completed"], 300, "{name}");
         let hit = p["hit_rate"].as_f64().unwrap();
@@ -142,6 +142,133 @@ fn bench_replay_prints_every_policy_as_json_within_the_bound() {
     // The cache-aware policies find reuse that random routing mostly misses.
     let hit = |n: &str| policies[n]["hit_rate"].as_f64().unwrap();
     assert!(hit("kvgate") > hit("random"), "{v}");
+}
+
+/// The quick version of the capacity sweep: a short trace, a fixed grid from light load to far
+/// past every knee, on 4 engines.
+#[test]
+fn bench_replay_sweep_reports_capacity_at_the_slo() {
+    let plot = std::env::temp_dir().join(format!("kvgate-sweep-{}.svg", std::process::id()));
+    let args = [
+        "bench",
+        "replay",
+        "--sweep",
+        "--requests",
+        "400",
+        "--workers",
+        "4",
+        "--tokens-per-trace-block",
+        "64",
+        "--num-gpu-blocks",
+        "2048",
+        "--policies",
+        "round-robin,gaie-default,llm-d-default,lmetric,dynamo,kvgate",
+        "--scales",
+        "1,4,16,64",
+        "--slo-ttft-p90-ms",
+        "500",
+        "--json",
+        "--plot",
+        plot.to_str().unwrap(),
+    ];
+    let (ok, out, err) = kvgate(&args);
+    assert!(ok, "{err}");
+    let svg = std::fs::read_to_string(&plot).unwrap();
+    let _ = std::fs::remove_file(&plot);
+    assert!(svg.starts_with("<svg") && svg.ends_with("</svg>"), "{svg}");
+    // Two panels (TTFT p90, hit rate) per policy.
+    assert_eq!(svg.matches("<polyline").count(), 12);
+    let v: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    let sw = &v["sweep"];
+    assert_eq!(sw["default_policy"], "kvgate");
+    assert_eq!(sw["slo_ttft_p90_ms"], 500.0);
+    assert_eq!(sw["scales"].as_array().unwrap().len(), 4);
+    let cap = |n: &str| sw["capacity"][n]["rate_scale"].as_f64().unwrap();
+    for n in [
+        "round-robin",
+        "gaie-default",
+        "llm-d-default",
+        "lmetric",
+        "dynamo",
+        "kvgate",
+    ] {
+        let pts = sw["points"][n].as_array().unwrap();
+        assert_eq!(pts.len(), 4, "{n}");
+        for p in pts {
+            let p90 = p["ttft_p90_ms"].as_f64().unwrap();
+            assert!(
+                p90 > 0.0 && p["output_tok_s"].as_f64().unwrap() > 0.0,
+                "{n}: {p}"
+            );
+        }
+        // Light load meets the objective; 64x the trace's rate on 4 engines does not.
+        let first = pts[0]["ttft_p90_ms"].as_f64().unwrap();
+        let last = pts[3]["ttft_p90_ms"].as_f64().unwrap();
+        assert!(first <= 500.0 && last > 500.0, "{n}: {first} .. {last}");
+        assert!(cap(n) >= 1.0 && cap(n) < 64.0, "{n}: {}", cap(n));
+    }
+    assert!(cap("kvgate") > cap("round-robin"), "{sw}");
+    let verdict = &v["verdict"];
+    for k in ["ratio_to_best_other", "ratio_to_round_robin"] {
+        assert!(verdict[k].as_f64().unwrap() > 0.0, "{k}: {verdict}");
+    }
+    // Deterministic: the same sweep gives the same figures.
+    let (ok, again, err) = kvgate(&args);
+    assert!(ok, "{err}");
+    let w: serde_json::Value = serde_json::from_str(again.lines().last().unwrap()).unwrap();
+    assert_eq!(v["sweep"], w["sweep"]);
+}
+
+#[test]
+fn gen_trace_writes_a_deterministic_trace_that_replays() {
+    let dir = std::env::temp_dir().join(format!("kvgate-gen-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let a = dir.join("a.jsonl");
+    let b = dir.join("b.jsonl");
+    for f in [&a, &b] {
+        let (ok, _, err) = kvgate(&[
+            "bench",
+            "gen-trace",
+            "--shape",
+            "agent",
+            "--seed",
+            "7",
+            "--requests",
+            "200",
+            "--out",
+            f.to_str().unwrap(),
+        ]);
+        assert!(ok, "{err}");
+    }
+    let text = std::fs::read_to_string(&a).unwrap();
+    assert_eq!(text, std::fs::read_to_string(&b).unwrap());
+    assert_eq!(text.lines().count(), 200);
+    let row: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    for k in ["timestamp", "input_length", "output_length", "hash_ids"] {
+        assert!(!row[k].is_null(), "{k} missing: {row}");
+    }
+    let (ok, out, err) = kvgate(&[
+        "bench",
+        "replay",
+        "--trace",
+        a.to_str().unwrap(),
+        "--policies",
+        "kvgate",
+        "--rate-scale",
+        "1",
+        "--workers",
+        "2",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(v["policies"]["kvgate"]["completed"], 200, "{v}");
+    let (ok, _, err) = kvgate(&["bench", "gen-trace", "--shape", "essays"]);
+    assert!(
+        !ok && err.contains("unknown trace shape \"essays\""),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -193,8 +320,8 @@ fn bench_replay_real_agrees_with_the_simulation_on_real_engines() {
     assert!(ok, "{out}\n{err}");
     for row in [
         "| round-robin vs round-robin |",
-        "| kv vs dynamo |",
-        "| envoy+epp vs dynamo |",
+        "| kv vs kvgate |",
+        "| envoy+epp vs kvgate |",
     ] {
         let line = out
             .lines()
