@@ -185,6 +185,7 @@ impl LoadTracker {
         if self.bookings.contains_key(&b.request) {
             return Err(BookError::Duplicate);
         }
+        let load = self.workers.entry(b.worker).or_default();
         let booking = Booking {
             worker: b.worker,
             seqs: b.seqs.to_vec(),
@@ -195,13 +196,8 @@ impl LoadTracker {
             output_tokens: 0,
             booked_at: now,
             created_at: now,
-            queued_ahead: 0,
-            first_token_at: None,
-        };
-        let load = self.workers.entry(b.worker).or_default();
-        let booking = Booking {
             queued_ahead: load.prefill_tokens,
-            ..booking
+            first_token_at: None,
         };
         load.prefill_tokens += booking.prefill_tokens;
         for &s in &booking.seqs {
@@ -215,7 +211,7 @@ impl LoadTracker {
 
     /// The first response byte arrived: the prompt is computed.
     pub fn prefill_complete(&mut self, request: &RequestId) -> Change {
-        match self.complete_prefill(request) {
+        match self.mark_prefill_done(request, None) {
             Some(_) => Change::Applied,
             None => Change::NoChange,
         }
@@ -224,18 +220,10 @@ impl LoadTracker {
     /// Like [`prefill_complete`](Self::prefill_complete), at `now`; returns the booking when it
     /// applied.
     pub fn complete_prefill_at(&mut self, request: &RequestId, now: Instant) -> Option<&Booking> {
-        self.complete_prefill_inner(request, Some(now))
+        self.mark_prefill_done(request, Some(now))
     }
 
-    fn complete_prefill(&mut self, request: &RequestId) -> Option<&Booking> {
-        self.complete_prefill_inner(request, None)
-    }
-
-    fn complete_prefill_inner(
-        &mut self,
-        request: &RequestId,
-        now: Option<Instant>,
-    ) -> Option<&Booking> {
+    fn mark_prefill_done(&mut self, request: &RequestId, now: Option<Instant>) -> Option<&Booking> {
         let b = self.bookings.get_mut(request)?;
         if b.prefill_done {
             return None;
@@ -288,7 +276,7 @@ impl LoadTracker {
 
     /// The request ended (completed, failed or aborted).
     pub fn free(&mut self, request: &RequestId) -> Change {
-        match self.remove_booking(request) {
+        match self.take(request) {
             Some(_) => Change::Applied,
             None => Change::NoChange,
         }

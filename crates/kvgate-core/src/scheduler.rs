@@ -263,21 +263,15 @@ pub fn schedule(
                     None,
                 ),
                 RouterPolicy::Kvgate => {
+                    // Not tracking prefill tokens: no queue anywhere, only the request's own.
+                    let queue = |t: u64| if weights.track_prefill_tokens { t } else { 0 };
                     let p = predict(
                         &PredictInput {
                             isl_tokens: req.isl_tokens as u64,
                             credited_blocks: credit_blocks,
                             block_size: req.block_size as u64,
-                            queued_prefill_tokens: if weights.track_prefill_tokens {
-                                c.active_prefill_tokens
-                            } else {
-                                0
-                            },
-                            min_queued_prefill_tokens: if weights.track_prefill_tokens {
-                                min_active_prefill
-                            } else {
-                                0
-                            },
+                            queued_prefill_tokens: queue(c.active_prefill_tokens),
+                            min_queued_prefill_tokens: queue(min_active_prefill),
                             requests: c.requests,
                             prefill_load_scale: weights.prefill_load_scale,
                             memory: match c.capacity.total_kv_blocks {
