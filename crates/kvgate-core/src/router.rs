@@ -414,40 +414,56 @@ impl Router {
         let worker = ranked[0];
         let overlap_blocks = overlaps.device(&worker);
         let cached = (u64::from(overlap_blocks) * self.block_size as u64).min(isl as u64);
-        if req.book {
-            let booked = self.load.book(
-                NewBooking {
-                    request: req.request.clone(),
-                    worker,
-                    seqs,
-                    locals: if self.predicted.is_some() {
-                        req.hashes.locals()
-                    } else {
-                        &[]
-                    },
-                    prefill_tokens: isl as u64 - cached,
-                    expected_output_tokens: if self.config.track_output_blocks {
-                        req.expected_output_tokens
-                    } else {
-                        None
-                    },
-                },
-                now,
-            );
-            if booked == Err(BookError::Duplicate) {
-                return Err(RouteError::DuplicateRequest);
-            }
-            if let Some(p) = &mut self.predicted {
-                p.insert(worker, req.hashes.locals(), seqs, now);
-            }
-        }
-        Ok(Decision {
+        let decision = Decision {
             worker,
             ranked,
             overlap_blocks,
             predicted_cached_tokens: cached,
             explanation,
-        })
+        };
+        if req.book {
+            self.book_chosen(&req, &decision, now)?;
+        }
+        Ok(decision)
+    }
+
+    /// Books the request on the worker `decision` chose (what `route_among` does when
+    /// `req.book`). Separate so that an adapter can time scoring and booking apart while
+    /// holding the router once for both.
+    pub fn book_chosen(
+        &mut self,
+        req: &RouteRequest<'_>,
+        decision: &Decision,
+        now: Instant,
+    ) -> Result<(), RouteError> {
+        let seqs = req.hashes.seqs();
+        let isl = req.hashes.num_tokens() as u64;
+        let booked = self.load.book(
+            NewBooking {
+                request: req.request.clone(),
+                worker: decision.worker,
+                seqs,
+                locals: if self.predicted.is_some() {
+                    req.hashes.locals()
+                } else {
+                    &[]
+                },
+                prefill_tokens: isl - decision.predicted_cached_tokens.min(isl),
+                expected_output_tokens: if self.config.track_output_blocks {
+                    req.expected_output_tokens
+                } else {
+                    None
+                },
+            },
+            now,
+        );
+        if booked == Err(BookError::Duplicate) {
+            return Err(RouteError::DuplicateRequest);
+        }
+        if let Some(p) = &mut self.predicted {
+            p.insert(decision.worker, req.hashes.locals(), seqs, now);
+        }
+        Ok(())
     }
 
     /// Books load decided elsewhere (a peer router replica): no scoring, the same accounting,

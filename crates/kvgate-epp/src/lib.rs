@@ -220,10 +220,18 @@ impl ExternalProcessor for Epp {
         &self,
         request: tonic::Request<tonic::Streaming<ProcessingRequest>>,
     ) -> Result<tonic::Response<Self::ProcessStream>, tonic::Status> {
+        // Envoy, with tracing on, gives the ext_proc call a span of its own and sends its
+        // context in the gRPC metadata: the EPP's spans hang under it.
+        let trace = kvgate_runtime::telemetry::TraceHeaders::from_pairs(
+            ["traceparent", "tracestate"]
+                .into_iter()
+                .filter_map(|k| request.metadata().get(k)?.to_str().ok().map(|v| (k, v))),
+        );
         let inbound = request.into_inner();
         Ok(tonic::Response::new(Box::pin(stream::responses(
             self.shared.clone(),
             inbound,
+            trace,
         ))))
     }
 }

@@ -5,7 +5,7 @@
 
 use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
-use kvgate_runtime::prom::{Histogram, PromText};
+use kvgate_runtime::prom::{Histogram, Scrape, histogram};
 use kvgate_runtime::routing::RoutingService;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -29,6 +29,9 @@ pub struct Metrics {
     /// Streams that ended with a booking still open (client abort, reset).
     pub aborted: AtomicU64,
     pub scheduler_seconds: Histogram,
+    /// Request headers to the end of the body (Envoy streaming the body to the EPP).
+    pub body_seconds: Histogram,
+    pub parse_seconds: Histogram,
     pub processing_seconds: Histogram,
     pub tokenize_seconds: Histogram,
     pub hit_ratio: Histogram,
@@ -62,11 +65,13 @@ impl Metrics {
             responses: Mutex::default(),
             streams_active: AtomicI64::new(0),
             aborted: AtomicU64::new(0),
-            scheduler_seconds: Histogram::new(LATENCY_BUCKETS),
-            processing_seconds: Histogram::new(LATENCY_BUCKETS),
-            tokenize_seconds: Histogram::new(LATENCY_BUCKETS),
-            hit_ratio: Histogram::new(RATIO_BUCKETS),
-            input_tokens: Histogram::new(TOKEN_BUCKETS),
+            scheduler_seconds: histogram(LATENCY_BUCKETS),
+            body_seconds: histogram(LATENCY_BUCKETS),
+            parse_seconds: histogram(LATENCY_BUCKETS),
+            processing_seconds: histogram(LATENCY_BUCKETS),
+            tokenize_seconds: histogram(LATENCY_BUCKETS),
+            hit_ratio: histogram(RATIO_BUCKETS),
+            input_tokens: histogram(TOKEN_BUCKETS),
         }
     }
 
@@ -82,8 +87,8 @@ impl Metrics {
         bump(&self.responses, code);
     }
 
-    pub fn render(&self, service: &RoutingService) -> PromText {
-        let mut p = PromText::new();
+    pub fn render(&self, service: &RoutingService) -> Scrape {
+        let mut p = Scrape::new();
         for (model, n) in sorted(&self.requests) {
             p.counter(
                 "inference_objective_request_total",
@@ -126,6 +131,18 @@ impl Metrics {
             "Time to choose a worker (scoring, admission, booking).",
             &[],
             &self.scheduler_seconds,
+        );
+        p.histogram(
+            "kvgate_epp_request_body_seconds",
+            "From the request headers to the last request body byte (the body streaming from the gateway).",
+            &[],
+            &self.body_seconds,
+        );
+        p.histogram(
+            "kvgate_epp_parse_seconds",
+            "Parsing the OpenAI request body.",
+            &[],
+            &self.parse_seconds,
         );
         p.histogram(
             "kvgate_epp_request_processing_seconds",

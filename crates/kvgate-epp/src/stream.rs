@@ -13,11 +13,13 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
 use kvgate_core::router::{Decision, RouteError, WorkerRole};
 use kvgate_core::{DpRank, RequestId, WorkerRank};
 use kvgate_runtime::routing::{Booking, Prepared, RoutingService};
+use kvgate_runtime::telemetry::TraceHeaders;
 use kvgate_wire::openai::{Endpoint, OpenAiRequest};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tonic::Status;
+use tracing::Instrument as _;
 
 /// Settings of the request path.
 #[derive(Clone, Debug)]
@@ -38,12 +40,16 @@ pub struct Shared {
 }
 
 /// What the request phase learned from the headers.
-#[derive(Default)]
 struct RequestHead {
     path: String,
     remove: Vec<String>,
     subset: Option<Vec<String>>,
     content_length: Option<usize>,
+    /// When the request headers arrived (the body phase is timed from here).
+    received_at: Instant,
+    /// The W3C trace context for the routing span's parent: the ext_proc call's (from the
+    /// gRPC metadata), else the request's own headers.
+    trace: TraceHeaders,
 }
 
 /// An error for the client, sent as an ImmediateResponse.
@@ -87,6 +93,7 @@ struct StreamState {
     prefill_booking: Option<Booking>,
     scanner: CachedTokensScanner,
     response_status: Option<u16>,
+    call_trace: TraceHeaders,
     _active: ActiveGuard,
 }
 
@@ -104,13 +111,15 @@ impl Drop for StreamState {
 pub fn responses(
     shared: Arc<Shared>,
     mut inbound: tonic::Streaming<ProcessingRequest>,
+    call_trace: TraceHeaders,
 ) -> impl futures::Stream<Item = Result<ProcessingResponse, Status>> + Send + 'static {
     async_stream::stream! {
         shared.metrics.streams_active.fetch_add(1, Ordering::Relaxed);
         let mut st = StreamState {
             _active: ActiveGuard(shared.metrics.clone()),
             shared,
-            head: RequestHead::default(),
+            head: RequestHead::empty(),
+            call_trace,
             phase: Phase::Start,
             booking: None,
             booked_target: None,
@@ -231,7 +240,11 @@ impl StreamState {
                 }
                 let body = std::mem::take(buf);
                 self.phase = Phase::Routed;
-                match route_body(&shared, &self.head, body, BodyEnd::EndOfStream).await {
+                let span = self.head.route_span(&self.call_trace);
+                match route_body(&shared, &self.head, body, BodyEnd::EndOfStream)
+                    .instrument(span)
+                    .await
+                {
                     Ok(r) => {
                         self.booking = r.booking;
                         self.booked_target = r.target;
@@ -252,7 +265,11 @@ impl StreamState {
                         BodyEnd::NoBodyMessages
                     };
                     self.phase = Phase::Routed;
-                    match route_body(&shared, &self.head, body, end).await {
+                    let span = self.head.route_span(&self.call_trace);
+                    match route_body(&shared, &self.head, body, end)
+                        .instrument(span)
+                        .await
+                    {
                         Ok(r) => {
                             self.booking = r.booking;
                             self.booked_target = r.target;
@@ -346,6 +363,40 @@ impl Drop for ActiveGuard {
     }
 }
 
+impl RequestHead {
+    fn empty() -> Self {
+        Self {
+            path: String::new(),
+            remove: Vec::new(),
+            subset: None,
+            content_length: None,
+            received_at: Instant::now(),
+            trace: TraceHeaders::default(),
+        }
+    }
+
+    /// The span one request body is routed in, a child of the request's trace.
+    fn route_span(&self, call: &TraceHeaders) -> tracing::Span {
+        let span = tracing::info_span!(
+            "epp.route",
+            http.route = %self.path,
+            kvgate.isl_tokens = tracing::field::Empty,
+            kvgate.worker_id = tracing::field::Empty,
+            kvgate.dp_rank = tracing::field::Empty,
+            kvgate.endpoint = tracing::field::Empty,
+            kvgate.overlap_blocks = tracing::field::Empty,
+            kvgate.predicted_cached_tokens = tracing::field::Empty,
+            kvgate.status = tracing::field::Empty,
+        );
+        if call.is_empty() {
+            self.trace.adopt(&span);
+        } else {
+            call.adopt(&span);
+        }
+        span
+    }
+}
+
 fn read_head(h: &HttpHeaders) -> RequestHead {
     let map: Option<&HeaderMap> = h.headers.as_ref();
     RequestHead {
@@ -359,6 +410,12 @@ fn read_head(h: &HttpHeaders) -> RequestHead {
         subset: None,
         content_length: protocol::get_header(map, "content-length")
             .and_then(|v| v.trim().parse().ok()),
+        received_at: Instant::now(),
+        trace: TraceHeaders::from_pairs(
+            ["traceparent", "tracestate"]
+                .into_iter()
+                .filter_map(|k| protocol::get_header(map, k).map(|v| (k, v))),
+        ),
     }
 }
 
@@ -546,6 +603,8 @@ async fn route_body(
 ) -> Result<Routed, (String, Reject)> {
     let started = Instant::now();
     let m = &shared.metrics;
+    m.body_seconds
+        .observe(started.duration_since(head.received_at).as_secs_f64());
     let s = &shared.service;
     let Some(endpoint) = Endpoint::from_path(&head.path) else {
         // Not an OpenAI generation endpoint: pass the body through, route by load.
@@ -566,11 +625,17 @@ async fn route_body(
     // Parsing and tokenizing scale with the prompt: keep them off the async threads, and
     // bound them so a pathological prompt cannot hold the request forever.
     let svc = s.clone();
+    let route_span = tracing::Span::current();
     let work = move || {
-        let parsed = OpenAiRequest::parse(endpoint, &body)?;
         let t = Instant::now();
-        let prepared = svc.prepare(&parsed, Some(&body), false);
-        Ok::<_, kvgate_wire::openai::ParseError>((parsed, prepared, t.elapsed()))
+        let parsed =
+            tracing::info_span!(parent: &route_span, "parse", http.request.body.size = body.len())
+                .in_scope(|| OpenAiRequest::parse(endpoint, &body))?;
+        let parse_time = t.elapsed();
+        let t = Instant::now();
+        let prepared = tracing::info_span!(parent: &route_span, "tokenize")
+            .in_scope(|| svc.prepare(&parsed, Some(&body), false));
+        Ok::<_, kvgate_wire::openai::ParseError>((parsed, prepared, (parse_time, t.elapsed())))
     };
     // Small prompts take tens of microseconds: a hop to the blocking pool would cost more than
     // the work. Large ones go there, bounded by the timeout.
@@ -591,7 +656,7 @@ async fn route_body(
         })
         .await
     };
-    let (parsed, prepared, tokenize_time) = match outcome {
+    let (parsed, prepared, (parse_time, tokenize_time)) = match outcome {
         Err(_) => {
             return Err((
                 String::new(),
@@ -640,6 +705,7 @@ async fn route_body(
         tokens,
         ..
     } = prepared.map_err(|e| (model.clone(), Reject::new(400, e.to_string())))?;
+    m.parse_seconds.observe(parse_time.as_secs_f64());
     m.tokenize_seconds.observe(tokenize_time.as_secs_f64());
     let id = RequestId::from(format!(
         "epp-{}",
@@ -652,14 +718,25 @@ async fn route_body(
         let r = s.route_disaggregated(&id, &hashes, parsed.max_tokens, allowed.as_deref());
         m.scheduler_seconds.observe(t.elapsed().as_secs_f64());
         let (prefill_id, p, d) = r.map_err(|e| (model.clone(), route_error(e)))?;
-        let pb = Booking::new(s.clone(), prefill_id, p.predicted_cached_tokens);
+        let pb = Booking::new(
+            s.clone(),
+            prefill_id,
+            p.predicted_cached_tokens,
+            tokens as u64,
+        );
         (d, Some((p, pb)))
     } else {
         let r = s.route(&id, &hashes, parsed.max_tokens, allowed.as_deref(), true);
         m.scheduler_seconds.observe(t.elapsed().as_secs_f64());
         (r.map_err(|e| (model.clone(), route_error(e)))?, None)
     };
-    let booking = Booking::new(s.clone(), id, d.predicted_cached_tokens);
+    let booking = Booking::new(s.clone(), id, d.predicted_cached_tokens, tokens as u64);
+    let span = tracing::Span::current();
+    span.record("kvgate.isl_tokens", tokens);
+    span.record("kvgate.worker_id", d.worker.worker.0);
+    span.record("kvgate.dp_rank", d.worker.dp_rank.0);
+    span.record("kvgate.overlap_blocks", d.overlap_blocks);
+    span.record("kvgate.predicted_cached_tokens", d.predicted_cached_tokens);
     let dest = destinations(s, &d.ranked, shared.settings.max_endpoints);
     if dest.is_empty() {
         return Err((
@@ -691,6 +768,7 @@ async fn route_body(
         Some(body.len()),
     )];
     out.extend(reemit(&body, end));
+    tracing::Span::current().record("kvgate.endpoint", dest.first().map(String::as_str));
     m.processing_seconds
         .observe(started.elapsed().as_secs_f64());
     Ok(Routed {

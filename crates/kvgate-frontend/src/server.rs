@@ -12,8 +12,9 @@ use kvgate_core::config::RouterConfig;
 use kvgate_core::random::{RandomSource, SplitMix64};
 use kvgate_core::router::RouteError;
 use kvgate_runtime::http::{error, method_not_allowed, not_found, read_body};
-use kvgate_runtime::prom::PromText;
+use kvgate_runtime::prom::Scrape;
 use kvgate_runtime::routing::{Booking, DEFAULT_DECISION_LOG, RoutingService};
+use kvgate_runtime::telemetry::TraceHeaders;
 use kvgate_runtime::workers::WorkerSet;
 use kvgate_wire::openai::{Endpoint, OpenAiRequest};
 use kvgate_wire::response as resp;
@@ -25,6 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tracing::Instrument as _;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RouterMode {
@@ -263,9 +265,12 @@ async fn run_prefill(
             "x-dynamo-worker-instance-id",
             leg.worker.instance_id().0.to_string(),
         )
-        .body(leg.body.clone())
-        .send()
-        .await;
+        .body(leg.body.clone());
+    let mut sent = sent;
+    for (k, v) in TraceHeaders::of_span(&tracing::Span::current()).pairs() {
+        sent = sent.header(k, v);
+    }
+    let sent = sent.send().await;
     let r = sent.map_err(|e| {
         error(
             StatusCode::BAD_GATEWAY,
@@ -326,7 +331,18 @@ impl Drop for Inflight<'_> {
 async fn completions(State(s): State<Arc<AppState>>, req: Request) -> Response {
     s.counters.inflight.fetch_add(1, Ordering::Relaxed);
     let guard = Inflight(&s.counters.inflight);
-    let r = handle(&s, req).await;
+    let span = tracing::info_span!(
+        "frontend.request",
+        http.route = %req.uri().path(),
+        kvgate.router_mode = s.config.mode.as_str(),
+        kvgate.worker_id = tracing::field::Empty,
+        kvgate.dp_rank = tracing::field::Empty,
+        kvgate.worker = tracing::field::Empty,
+        http.response.status_code = tracing::field::Empty,
+    );
+    TraceHeaders::from_http(req.headers()).adopt(&span);
+    let r = handle(&s, req).instrument(span.clone()).await;
+    span.record("http.response.status_code", r.status().as_u16());
     drop(guard);
     if let Ok(mut m) = s.counters.by_code.lock() {
         *m.entry(r.status().as_u16()).or_insert(0) += 1;
@@ -509,7 +525,12 @@ async fn pick(
                 }
                 Err(e) => return Err(bad(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
             };
-            let booking = Booking::new(kv.clone(), id, d.predicted_cached_tokens);
+            let booking = Booking::new(
+                kv.clone(),
+                id,
+                d.predicted_cached_tokens,
+                prepared.hashes.num_tokens() as u64,
+            );
             let Some(worker) = s.workers.by_instance_id(d.worker.worker.0) else {
                 // Dropping the booking frees it.
                 return Err(bad(
@@ -568,6 +589,13 @@ async fn forward(
         .body(t.body);
     if let Some(v) = headers.get("x-request-id") {
         rb = rb.header("x-request-id", v.clone());
+    }
+    let span = tracing::Span::current();
+    span.record("kvgate.worker_id", t.worker.instance_id().0);
+    span.record("kvgate.dp_rank", t.dp_rank);
+    span.record("kvgate.worker", t.worker.name.as_str());
+    for (k, v) in TraceHeaders::of_span(&span).pairs() {
+        rb = rb.header(k, v);
     }
     // A streaming worker answers with headers at once; a non-streaming one only when the whole
     // generation is done, so the header timeout applies to streams only.
@@ -651,7 +679,7 @@ async fn forward(
 
 async fn metrics(State(s): State<Arc<AppState>>) -> Response {
     let mode = s.config.mode.as_str();
-    let mut p = PromText::new();
+    let mut p = Scrape::new();
     if let Ok(m) = s.counters.by_code.lock() {
         let mut codes: Vec<_> = m.iter().map(|(c, n)| (*c, *n)).collect();
         codes.sort();

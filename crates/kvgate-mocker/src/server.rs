@@ -14,7 +14,8 @@ use futures::StreamExt;
 use kvgate_core::hashing::HashSeed;
 use kvgate_engine::{Engine, EngineConfig, EngineRequest, TokenOutput};
 use kvgate_runtime::http::{error, method_not_allowed, not_found, read_body};
-use kvgate_runtime::prom::PromText;
+use kvgate_runtime::prom::Scrape;
+use kvgate_runtime::telemetry::TraceHeaders;
 use kvgate_tokenize::PromptTokenizer;
 use kvgate_wire::openai::{Endpoint, OpenAiRequest};
 use kvgate_wire::response as resp;
@@ -23,6 +24,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::net::TcpListener;
+use tracing::Instrument as _;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Role {
@@ -267,6 +269,20 @@ fn transfer_mode(role: Role, body: &serde_json::Map<String, Value>) -> Result<Tr
 }
 
 async fn completions(State(s): State<Arc<AppState>>, req: Request) -> Response {
+    let span = tracing::info_span!(
+        "mocker.generate",
+        http.route = %req.uri().path(),
+        kvgate.worker_id = s.config.worker_id,
+        kvgate.dp_rank = tracing::field::Empty,
+        kvgate.prompt_tokens = tracing::field::Empty,
+        kvgate.token_data = tracing::field::Empty,
+        kvgate.cached_tokens = tracing::field::Empty,
+    );
+    TraceHeaders::from_http(req.headers()).adopt(&span);
+    generate(s, req).instrument(span).await
+}
+
+async fn generate(s: Arc<AppState>, req: Request) -> Response {
     let Some(endpoint) = Endpoint::from_path(req.uri().path()) else {
         return error(StatusCode::NOT_FOUND, "unknown endpoint", None);
     };
@@ -332,6 +348,10 @@ async fn completions(State(s): State<Arc<AppState>>, req: Request) -> Response {
         }
         None => own,
     };
+    let span = tracing::Span::current();
+    span.record("kvgate.dp_rank", rank);
+    span.record("kvgate.prompt_tokens", prompt.len());
+    span.record("kvgate.token_data", parsed.token_data.is_some());
     let id = s.next_id.fetch_add(1, Ordering::Relaxed);
     let max_tokens = if transfer == Transfer::PrefillForRemote {
         1
@@ -463,6 +483,7 @@ async fn collect_response(
             guard.done = true;
             s.metrics.success_length.fetch_add(1, Ordering::Relaxed);
             let text = s.tokenizer.tokenizer().decode(&ids);
+            tracing::Span::current().record("kvgate.cached_tokens", f.cached_tokens);
             let usage = resp::usage(f.prompt_tokens, f.completion_tokens, f.cached_tokens);
             let mut body = resp::completion(
                 chat,
@@ -549,7 +570,7 @@ async fn debug_kv(State(s): State<Arc<AppState>>) -> Response {
 
 async fn metrics(State(s): State<Arc<AppState>>) -> Response {
     let model = s.config.model.as_str();
-    let mut p = PromText::new();
+    let mut p = Scrape::new();
     type Stat = fn(&kvgate_engine::EngineStats) -> f64;
     let per_engine: [(&str, &str, bool, Stat); 8] = [
         (

@@ -37,6 +37,38 @@ pub struct EventStats {
     pub restore_seconds: Mutex<Option<f64>>,
     pub restored_events: AtomicU64,
     pub snapshots_written: AtomicU64,
+    /// Seconds from a batch's publish time (its own timestamp: vLLM's `ts`, the Dynamo
+    /// envelope's `published_at`, JetStream's stored time) to its events being in the index.
+    pub apply_lag: ApplyLag,
+}
+
+/// The apply-lag histogram (a newtype so that [`EventStats`] keeps its `Default`).
+pub struct ApplyLag(pub crate::prom::Histogram);
+
+const APPLY_LAG_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
+];
+
+impl Default for ApplyLag {
+    fn default() -> Self {
+        Self(crate::prom::histogram(APPLY_LAG_BUCKETS))
+    }
+}
+
+impl ApplyLag {
+    /// Records the lag of a batch published at `published_unix_secs` (0 or less: unknown, as
+    /// from publishers that send no time). Clock skew between hosts can make it negative,
+    /// which is recorded as 0.
+    pub fn observe_published(&self, published_unix_secs: f64) {
+        if published_unix_secs <= 0.0 || !published_unix_secs.is_finite() {
+            return;
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        self.0.observe((now - published_unix_secs).max(0.0));
+    }
 }
 
 impl EventStats {
@@ -297,6 +329,7 @@ impl RankFeed<'_> {
         let Ok(mut r) = self.router.lock() else {
             return;
         };
+        let published = batch.ts;
         for e in &batch.events {
             match to_kv_event(e, self.source, seq, self.block_size) {
                 Ok(ev) => {
@@ -319,6 +352,8 @@ impl RankFeed<'_> {
                 }
             }
         }
+        drop(r);
+        self.stats.apply_lag.observe_published(published);
     }
 
     /// Fetches and applies the messages from `from` on through the replay socket.

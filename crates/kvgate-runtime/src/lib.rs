@@ -13,4 +13,5 @@ pub mod nats;
 pub mod prom;
 pub mod replica;
 pub mod routing;
+pub mod telemetry;
 pub mod workers;

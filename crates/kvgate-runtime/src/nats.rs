@@ -264,10 +264,16 @@ fn handle(
     seq: &mut EventSequencer,
     payload: &[u8],
     redelivered: bool,
+    stored_unix_secs: Option<f64>,
 ) {
     stats.batches.fetch_add(1, Ordering::Relaxed);
-    match RouterEvent::decode_message(payload) {
-        Ok(events) => {
+    match RouterEvent::decode_message_stamped(payload) {
+        Ok((events, published_ms)) => {
+            // The publisher's own time first; JetStream's stored time otherwise.
+            let published = published_ms
+                .map(|ms| ms as f64 / 1000.0)
+                .or(stored_unix_secs)
+                .unwrap_or(0.0);
             let now = Instant::now();
             for e in events {
                 let e = e.to_kv_event();
@@ -287,6 +293,7 @@ fn handle(
                 let out = seq.offer(e, now);
                 apply_sequenced(router, stats, out);
             }
+            stats.apply_lag.observe_published(published);
         }
         Err(e) => {
             stats.decode_errors.fetch_add(1, Ordering::Relaxed);
@@ -327,7 +334,7 @@ async fn run_core(
     loop {
         tokio::select! {
             msg = sub.next() => match msg {
-                Some(m) => handle(router, stats, seq, &m.payload, false),
+                Some(m) => handle(router, stats, seq, &m.payload, false, None),
                 None => return,
             },
             _ = tick.tick() => poll_gaps(router, stats, seq),
@@ -464,9 +471,13 @@ async fn jetstream_session(
             }
             msg = messages.next() => match msg {
                 Some(Ok(m)) => {
-                    let info = m.info().ok().map(|i| (i.stream_sequence, i.delivered));
-                    handle(router, stats, seq, &m.payload, info.is_some_and(|(_, d)| d > 1));
-                    if let Some((stream_sequence, _)) = info {
+                    let info = m.info().ok().map(|i| {
+                        let stored = i.published.unix_timestamp_nanos() as f64 / 1e9;
+                        (i.stream_sequence, i.delivered, stored)
+                    });
+                    let redelivered = info.is_some_and(|(_, d, _)| d > 1);
+                    handle(router, stats, seq, &m.payload, redelivered, info.map(|i| i.2));
+                    if let Some((stream_sequence, _, _)) = info {
                         *last_applied = (*last_applied).max(stream_sequence);
                     }
                     if let Err(e) = m.ack().await {

@@ -4,7 +4,7 @@
 //! a log of recent decisions for the debug endpoint, and routing-accuracy counters.
 
 use crate::events::{EventStats, subscribe};
-use crate::prom::PromText;
+use crate::prom::Scrape;
 use crate::replica::{ReplicaSync, ReplicaSyncConfig};
 use crate::workers::WorkerSet;
 use kvgate_core::config::RouterConfig;
@@ -24,6 +24,12 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Decision latency buckets, seconds: 10 µs to 250 ms.
+pub const DECISION_BUCKETS: &[f64] = &[
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25,
+];
 
 /// How many decisions the debug log keeps by default.
 pub const DEFAULT_DECISION_LOG: usize = 256;
@@ -67,6 +73,11 @@ pub struct AccuracyStats {
     /// Decisions whose actual cached tokens differed from the prediction.
     pub mispredicted: AtomicU64,
     pub rebooked: AtomicU64,
+    /// Prompt tokens of the booked decisions (the denominator of the predicted hit rate).
+    pub routed_prompt_tokens: AtomicU64,
+    /// Prompt tokens of the decisions whose responses reported usage (the denominator of the
+    /// actual hit rate: a ratio of sums, block-weighted, never a mean of per-request ratios).
+    pub reported_prompt_tokens: AtomicU64,
 }
 
 /// Where the router's KV events come from.
@@ -93,6 +104,8 @@ pub struct RoutingService {
     log: Mutex<VecDeque<DecisionRecord>>,
     log_len: usize,
     pub accuracy: AccuracyStats,
+    /// Whole routing decisions (score and book, the router lock included).
+    pub decision_seconds: crate::prom::Histogram,
     /// How long a worker that left the list (a pod turned unready) keeps its cache entries and
     /// event subscription, in case it comes back; zero removes at once. Only for
     /// [`set_workers`](Self::set_workers), the discovery path.
@@ -158,6 +171,7 @@ impl RoutingService {
             log: Mutex::new(VecDeque::new()),
             log_len,
             accuracy: AccuracyStats::default(),
+            decision_seconds: crate::prom::histogram(DECISION_BUCKETS),
             unready_grace: Mutex::new(Duration::ZERO),
             parked: Mutex::new(HashMap::new()),
             parking: ParkingStats::default(),
@@ -564,37 +578,65 @@ impl RoutingService {
         roles: &[WorkerRole],
         weights: Option<CostWeights>,
     ) -> Result<Decision, RouteError> {
+        let started = Instant::now();
         let decision = {
             // Lock order: router, then rng.
             let mut router = lock(&self.router);
             let mut rng = lock(&self.rng);
             let weights = weights.unwrap_or_else(|| CostWeights::from(router.config()));
-            let d = router.route_among(
-                RouteRequest {
+            let req = RouteRequest {
+                request: id,
+                hashes,
+                expected_output_tokens,
+                allowed,
+                // Booked below, in a span of its own, under the same lock.
+                book: false,
+            };
+            let score = tracing::info_span!(
+                "score",
+                kvgate.candidates = tracing::field::Empty,
+                kvgate.worker_id = tracing::field::Empty,
+                kvgate.dp_rank = tracing::field::Empty,
+                kvgate.overlap_blocks = tracing::field::Empty,
+                kvgate.predicted_cached_tokens = tracing::field::Empty,
+            );
+            let d = score
+                .in_scope(|| router.route_among(req, roles, weights, Instant::now(), &mut *rng))?;
+            score.record("kvgate.candidates", d.explanation.candidates.len());
+            score.record("kvgate.worker_id", d.worker.worker.0);
+            score.record("kvgate.dp_rank", d.worker.dp_rank.0);
+            score.record("kvgate.overlap_blocks", d.overlap_blocks);
+            score.record("kvgate.predicted_cached_tokens", d.predicted_cached_tokens);
+            drop(score);
+            if book {
+                let _book =
+                    tracing::info_span!("book", kvgate.worker_id = d.worker.worker.0).entered();
+                let req = RouteRequest {
                     request: id,
                     hashes,
                     expected_output_tokens,
                     allowed,
-                    book,
-                },
-                roles,
-                weights,
-                Instant::now(),
-                &mut *rng,
-            )?;
-            if book
-                && self.replica.get().is_some()
-                && let Some(op) = booked_op(&router, id)
-            {
-                self.sync(op);
+                    book: true,
+                };
+                router.book_chosen(&req, &d, Instant::now())?;
+                if self.replica.get().is_some()
+                    && let Some(op) = booked_op(&router, id)
+                {
+                    self.sync(op);
+                }
             }
             d
         };
+        self.decision_seconds
+            .observe(started.elapsed().as_secs_f64());
         if book {
             self.accuracy.decisions.fetch_add(1, Ordering::Relaxed);
             self.accuracy
                 .predicted_cached_tokens
                 .fetch_add(decision.predicted_cached_tokens, Ordering::Relaxed);
+            self.accuracy
+                .routed_prompt_tokens
+                .fetch_add(hashes.num_tokens() as u64, Ordering::Relaxed);
             let name = self
                 .workers
                 .by_instance_id(decision.worker.worker.0)
@@ -668,9 +710,17 @@ impl RoutingService {
     }
 
     /// Records the cached tokens the worker reported for a routed request.
-    pub fn record_actual_cached(&self, id: &RequestId, predicted: u64, actual: u64) {
+    pub fn record_actual_cached(
+        &self,
+        id: &RequestId,
+        predicted: u64,
+        prompt_tokens: u64,
+        actual: u64,
+    ) {
         let a = &self.accuracy;
         a.responses_with_usage.fetch_add(1, Ordering::Relaxed);
+        a.reported_prompt_tokens
+            .fetch_add(prompt_tokens, Ordering::Relaxed);
         a.actual_cached_tokens.fetch_add(actual, Ordering::Relaxed);
         a.predicted_reported_tokens
             .fetch_add(predicted, Ordering::Relaxed);
@@ -703,10 +753,20 @@ impl RoutingService {
     }
 
     /// Router, event and accuracy series.
-    pub fn render_metrics(&self, p: &mut PromText) {
+    pub fn render_metrics(&self, p: &mut Scrape) {
         let a = &self.accuracy;
         let e = &self.events;
-        let counters: [(&str, &str, &AtomicU64); 13] = [
+        let counters: [(&str, &str, &AtomicU64); 15] = [
+            (
+                "kvgate_router_routed_prompt_tokens_total",
+                "Prompt tokens of the booked decisions (predicted hit rate = predicted_cached_tokens / this).",
+                &a.routed_prompt_tokens,
+            ),
+            (
+                "kvgate_router_reported_prompt_tokens_total",
+                "Prompt tokens of the decisions whose responses reported usage (hit rate = actual_cached_tokens / this).",
+                &a.reported_prompt_tokens,
+            ),
             (
                 "kvgate_router_decisions_total",
                 "Routing decisions that booked a worker.",
@@ -776,6 +836,18 @@ impl RoutingService {
         for (name, help, v) in counters {
             p.counter(name, help, &[], v.load(Ordering::Relaxed) as f64);
         }
+        p.histogram(
+            "kvgate_router_decision_seconds",
+            "One routing decision: scoring and booking, waiting for the router lock included.",
+            &[],
+            &self.decision_seconds,
+        );
+        p.histogram(
+            "kvgate_kv_event_apply_lag_seconds",
+            "From a KV event batch's publish time (vLLM ts, Dynamo published_at, JetStream's stored time) to its events in the index; catch-up after a restart shows here too.",
+            &[],
+            &e.apply_lag.0,
+        );
         let file = self.workers.current();
         let names: HashMap<u64, &str> = file
             .workers
@@ -973,7 +1045,7 @@ impl RoutingService {
     }
 }
 
-fn render_replica_metrics(sync: &ReplicaSync, p: &mut PromText) {
+fn render_replica_metrics(sync: &ReplicaSync, p: &mut Scrape) {
     let st = &sync.stats;
     let c = sync.with_view(|v| (v.peers(), v.unsynced(), v.peer_bookings(), v.counters));
     let (peers, unsynced, peer_bookings, counters) = c;
@@ -1127,6 +1199,7 @@ pub struct Booking {
     service: Arc<RoutingService>,
     id: RequestId,
     pub predicted_cached_tokens: u64,
+    prompt_tokens: u64,
     prefill_done: bool,
     last_touch: Instant,
 }
@@ -1135,11 +1208,17 @@ pub struct Booking {
 const TOUCH_EVERY: Duration = Duration::from_secs(30);
 
 impl Booking {
-    pub fn new(service: Arc<RoutingService>, id: RequestId, predicted_cached_tokens: u64) -> Self {
+    pub fn new(
+        service: Arc<RoutingService>,
+        id: RequestId,
+        predicted_cached_tokens: u64,
+        prompt_tokens: u64,
+    ) -> Self {
         Self {
             service,
             id,
             predicted_cached_tokens,
+            prompt_tokens,
             prefill_done: false,
             last_touch: Instant::now(),
         }
@@ -1170,8 +1249,12 @@ impl Booking {
     }
 
     pub fn record_actual_cached(&self, actual: u64) {
-        self.service
-            .record_actual_cached(&self.id, self.predicted_cached_tokens, actual);
+        self.service.record_actual_cached(
+            &self.id,
+            self.predicted_cached_tokens,
+            self.prompt_tokens,
+            actual,
+        );
     }
 }
 

@@ -84,6 +84,14 @@ impl RouterEvent {
     /// MessagePack or JSON of the event or batch) or in JSON (payload an array of byte values,
     /// a string, or the event inline).
     pub fn decode_message(bytes: &[u8]) -> Result<Vec<RouterEvent>, DecodeError> {
+        Self::decode_message_stamped(bytes).map(|(events, _)| events)
+    }
+
+    /// [`Self::decode_message`], with the envelope's `published_at` (Unix milliseconds) when
+    /// the message has an envelope that carries one.
+    pub fn decode_message_stamped(
+        bytes: &[u8],
+    ) -> Result<(Vec<RouterEvent>, Option<u64>), DecodeError> {
         if bytes.len() > MAX_MESSAGE_BYTES {
             return Err(DecodeError(format!(
                 "{} bytes, more than the {} accepted",
@@ -99,9 +107,13 @@ impl RouterEvent {
             Some(b'[') => serde_json::from_slice::<Vec<RouterEvent>>(bytes).ok(),
             _ => None,
         };
-        let events = match direct {
-            Some(events) => events,
-            None => events_of(parse_any(bytes)?, 0)?,
+        let (events, published_at) = match direct {
+            Some(events) => (events, None),
+            None => {
+                let value = parse_any(bytes)?;
+                let published_at = value.get("published_at").and_then(|v| v.as_u64());
+                (events_of(value, 0)?, published_at)
+            }
         };
         for event in &events {
             let n = match &event.event.data {
@@ -115,7 +127,7 @@ impl RouterEvent {
                 )));
             }
         }
-        Ok(events)
+        Ok((events, published_at))
     }
 
     /// Decodes a message that must hold exactly one event.

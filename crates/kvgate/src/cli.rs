@@ -217,11 +217,12 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 event_plane: args.events.router_plane().map_err(CliError)?,
                 replica_sync,
             };
-            runtime()?
-                .block_on(kvgate_frontend::serve(config, |addr| {
+            serve(
+                "kvgate-frontend",
+                kvgate_frontend::serve(config, |addr| {
                     println!("kvgate frontend listening on http://{addr}");
-                }))
-                .map_err(CliError)
+                }),
+            )
         }
         Command::Epp(args) => {
             let config = args.to_config().map_err(CliError)?;
@@ -230,13 +231,14 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             } else {
                 "plaintext h2c"
             };
-            runtime()?
-                .block_on(kvgate_epp::serve(config, |b| {
+            serve(
+                "kvgate-epp",
+                kvgate_epp::serve(config, |b| {
                     println!("kvgate epp ext_proc gRPC ({tls}) on grpc://{}", b.grpc);
                     println!("kvgate epp gRPC health on grpc://{}", b.health);
                     println!("kvgate epp metrics on http://{}", b.metrics);
-                }))
-                .map_err(CliError)
+                }),
+            )
         }
         Command::Bench(BenchCommand::EchoPicker {
             destination,
@@ -259,9 +261,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             print!("{yaml}");
             Ok(())
         }
-        Command::Operator(args) => runtime()?
-            .block_on(crate::operator_args::run(&args))
-            .map_err(CliError),
+        Command::Operator(args) => serve("kvgate-operator", crate::operator_args::run(&args)),
         Command::Bench(BenchCommand::Indexer(args)) => {
             crate::bench_all::run_indexer(args).map_err(CliError)
         }
@@ -292,8 +292,9 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 .nats_kv_events
                 .as_ref()
                 .map(|n| format!("{} subject {}", n.url, n.publish_subject()));
-            runtime()?
-                .block_on(kvgate_mocker::serve(config, |addr, zmq, replay| {
+            serve(
+                "kvgate-mocker",
+                kvgate_mocker::serve(config, |addr, zmq, replay| {
                     println!("kvgate mocker listening on http://{addr}");
                     for ep in zmq {
                         println!("kvgate mocker publishing KV events on {ep}");
@@ -304,21 +305,38 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                     if let Some(n) = nats {
                         println!("kvgate mocker publishing KV events to NATS {n}");
                     }
-                }))
-                .map_err(CliError)
+                }),
+            )
         }
     }
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
-    init_tracing("info");
+    init_tracing("info", None);
     build_runtime()
+}
+
+/// Runs a server to its end with logs on stderr and, when the `OTEL_*` variables ask for
+/// them, traces exported as `service`; queued spans are flushed before the runtime stops.
+fn serve<T>(
+    service: &str,
+    server: impl std::future::Future<Output = Result<T, String>>,
+) -> Result<(), CliError> {
+    let rt = build_runtime()?;
+    let otel = {
+        let _in_runtime = rt.enter();
+        kvgate_runtime::telemetry::layer(service).map_err(CliError)?
+    };
+    init_tracing("info", otel);
+    let out = rt.block_on(server);
+    kvgate_runtime::telemetry::shutdown();
+    out.map(|_| ()).map_err(CliError)
 }
 
 /// For commands that run servers in-process and print a report: warnings only, unless
 /// RUST_LOG says otherwise.
 fn quiet_runtime() -> Result<tokio::runtime::Runtime, CliError> {
-    init_tracing("warn");
+    init_tracing("warn", None);
     build_runtime()
 }
 
@@ -329,12 +347,28 @@ fn build_runtime() -> Result<tokio::runtime::Runtime, CliError> {
         .map_err(|e| CliError(format!("cannot start the async runtime: {e}")))
 }
 
-fn init_tracing(default: &str) {
+type OtelLayer = tracing_opentelemetry::OpenTelemetryLayer<
+    tracing_subscriber::Registry,
+    opentelemetry_sdk::trace::Tracer,
+>;
+
+/// Logs go to stderr filtered by `RUST_LOG` (else `default`); spans, when exported, are
+/// kvgate's own at INFO and above whatever the log filter says.
+fn init_tracing(default: &str, otel: Option<OtelLayer>) {
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+    let spans =
+        tracing_subscriber::filter::Targets::new().with_target("kvgate", tracing::Level::INFO);
+    let _ = tracing_subscriber::registry()
+        .with(otel.map(|l| l.with_filter(spans)))
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_filter(filter),
+        )
         .try_init();
 }
 

@@ -7,7 +7,7 @@ use crate::render_args::ObjectArgs;
 use axum::http::StatusCode;
 use kvgate_k8s::controller::{Operator, OperatorConfig, OperatorMetrics};
 use kvgate_k8s::operator::Kind;
-use kvgate_runtime::prom::PromText;
+use kvgate_runtime::prom::Scrape;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -49,8 +49,8 @@ impl OperatorArgs {
     }
 }
 
-fn render_metrics(m: &OperatorMetrics) -> PromText {
-    let mut p = PromText::default();
+fn render_metrics(m: &OperatorMetrics) -> Scrape {
+    let mut p = Scrape::new();
     for (result, v) in [
         ("ok", m.reconciles_ok.load(Ordering::Relaxed)),
         ("error", m.reconciles_failed.load(Ordering::Relaxed)),
@@ -180,7 +180,7 @@ mod tests {
         let m = OperatorMetrics::new();
         m.applies[1].fetch_add(2, Ordering::Relaxed);
         let p = render_metrics(&m);
-        let text = p.as_str();
+        let text = p.encode();
         assert!(
             text.contains("kvgate_operator_applies_total{kind=\"InferencePool\"} 2"),
             "{text}"
