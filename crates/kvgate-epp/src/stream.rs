@@ -732,11 +732,14 @@ async fn route_body(
     };
     let booking = Booking::new(s.clone(), id, d.predicted_cached_tokens, tokens as u64);
     let span = tracing::Span::current();
-    span.record("kvgate.isl_tokens", tokens);
+    span.record("kvgate.isl_tokens", tokens as i64);
     span.record("kvgate.worker_id", d.worker.worker.0);
-    span.record("kvgate.dp_rank", d.worker.dp_rank.0);
-    span.record("kvgate.overlap_blocks", d.overlap_blocks);
-    span.record("kvgate.predicted_cached_tokens", d.predicted_cached_tokens);
+    span.record("kvgate.dp_rank", i64::from(d.worker.dp_rank.0));
+    span.record("kvgate.overlap_blocks", i64::from(d.overlap_blocks));
+    span.record(
+        "kvgate.predicted_cached_tokens",
+        d.predicted_cached_tokens as i64,
+    );
     let dest = destinations(s, &d.ranked, shared.settings.max_endpoints);
     if dest.is_empty() {
         return Err((

@@ -592,7 +592,7 @@ async fn forward(
     }
     let span = tracing::Span::current();
     span.record("kvgate.worker_id", t.worker.instance_id().0);
-    span.record("kvgate.dp_rank", t.dp_rank);
+    span.record("kvgate.dp_rank", i64::from(t.dp_rank));
     span.record("kvgate.worker", t.worker.name.as_str());
     for (k, v) in TraceHeaders::of_span(&span).pairs() {
         rb = rb.header(k, v);

@@ -349,8 +349,8 @@ async fn generate(s: Arc<AppState>, req: Request) -> Response {
         None => own,
     };
     let span = tracing::Span::current();
-    span.record("kvgate.dp_rank", rank);
-    span.record("kvgate.prompt_tokens", prompt.len());
+    span.record("kvgate.dp_rank", rank as i64);
+    span.record("kvgate.prompt_tokens", prompt.len() as i64);
     span.record("kvgate.token_data", parsed.token_data.is_some());
     let id = s.next_id.fetch_add(1, Ordering::Relaxed);
     let max_tokens = if transfer == Transfer::PrefillForRemote {
@@ -483,7 +483,7 @@ async fn collect_response(
             guard.done = true;
             s.metrics.success_length.fetch_add(1, Ordering::Relaxed);
             let text = s.tokenizer.tokenizer().decode(&ids);
-            tracing::Span::current().record("kvgate.cached_tokens", f.cached_tokens);
+            tracing::Span::current().record("kvgate.cached_tokens", f.cached_tokens as i64);
             let usage = resp::usage(f.prompt_tokens, f.completion_tokens, f.cached_tokens);
             let mut body = resp::completion(
                 chat,

@@ -439,3 +439,40 @@ fn rank_endpoint(base: &str, rank: u32) -> Option<String> {
     let port = port.checked_add(u16::try_from(rank).ok()?)?;
     Some(format!("tcp://{host}:{port}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::ApplyLag;
+
+    fn count_and_sum(l: &ApplyLag) -> (u64, f64) {
+        let mut p = crate::prom::Scrape::new();
+        p.histogram("lag_seconds", "L.", &[], &l.0);
+        let t = p.encode();
+        let get = |k: &str| {
+            t.lines()
+                .find_map(|x| x.strip_prefix(k))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .unwrap_or(f64::NAN)
+        };
+        (get("lag_seconds_count ") as u64, get("lag_seconds_sum "))
+    }
+
+    #[test]
+    fn lag_is_measured_from_the_publish_time_and_unknown_times_are_skipped() {
+        let l = ApplyLag::default();
+        for unknown in [0.0, -5.0, f64::NAN, f64::INFINITY] {
+            l.observe_published(unknown);
+        }
+        assert_eq!(count_and_sum(&l).0, 0);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        l.observe_published(now - 2.0);
+        // A publisher whose clock runs ahead counts as no lag, not a negative one.
+        l.observe_published(now + 60.0);
+        let (n, sum) = count_and_sum(&l);
+        assert_eq!(n, 2);
+        assert!((2.0..3.0).contains(&sum), "{sum}");
+    }
+}

@@ -19,6 +19,21 @@ use std::collections::HashMap;
 
 pub use prometheus_client::metrics::histogram::Histogram;
 
+/// A histogram whose buckets carry an exemplar: the trace id of a recent observation.
+pub type TracedHistogram =
+    prometheus_client::metrics::exemplar::HistogramWithExemplars<Vec<(String, String)>>;
+
+/// A [`TracedHistogram`] with the given upper bucket bounds.
+pub fn traced_histogram(bounds: &[f64]) -> TracedHistogram {
+    TracedHistogram::new(bounds.iter().copied())
+}
+
+/// Observes `v`, with the current span's trace id as the exemplar when traces are on.
+pub fn observe_traced(h: &TracedHistogram, v: f64) {
+    let exemplar = crate::telemetry::current_trace_id().map(|t| vec![("trace_id".to_string(), t)]);
+    h.observe(v, exemplar, None);
+}
+
 /// The content type of [`Scrape::into_response`].
 pub const OPENMETRICS_CONTENT_TYPE: &str =
     "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -33,6 +48,7 @@ enum Value {
     Counter(f64),
     Gauge(f64),
     Histogram(Histogram),
+    Traced(TracedHistogram),
 }
 
 type Labels = Vec<(String, String)>;
@@ -112,6 +128,23 @@ impl Scrape {
         );
     }
 
+    /// A live histogram with exemplars.
+    pub fn traced_histogram(
+        &mut self,
+        name: &str,
+        help: &str,
+        labels: &[(&str, &str)],
+        h: &TracedHistogram,
+    ) {
+        self.add(
+            MetricType::Histogram,
+            name,
+            help,
+            labels,
+            Value::Traced(h.clone()),
+        );
+    }
+
     /// The OpenMetrics text of this scrape.
     pub fn encode(self) -> String {
         let mut registry = Registry::default();
@@ -145,6 +178,7 @@ fn encode_value(v: &Value, enc: prometheus_client::encoding::MetricEncoder) -> s
         }
         Value::Gauge(x) => ConstGauge::new(*x).encode(enc),
         Value::Histogram(h) => h.encode(enc),
+        Value::Traced(h) => h.encode(enc),
     }
 }
 
@@ -198,6 +232,21 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
         }
+    }
+
+    #[test]
+    fn traced_histograms_carry_the_trace_id_as_exemplar() {
+        let h = traced_histogram(&[0.1, 1.0]);
+        h.observe(0.5, Some(vec![("trace_id".into(), "abc".into())]), None);
+        observe_traced(&h, 0.05); // no span with a trace: no exemplar
+        let mut p = Scrape::new();
+        p.traced_histogram("d_seconds", "D.", &[], &h);
+        let t = p.encode();
+        assert!(
+            t.contains("d_seconds_bucket{le=\"1.0\"} 2 # {trace_id=\"abc\"} 0.5"),
+            "{t}"
+        );
+        assert!(t.contains("d_seconds_bucket{le=\"0.1\"} 1\n"), "{t}");
     }
 
     #[test]

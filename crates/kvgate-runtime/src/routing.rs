@@ -105,7 +105,11 @@ pub struct RoutingService {
     log_len: usize,
     pub accuracy: AccuracyStats,
     /// Whole routing decisions (score and book, the router lock included).
-    pub decision_seconds: crate::prom::Histogram,
+    pub decision_seconds: crate::prom::TracedHistogram,
+    /// The same, in milliseconds, under Dynamo's name.
+    decision_ms: crate::prom::Histogram,
+    /// Each booked decision's predicted hit rate (Dynamo's `kv_hit_rate`).
+    predicted_hit_rate: crate::prom::Histogram,
     /// How long a worker that left the list (a pod turned unready) keeps its cache entries and
     /// event subscription, in case it comes back; zero removes at once. Only for
     /// [`set_workers`](Self::set_workers), the discovery path.
@@ -171,7 +175,16 @@ impl RoutingService {
             log: Mutex::new(VecDeque::new()),
             log_len,
             accuracy: AccuracyStats::default(),
-            decision_seconds: crate::prom::histogram(DECISION_BUCKETS),
+            decision_seconds: crate::prom::traced_histogram(DECISION_BUCKETS),
+            decision_ms: crate::prom::histogram(
+                &DECISION_BUCKETS
+                    .iter()
+                    .map(|s| s * 1000.0)
+                    .collect::<Vec<_>>(),
+            ),
+            predicted_hit_rate: crate::prom::histogram(&[
+                0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0,
+            ]),
             unready_grace: Mutex::new(Duration::ZERO),
             parked: Mutex::new(HashMap::new()),
             parking: ParkingStats::default(),
@@ -602,11 +615,14 @@ impl RoutingService {
             );
             let d = score
                 .in_scope(|| router.route_among(req, roles, weights, Instant::now(), &mut *rng))?;
-            score.record("kvgate.candidates", d.explanation.candidates.len());
+            score.record("kvgate.candidates", d.explanation.candidates.len() as i64);
             score.record("kvgate.worker_id", d.worker.worker.0);
-            score.record("kvgate.dp_rank", d.worker.dp_rank.0);
-            score.record("kvgate.overlap_blocks", d.overlap_blocks);
-            score.record("kvgate.predicted_cached_tokens", d.predicted_cached_tokens);
+            score.record("kvgate.dp_rank", i64::from(d.worker.dp_rank.0));
+            score.record("kvgate.overlap_blocks", i64::from(d.overlap_blocks));
+            score.record(
+                "kvgate.predicted_cached_tokens",
+                d.predicted_cached_tokens as i64,
+            );
             drop(score);
             if book {
                 let _book =
@@ -627,8 +643,9 @@ impl RoutingService {
             }
             d
         };
-        self.decision_seconds
-            .observe(started.elapsed().as_secs_f64());
+        let took = started.elapsed().as_secs_f64();
+        crate::prom::observe_traced(&self.decision_seconds, took);
+        self.decision_ms.observe(took * 1000.0);
         if book {
             self.accuracy.decisions.fetch_add(1, Ordering::Relaxed);
             self.accuracy
@@ -637,6 +654,10 @@ impl RoutingService {
             self.accuracy
                 .routed_prompt_tokens
                 .fetch_add(hashes.num_tokens() as u64, Ordering::Relaxed);
+            if hashes.num_tokens() > 0 {
+                self.predicted_hit_rate
+                    .observe(decision.predicted_cached_tokens as f64 / hashes.num_tokens() as f64);
+            }
             let name = self
                 .workers
                 .by_instance_id(decision.worker.worker.0)
@@ -836,7 +857,7 @@ impl RoutingService {
         for (name, help, v) in counters {
             p.counter(name, help, &[], v.load(Ordering::Relaxed) as f64);
         }
-        p.histogram(
+        p.traced_histogram(
             "kvgate_router_decision_seconds",
             "One routing decision: scoring and booking, waiting for the router lock included.",
             &[],
@@ -969,30 +990,71 @@ impl RoutingService {
             &[],
             r.events_unknown_worker() as f64,
         );
-        let mut loads: Vec<_> = r
-            .load()
-            .workers()
-            .map(|(w, l)| (*w, l.active_blocks(), l.prefill_tokens))
-            .collect();
+        // Every routable rank, idle ones at 0 (a dashboard shows the whole fleet). Dynamo's
+        // type label: prefill workers are `prefill`, everything else `decode`.
+        let mut loads = Vec::new();
+        for (roles, kind) in [
+            (&[WorkerRole::Aggregated, WorkerRole::Decode][..], "decode"),
+            (&[WorkerRole::Prefill][..], "prefill"),
+        ] {
+            for w in r.targets(roles) {
+                let l = r.load().load(&w);
+                let blocks = l.map_or(0, |l| l.active_blocks()) as u64;
+                loads.push((w, kind, blocks, l.map_or(0, |l| l.prefill_tokens)));
+            }
+        }
         drop(r);
         loads.sort();
-        for (w, blocks, prefill) in loads {
+        for (w, kind, blocks, prefill) in loads {
             let (id, rank) = (w.worker.0.to_string(), w.dp_rank.0.to_string());
             let name = names.get(&w.worker.0).copied().unwrap_or("");
             let labels = [("worker", id.as_str()), ("dp_rank", &rank), ("name", name)];
-            p.gauge(
-                "kvgate_router_active_blocks",
-                "Active KV blocks booked per worker rank.",
-                &labels,
-                blocks as f64,
-            );
-            p.gauge(
-                "kvgate_router_active_prefill_tokens",
-                "Prompt tokens booked and not yet prefilled, per worker rank.",
-                &labels,
-                prefill as f64,
-            );
+            let dynamo = [
+                ("worker_id", id.as_str()),
+                ("dp_rank", &rank),
+                ("worker_type", kind),
+            ];
+            for (kvgate, dyn_name, help, v) in [
+                (
+                    "kvgate_router_active_blocks",
+                    "dynamo_frontend_worker_active_decode_blocks",
+                    "Active KV blocks booked per worker rank.",
+                    blocks,
+                ),
+                (
+                    "kvgate_router_active_prefill_tokens",
+                    "dynamo_frontend_worker_active_prefill_tokens",
+                    "Prompt tokens booked and not yet prefilled, per worker rank.",
+                    prefill,
+                ),
+            ] {
+                p.gauge(kvgate, help, &labels, v as f64);
+                p.gauge(
+                    dyn_name,
+                    &format!("{help} (Dynamo's name)"),
+                    &dynamo,
+                    v as f64,
+                );
+            }
         }
+        p.counter(
+            "dynamo_component_router_requests_total",
+            "Routing decisions that booked a worker (Dynamo's name for kvgate_router_decisions_total).",
+            &[],
+            a.decisions.load(Ordering::Relaxed) as f64,
+        );
+        p.histogram(
+            "dynamo_component_router_kv_hit_rate",
+            "Predicted KV cache hit rate of each booked decision, 0 to 1 (Dynamo's name; per request, so not block-weighted: see kvgate_router_predicted_cached_tokens_total).",
+            &[],
+            &self.predicted_hit_rate,
+        );
+        p.histogram(
+            "dynamo_router_overhead_total_ms",
+            "One routing decision in milliseconds (Dynamo's name; kvgate_router_decision_seconds in seconds).",
+            &[],
+            &self.decision_ms,
+        );
         if let Some(sync) = self.replica.get() {
             render_replica_metrics(sync, p);
         }

@@ -477,6 +477,19 @@ mod tests {
     }
 
     #[test]
+    fn the_envelope_time_comes_with_the_events() {
+        let inner = r#"{"worker_id":1,"event":{"event_id":0,"data":"cleared"}}"#;
+        let msg = format!(
+            r#"{{"topic":"kv-events","publisher_id":9,"sequence":3,"published_at":1700000000123,"payload":{inner}}}"#
+        );
+        let (events, at) = RouterEvent::decode_message_stamped(msg.as_bytes()).unwrap();
+        assert_eq!((events.len(), at), (1, Some(1_700_000_000_123)));
+        // A bare event has no publish time.
+        let (events, at) = RouterEvent::decode_message_stamped(inner.as_bytes()).unwrap();
+        assert_eq!((events.len(), at), (1, None));
+    }
+
+    #[test]
     fn decodes_enveloped_events_in_every_payload_shape() {
         let bare = RouterEvent::decode(
             br#"{"worker_id":5,"event":{"event_id":3,"dp_rank":2,"data":{"removed":{"block_hashes":[1,2]}}}}"#,

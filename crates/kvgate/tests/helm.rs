@@ -2,7 +2,9 @@
 //! by scripts/setup.sh; the tests fail, never skip, without it): it lints, its objects fit
 //! together (selectors, names, ports, RBAC), its InferencePool passes the upstream CRD schema,
 //! its DestinationRule is the operator's, bad values get errors that name them, and the
-//! arguments and environment it gives the containers are ones `kvgate` accepts.
+//! arguments and environment it gives the containers are ones `kvgate` accepts. Its optional
+//! Grafana dashboard ConfigMap holds deploy/grafana/kvgate.json (the chart's copy, byte for byte)
+//! with the panels and queries listed here.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -523,4 +525,272 @@ fn the_containers_get_arguments_kvgate_accepts() {
     let objs = render(&["--set", "epp.env.DYN_ROUTER_TEMPERATURE=-3"]);
     let err = run_container(container(find(&objs, "Deployment", "t-kvgate-epp"), "epp"));
     assert!(err.contains("DYN_ROUTER_TEMPERATURE"), "{err}");
+}
+
+/// One dashboard panel: title, unit, and each query with its legend.
+type Panel = (
+    &'static str,
+    &'static str,
+    &'static [(&'static str, &'static str)],
+);
+
+/// The dashboard's panels.
+const DASHBOARD: [Panel; 10] = [
+    (
+        "Cache hit rate (block-weighted)",
+        "percentunit",
+        &[
+            (
+                "sum(rate(kvgate_router_actual_cached_tokens_total[1m])) / sum(rate(kvgate_router_reported_prompt_tokens_total[1m]))",
+                "actual (workers' usage)",
+            ),
+            (
+                "sum(rate(kvgate_router_predicted_cached_tokens_total[1m])) / sum(rate(kvgate_router_routed_prompt_tokens_total[1m]))",
+                "predicted (router)",
+            ),
+            (
+                "sum(rate(vllm:prefix_cache_hits_total[1m])) / sum(rate(vllm:prefix_cache_queries_total[1m]))",
+                "engines' prefix cache",
+            ),
+        ],
+    ),
+    (
+        "Predicted vs actual cached tokens/s",
+        "short",
+        &[
+            (
+                "sum(rate(kvgate_router_reported_predicted_cached_tokens_total[1m]))",
+                "predicted (router)",
+            ),
+            (
+                "sum(rate(kvgate_router_actual_cached_tokens_total[1m]))",
+                "actual (workers' usage)",
+            ),
+        ],
+    ),
+    (
+        "Routing decision latency p99",
+        "s",
+        &[
+            (
+                "histogram_quantile(0.99, sum by (le) (rate(kvgate_router_decision_seconds_bucket[1m])))",
+                "router decision",
+            ),
+            (
+                "histogram_quantile(0.99, sum by (le) (rate(inference_extension_scheduler_e2e_duration_seconds_bucket[1m])))",
+                "EPP scheduler",
+            ),
+        ],
+    ),
+    (
+        "EPP time per phase p99",
+        "s",
+        &[
+            (
+                "histogram_quantile(0.99, sum by (le) (rate(kvgate_epp_request_body_seconds_bucket[1m])))",
+                "request body",
+            ),
+            (
+                "histogram_quantile(0.99, sum by (le) (rate(kvgate_epp_parse_seconds_bucket[1m])))",
+                "parse",
+            ),
+            (
+                "histogram_quantile(0.99, sum by (le) (rate(kvgate_epp_tokenize_seconds_bucket[1m])))",
+                "tokenize",
+            ),
+            (
+                "histogram_quantile(0.99, sum by (le) (rate(kvgate_epp_request_processing_seconds_bucket[1m])))",
+                "request processing",
+            ),
+        ],
+    ),
+    (
+        "Requests/s",
+        "reqps",
+        &[
+            (
+                "sum(rate(inference_objective_request_total[1m]))",
+                "EPP routed",
+            ),
+            (
+                "sum by (code) (rate(kvgate_frontend_requests_total[1m]))",
+                "frontend {{code}}",
+            ),
+            (
+                "sum by (error_code) (rate(inference_objective_request_error_total[1m]))",
+                "EPP error {{error_code}}",
+            ),
+        ],
+    ),
+    (
+        "Booked load per worker (KV blocks)",
+        "short",
+        &[("sum by (name) (kvgate_router_active_blocks)", "{{name}}")],
+    ),
+    (
+        "Booked prefill tokens per worker",
+        "short",
+        &[(
+            "sum by (name) (kvgate_router_active_prefill_tokens)",
+            "{{name}}",
+        )],
+    ),
+    (
+        "Engine running requests",
+        "short",
+        &[(
+            "sum by (instance) (vllm:num_requests_running)",
+            "{{instance}}",
+        )],
+    ),
+    (
+        "KV event apply lag p99",
+        "s",
+        &[(
+            "histogram_quantile(0.99, sum by (le) (rate(kvgate_kv_event_apply_lag_seconds_bucket[1m])))",
+            "apply lag",
+        )],
+    ),
+    (
+        "KV events applied/s",
+        "short",
+        &[("sum(rate(kvgate_kv_events_applied_total[1m]))", "applied")],
+    ),
+];
+
+fn dashboard_configmaps(objs: &[Value]) -> Vec<&Value> {
+    objs.iter()
+        .filter(|o| {
+            o["kind"] == "ConfigMap" && o["metadata"]["name"] == "t-kvgate-grafana-dashboard"
+        })
+        .collect()
+}
+
+#[test]
+fn the_grafana_dashboard_configmap_is_off_by_default() {
+    let objs = render(&[]);
+    assert!(
+        !objs.iter().any(|o| o["kind"] == "ConfigMap"),
+        "{:?}",
+        kinds(&objs)
+    );
+    // Nor with the operator on.
+    let objs = render(&["--set", "operator.enabled=true"]);
+    assert!(dashboard_configmaps(&objs).is_empty(), "{:?}", kinds(&objs));
+}
+
+#[test]
+fn the_grafana_dashboard_configmap_holds_the_dashboard_for_the_sidecar() {
+    let objs = render(&["--set", "grafana.dashboard.enabled=true"]);
+    let cms = dashboard_configmaps(&objs);
+    assert_eq!(cms.len(), 1, "{:?}", kinds(&objs));
+    assert_eq!(objs.iter().filter(|o| o["kind"] == "ConfigMap").count(), 1);
+    let cm = cms[0];
+    assert_eq!(cm["metadata"]["namespace"], "llm");
+    assert_eq!(cm["metadata"]["labels"]["grafana_dashboard"], "1");
+    assert_eq!(cm["metadata"]["labels"]["app.kubernetes.io/name"], "kvgate");
+    let data = cm["data"].as_object().unwrap();
+    assert_eq!(data.len(), 1, "{:?}", data.keys());
+    let (key, text) = data.iter().next().unwrap();
+    assert!(key.ends_with(".json"), "{key}");
+    let text = text.as_str().unwrap();
+    // Exactly the chart's file: nothing lost or re-indented on the way through the template.
+    let file = std::fs::read_to_string(chart().join("dashboards/kvgate.json")).unwrap();
+    assert_eq!(text, file);
+
+    let dash: Value = serde_json::from_str(text).unwrap();
+    assert_eq!(dash["uid"], "kvgate");
+    let schema = dash["schemaVersion"].as_u64().unwrap();
+    assert!((36..=41).contains(&schema), "schemaVersion {schema}");
+    let vars = dash["templating"]["list"].as_array().unwrap();
+    let ds = vars
+        .iter()
+        .find(|v| v["name"] == "DS")
+        .expect("a DS variable");
+    assert_eq!(ds["type"], "datasource");
+    assert_eq!(ds["query"], "prometheus");
+
+    let panels = dash["panels"].as_array().unwrap();
+    let titles: Vec<&str> = panels
+        .iter()
+        .map(|p| p["title"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        titles,
+        DASHBOARD.iter().map(|(t, _, _)| *t).collect::<Vec<_>>()
+    );
+    let mut ids: Vec<u64> = panels.iter().map(|p| p["id"].as_u64().unwrap()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), panels.len(), "panel ids must be unique");
+    let mut all_exprs = Vec::new();
+    for (panel, (title, unit, queries)) in panels.iter().zip(DASHBOARD) {
+        assert_eq!(panel["type"], "timeseries", "{title}");
+        assert_eq!(panel["datasource"]["uid"], "${DS}", "{title}");
+        assert_eq!(panel["fieldConfig"]["defaults"]["unit"], unit, "{title}");
+        let got: Vec<(&str, &str)> = panel["targets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| {
+                assert_eq!(t["datasource"]["uid"], "${DS}", "{title}");
+                (
+                    t["expr"].as_str().unwrap(),
+                    t["legendFormat"].as_str().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(got, queries, "{title}");
+        let mut refs: Vec<&str> = panel["targets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["refId"].as_str().unwrap())
+            .collect();
+        refs.sort_unstable();
+        refs.dedup();
+        assert_eq!(refs.len(), queries.len(), "{title}: refIds must differ");
+        all_exprs.extend(got.into_iter().map(|(e, _)| e));
+    }
+    // Every query, wherever it is.
+    for (_, _, queries) in DASHBOARD {
+        for (expr, _) in queries {
+            assert!(all_exprs.contains(expr), "{expr}");
+        }
+    }
+
+    // Another namespace, the sidecar's own label, a folder annotation.
+    let objs = render(&[
+        "--set",
+        "grafana.dashboard.enabled=true",
+        "--set",
+        "grafana.dashboard.namespace=monitoring",
+        "--set-string",
+        "grafana.dashboard.labels.grafana_dashboard=yes",
+        "--set",
+        "grafana.dashboard.annotations.grafana_folder=kvgate",
+    ]);
+    let cm = dashboard_configmaps(&objs)[0];
+    assert_eq!(cm["metadata"]["namespace"], "monitoring");
+    assert_eq!(cm["metadata"]["labels"]["grafana_dashboard"], "yes");
+    assert_eq!(cm["metadata"]["annotations"]["grafana_folder"], "kvgate");
+    // The rest of the release stays in its namespace.
+    assert!(
+        objs.iter()
+            .filter(|o| o["kind"] != "ConfigMap")
+            .all(|o| o["metadata"]["namespace"] == "llm")
+    );
+    let err = render_err(&["--set", "grafana.dashboard.enable=true"]);
+    assert!(err.contains("'enable' not allowed"), "{err}");
+}
+
+#[test]
+fn the_charts_dashboard_is_the_one_in_deploy_grafana() {
+    let ours = std::fs::read(root().join("deploy/grafana/kvgate.json")).unwrap();
+    let chart_copy = std::fs::read(chart().join("dashboards/kvgate.json")).unwrap();
+    assert!(
+        ours == chart_copy,
+        "deploy/grafana/kvgate.json and deploy/helm/kvgate/dashboards/kvgate.json differ: \
+         copy one onto the other"
+    );
 }

@@ -24,9 +24,15 @@ impl Drop for Proc {
 impl Proc {
     /// Starts `kvgate ARGS` and waits until it printed `n_lines` lines (its bound addresses).
     pub fn start(args: &[&str], n_lines: usize) -> Proc {
+        Self::start_with_env(args, n_lines, &[])
+    }
+
+    /// [`start`](Self::start) with extra environment variables.
+    pub fn start_with_env(args: &[&str], n_lines: usize, env: &[(&str, &str)]) -> Proc {
         let mut child = Command::new(env!("CARGO_BIN_EXE_kvgate"))
             .args(args)
             .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
