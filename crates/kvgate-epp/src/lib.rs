@@ -236,6 +236,66 @@ impl ExternalProcessor for Epp {
     }
 }
 
+/// Runs ext_proc message sequences through the EPP's stream state machine in-process, with no
+/// gRPC and no network: what the fuzz targets (`crates/kvgate-fuzz`) drive. Not a stable API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::*;
+    pub use envoy_types::pb::envoy::service::ext_proc::v3::{
+        ProcessingRequest, ProcessingResponse,
+    };
+
+    pub struct Harness {
+        shared: Arc<Shared>,
+    }
+
+    impl Harness {
+        /// An EPP over `workers` (a workers file's text), default router settings, the default
+        /// tokenizer, a 1 MiB body limit.
+        pub fn new(workers: &str) -> Result<Self, String> {
+            let mut file = WorkersFile::parse(workers).map_err(|e| e.to_string())?;
+            // The service starts empty and is given the workers, as discovery does.
+            let entries = std::mem::take(&mut file.workers);
+            let service = RoutingService::new(file, RouterConfig::default(), None, 16)?;
+            // Workers with `kv_events` would subscribe: call inside a Tokio runtime then.
+            service.set_workers(entries);
+            Ok(Self {
+                shared: Arc::new(Shared {
+                    service,
+                    settings: StreamSettings {
+                        max_request_body_bytes: 1 << 20,
+                        max_endpoints: 1,
+                        tokenize_timeout: Duration::from_secs(5),
+                        enforce_disagg: false,
+                    },
+                    metrics: Arc::new(Metrics::new("fuzz")),
+                    next_id: AtomicU64::new(1),
+                    prepare_slots: Arc::new(tokio::sync::Semaphore::new(2)),
+                }),
+            })
+        }
+
+        /// One stream: the answers, in order.
+        pub async fn run(&self, messages: Vec<ProcessingRequest>) -> Vec<ProcessingResponse> {
+            stream::run_messages(self.shared.clone(), messages).await
+        }
+
+        /// Requests booked as in flight (0 once every stream has ended).
+        pub fn bookings(&self) -> usize {
+            let d = self.shared.service.load_dump();
+            let n = |k: &str| d["bookings"][k].as_u64().unwrap_or(0) as usize;
+            n("own") + n("peers")
+        }
+
+        pub fn streams_active(&self) -> i64 {
+            self.shared
+                .metrics
+                .streams_active
+                .load(std::sync::atomic::Ordering::Relaxed)
+        }
+    }
+}
+
 const EXT_PROC_SERVICE: &str = "envoy.service.ext_proc.v3.ExternalProcessor";
 
 async fn bind(host: &str, port: u16, what: &str) -> Result<TcpListener, String> {
@@ -401,6 +461,12 @@ fn grpc_builder() -> tonic::transport::Server {
         .initial_stream_window_size(Some(16 << 20))
         .initial_connection_window_size(Some(64 << 20))
         .max_concurrent_streams(None)
+        // Every client abort makes Envoy reset its ext_proc stream, often before this server
+        // has accepted it. h2's rapid-reset guard answers more than 20 such pending resets with
+        // a GOAWAY, which fails every request in flight on the connection (Envoy answers them
+        // 500): an abort burst under CPU load did exactly that in `kvgate bench abuse`. The
+        // port's one client is the gateway, so the guard is set far above any abort burst.
+        .http2_max_pending_accept_reset_streams(Some(100_000))
         // A gateway that vanished without closing must not hold streams (and bodies) forever.
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))

@@ -148,6 +148,40 @@ pub fn responses(
     }
 }
 
+/// Drives one stream's messages through the state machine without gRPC (for the fuzz
+/// targets): the answers in order, until the stream is done. The state is dropped at the end,
+/// as when Envoy closes the stream.
+pub async fn run_messages(
+    shared: Arc<Shared>,
+    messages: impl IntoIterator<Item = ProcessingRequest>,
+) -> Vec<ProcessingResponse> {
+    shared
+        .metrics
+        .streams_active
+        .fetch_add(1, Ordering::Relaxed);
+    let mut st = StreamState {
+        _active: ActiveGuard(shared.metrics.clone()),
+        shared,
+        head: RequestHead::empty(),
+        call_trace: TraceHeaders::default(),
+        phase: Phase::Start,
+        booking: None,
+        booked_target: None,
+        prefill_booking: None,
+        scanner: CachedTokensScanner::default(),
+        response_status: None,
+    };
+    let mut all = Vec::new();
+    for m in messages {
+        let (out, done) = st.handle(m).await;
+        all.extend(out);
+        if done {
+            break;
+        }
+    }
+    all
+}
+
 impl StreamState {
     fn reject(&self, model: &str, r: Reject) -> (Vec<ProcessingResponse>, bool) {
         self.shared.metrics.count_error(model, r.status);

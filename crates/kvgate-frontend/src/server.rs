@@ -272,9 +272,10 @@ async fn run_prefill(
     }
     let sent = sent.send().await;
     let r = sent.map_err(|e| {
+        tracing::warn!(worker = %name, %url, error = %e, "prefill worker unreachable");
         error(
             StatusCode::BAD_GATEWAY,
-            &format!("prefill worker {name} ({url}) is unreachable: {e}"),
+            &format!("prefill worker {name} is unreachable"),
             None,
         )
     })?;
@@ -606,20 +607,24 @@ async fn forward(
     };
     let sent = tokio::time::timeout(limit, rb.send()).await;
     let upstream = match sent {
+        // The client learns which worker failed, not where it lives: addresses and the
+        // connection error go to the log only.
         Err(_) => {
+            tracing::warn!(worker = %t.worker.name, %url, "worker did not answer in time");
             return error(
                 StatusCode::GATEWAY_TIMEOUT,
                 &format!(
-                    "worker {} ({url}) did not answer within {:?}",
+                    "worker {} did not answer within {:?}",
                     t.worker.name, s.config.request_timeout
                 ),
                 None,
             );
         }
         Ok(Err(e)) => {
+            tracing::warn!(worker = %t.worker.name, %url, error = %e, "worker unreachable");
             return error(
                 StatusCode::BAD_GATEWAY,
-                &format!("worker {} ({url}) is unreachable: {e}", t.worker.name),
+                &format!("worker {} is unreachable", t.worker.name),
                 None,
             );
         }

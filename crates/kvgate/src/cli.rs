@@ -55,6 +55,10 @@ pub enum BenchCommand {
     /// What the EPP adds: Envoy+EPP vs Envoy straight to one worker, side by side, at 2k/8k/50k
     /// token prompts and multi-turn 8k conversations (added latency p50/p99, EPP CPU/request).
     Epp(Box<crate::bench_epp::BenchEppArgs>),
+    /// Hostile traffic at every port of a real deployment (aborted streams, slow-loris, oversized
+    /// bodies, unknown models, a KV event flood, a garbage replica-sync peer) with well-formed
+    /// requests alongside: panics, leaked bookings, EPP memory growth, failed good requests.
+    Abuse(Box<crate::bench_abuse::BenchAbuseArgs>),
     /// Aggregated vs disaggregated prefill/decode on the same simulated engines and trace,
     /// through Envoy + EPP + sidecars (TTFT, end-to-end latency, throughput).
     Disagg(Box<crate::bench_disagg::BenchDisaggArgs>),
@@ -279,6 +283,9 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             .map_err(CliError),
         Command::Bench(BenchCommand::Disagg(args)) => quiet_runtime()?
             .block_on(crate::bench_disagg::run(*args))
+            .map_err(CliError),
+        Command::Bench(BenchCommand::Abuse(args)) => quiet_runtime()?
+            .block_on(crate::bench_abuse::run(*args))
             .map_err(CliError),
         Command::Bench(BenchCommand::Epp(args)) => runtime()?
             .block_on(crate::bench_epp::run(*args))

@@ -1,5 +1,6 @@
 //! `kvgate`: one binary, one subcommand per role.
 
+mod bench_abuse;
 mod bench_all;
 mod bench_disagg;
 mod bench_epp;

@@ -238,12 +238,14 @@ async fn direct_mode_obeys_headers_and_refuses_without_them() {
             .unwrap()
             .contains("unknown worker instance id 77")
     );
-    // a dead worker: a clear 502 naming it
+    // a dead worker: a clear 502 naming it, and not saying where it lives
     let (s, _, v) = send(Some("1003")).await;
     assert_eq!(s, 502);
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("dead") && msg.contains("unreachable"), "{v}");
     assert!(
-        v["error"]["message"].as_str().unwrap().contains("dead"),
-        "{v}"
+        !msg.contains("127.0.0.1") && !msg.contains("http://"),
+        "address echoed: {v}"
     );
 }
 
