@@ -4,7 +4,7 @@
 //! Every stored block inserts a key and every evicted block removes one, so a worker's table sees
 //! constant churn at a steady size. General-purpose tables leave a tombstone per removal, which
 //! lengthens probes until the next rehash; backward shifting leaves none, so probes stay short at
-//! a fixed load bound. Keys and values live in separate arrays (12 bytes per bucket), keys are
+//! a fixed load bound. Key and value share a 12-byte bucket (one cache line per probe), keys are
 //! placed by a multiplicative (Fibonacci) hash so that small or sequential engine hashes spread
 //! too, and the table shrinks when it empties, so memory follows the worker's cache size.
 //! Not DoS-resistant: keys are engine-computed block hashes, never client input.
@@ -15,11 +15,27 @@ const MIN_BUCKETS: usize = 16;
 const MAX_LOAD_NUM: usize = 5;
 const MAX_LOAD_DEN: usize = 8;
 
+/// One bucket: the key's low and high halves, then the value. Key and value sit side by side
+/// (12 bytes, 4-byte aligned), so a probe that finds its key has its value in the same cache
+/// line (a bucket straddles two lines one time in eight).
+type Bucket = [u32; 3];
+
+const EMPTY_BUCKET: Bucket = [0; 3];
+
+#[inline]
+fn key_of(b: &Bucket) -> u64 {
+    u64::from(b[0]) | (u64::from(b[1]) << 32)
+}
+
+#[inline]
+fn bucket_of(key: u64, val: u32) -> Bucket {
+    [key as u32, (key >> 32) as u32, val]
+}
+
 #[derive(Clone, Debug, Default)]
 pub(crate) struct BlockMap {
-    /// [`EMPTY`] marks a free bucket; the key 0 itself is kept in `zero`.
-    keys: Vec<u64>,
-    vals: Vec<u32>,
+    /// A key of [`EMPTY`] marks a free bucket; the key 0 itself is kept in `zero`.
+    buckets: Vec<Bucket>,
     zero: Option<u32>,
     len: usize,
     /// 64 - log2(buckets).
@@ -36,6 +52,11 @@ impl BlockMap {
         self.len == 0
     }
 
+    #[cfg(test)]
+    fn num_buckets(&self) -> usize {
+        self.buckets.len()
+    }
+
     #[inline]
     fn home(&self, key: u64) -> usize {
         (key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> self.shift) as usize
@@ -43,19 +64,19 @@ impl BlockMap {
 
     #[inline]
     fn mask(&self) -> usize {
-        self.keys.len() - 1
+        self.buckets.len() - 1
     }
 
     /// The bucket holding `key` (never [`EMPTY`]), if any.
     #[inline]
     fn bucket(&self, key: u64) -> Option<usize> {
-        if self.keys.is_empty() {
+        if self.buckets.is_empty() {
             return None;
         }
         let mask = self.mask();
         let mut i = self.home(key);
         loop {
-            match self.keys[i] {
+            match key_of(&self.buckets[i]) {
                 k if k == key => return Some(i),
                 EMPTY => return None,
                 _ => i = (i + 1) & mask,
@@ -68,20 +89,22 @@ impl BlockMap {
         if key == EMPTY {
             return self.zero;
         }
-        self.bucket(key).map(|i| self.vals[i])
+        self.bucket(key).map(|i| self.buckets[i][2])
     }
 
     /// Loads the home buckets of `keys` together, without using them: the loads are
     /// independent, so their cache misses overlap, and the probes that follow hit the cache. A
-    /// safe stand-in for prefetching (a batch's worth of keys, not the whole table).
+    /// safe stand-in for prefetching (a batch's worth of keys, not the whole table). Both ends
+    /// of a bucket are read, for the one in eight that straddles two cache lines.
     #[inline]
     pub(crate) fn touch_all(&self, keys: impl Iterator<Item = u64>) {
-        if self.keys.is_empty() {
+        if self.buckets.is_empty() {
             return;
         }
-        let mut acc = 0u64;
+        let mut acc = 0u32;
         for k in keys {
-            acc ^= self.keys[self.home(k)];
+            let b = &self.buckets[self.home(k)];
+            acc ^= b[0] ^ b[2];
         }
         std::hint::black_box(acc);
     }
@@ -96,19 +119,19 @@ impl BlockMap {
             }
             return old;
         }
-        if (self.len + 1) * MAX_LOAD_DEN > self.keys.len() * MAX_LOAD_NUM {
-            self.resize((self.keys.len() * 2).max(MIN_BUCKETS));
+        if (self.len + 1) * MAX_LOAD_DEN > self.buckets.len() * MAX_LOAD_NUM {
+            self.resize((self.buckets.len() * 2).max(MIN_BUCKETS));
         }
         let mask = self.mask();
         let mut i = self.home(key);
         loop {
-            let k = self.keys[i];
+            let b = &mut self.buckets[i];
+            let k = key_of(b);
             if k == key {
-                return Some(std::mem::replace(&mut self.vals[i], val));
+                return Some(std::mem::replace(&mut b[2], val));
             }
             if k == EMPTY {
-                self.keys[i] = key;
-                self.vals[i] = val;
+                *b = bucket_of(key, val);
                 self.len += 1;
                 return None;
             }
@@ -127,13 +150,14 @@ impl BlockMap {
         }
         let i = self.bucket(key)?;
         let mask = self.mask();
-        let val = self.vals[i];
+        let val = self.buckets[i][2];
         // Shift back every following key of the cluster that may move into the hole.
         let mut hole = i;
         let mut j = i;
         loop {
             j = (j + 1) & mask;
-            let k = self.keys[j];
+            let b = self.buckets[j];
+            let k = key_of(&b);
             if k == EMPTY {
                 break;
             }
@@ -145,42 +169,40 @@ impl BlockMap {
                 hole < home || home <= j
             };
             if !stays {
-                self.keys[hole] = k;
-                self.vals[hole] = self.vals[j];
+                self.buckets[hole] = b;
                 hole = j;
             }
         }
-        self.keys[hole] = EMPTY;
+        self.buckets[hole] = EMPTY_BUCKET;
         self.len -= 1;
-        if self.keys.len() > MIN_BUCKETS && self.len * 8 < self.keys.len() {
-            self.resize(self.keys.len() / 2);
+        if self.buckets.len() > MIN_BUCKETS && self.len * 8 < self.buckets.len() {
+            self.resize(self.buckets.len() / 2);
         }
         Some(val)
     }
 
     fn resize(&mut self, buckets: usize) {
-        let keys = std::mem::replace(&mut self.keys, vec![EMPTY; buckets]);
-        let vals = std::mem::replace(&mut self.vals, vec![0; buckets]);
+        let old = std::mem::replace(&mut self.buckets, vec![EMPTY_BUCKET; buckets]);
         self.shift = 64 - buckets.trailing_zeros();
         let mask = buckets - 1;
-        for (k, v) in keys.into_iter().zip(vals) {
+        for b in old {
+            let k = key_of(&b);
             if k == EMPTY {
                 continue;
             }
             let mut i = self.home(k);
-            while self.keys[i] != EMPTY {
+            while key_of(&self.buckets[i]) != EMPTY {
                 i = (i + 1) & mask;
             }
-            self.keys[i] = k;
-            self.vals[i] = v;
+            self.buckets[i] = b;
         }
     }
 
     /// Makes room for `more` keys at once (a `Stored` chain), so the table grows once.
     pub(crate) fn reserve(&mut self, more: usize) {
         let need = self.len + more;
-        if need * MAX_LOAD_DEN > self.keys.len() * MAX_LOAD_NUM {
-            let mut buckets = self.keys.len().max(MIN_BUCKETS);
+        if need * MAX_LOAD_DEN > self.buckets.len() * MAX_LOAD_NUM {
+            let mut buckets = self.buckets.len().max(MIN_BUCKETS);
             while need * MAX_LOAD_DEN > buckets * MAX_LOAD_NUM {
                 buckets *= 2;
             }
@@ -190,11 +212,10 @@ impl BlockMap {
 
     pub(crate) fn iter(&self) -> impl Iterator<Item = (u64, u32)> + '_ {
         self.zero.map(|v| (EMPTY, v)).into_iter().chain(
-            self.keys
+            self.buckets
                 .iter()
-                .zip(&self.vals)
-                .filter(|(k, _)| **k != EMPTY)
-                .map(|(&k, &v)| (k, v)),
+                .map(|b| (key_of(b), b[2]))
+                .filter(|(k, _)| *k != EMPTY),
         )
     }
 
@@ -203,7 +224,7 @@ impl BlockMap {
     }
 
     pub(crate) fn heap_bytes(&self) -> usize {
-        self.keys.capacity() * 8 + self.vals.capacity() * 4
+        self.buckets.capacity() * std::mem::size_of::<Bucket>()
     }
 }
 
@@ -232,7 +253,7 @@ mod tests {
                 }
                 prop_assert_eq!(m.len(), model.len());
                 let in_buckets = m.len - usize::from(m.zero.is_some());
-                prop_assert!(in_buckets * MAX_LOAD_DEN <= m.keys.len() * MAX_LOAD_NUM);
+                prop_assert!(in_buckets * MAX_LOAD_DEN <= m.num_buckets() * MAX_LOAD_NUM);
             }
             for k in 0..48 {
                 let k = key(k);
@@ -250,16 +271,16 @@ mod tests {
     fn shrinks_when_emptied_and_reserves_once() {
         let mut m = BlockMap::default();
         m.reserve(10_000);
-        let buckets = m.keys.len();
+        let buckets = m.num_buckets();
         assert!(buckets * MAX_LOAD_NUM >= 10_000 * MAX_LOAD_DEN);
         for k in 1..=10_000u64 {
             m.insert(k, k as u32);
         }
-        assert_eq!(m.keys.len(), buckets, "no growth after reserve");
+        assert_eq!(m.num_buckets(), buckets, "no growth after reserve");
         for k in 1..=10_000u64 {
             assert_eq!(m.remove(k), Some(k as u32));
         }
-        assert!(m.keys.len() <= MIN_BUCKETS * 2, "{}", m.keys.len());
+        assert!(m.num_buckets() <= MIN_BUCKETS * 2, "{}", m.num_buckets());
         assert!(m.is_empty());
     }
 }

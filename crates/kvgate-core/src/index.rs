@@ -448,7 +448,10 @@ impl PrefixIndex {
         self.stats.blocks_stored += 1;
         let holder = (m << 2) | tier.index() as u32;
         let set = self.slots[slot as usize].holders;
-        if self.sets.contains(set, holder) {
+        if set == NO_HOLDERS {
+            // The common case (a new position): the set of one is the holder itself.
+            self.slots[slot as usize].holders = holder;
+        } else if self.sets.contains(set, holder) {
             // Another engine hash of this member already names this prefix.
             *self.members[m as usize].extra[tier.index()]
                 .entry(slot)
@@ -476,7 +479,13 @@ impl PrefixIndex {
             return;
         }
         let holder = (m << 2) | tier.index() as u32;
-        let set = self.sets.without(self.slots[slot as usize].holders, holder);
+        let held = self.slots[slot as usize].holders;
+        // The common case (the only holder leaves) needs no set arithmetic.
+        let set = if held == holder {
+            NO_HOLDERS
+        } else {
+            self.sets.without(held, holder)
+        };
         self.slots[slot as usize].holders = set;
         if set == NO_HOLDERS {
             self.release(slot);

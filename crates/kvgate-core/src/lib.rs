@@ -2,7 +2,8 @@
 //! parameter), no global state. Adapters (ext_proc, HTTP, NATS, ZMQ, Kubernetes) wrap it.
 //!
 //! - [`hashing`]: tokens to block hashes, identical to Dynamo and vLLM-compatible engines.
-//! - [`index`]: the prefix index fed by KV events; [`sequencer`] orders those events.
+//! - [`index`]: the prefix index fed by KV events ([`sharded`]: split by worker for threads);
+//!   [`sequencer`] orders those events.
 //! - [`load`]: in-flight requests per worker (prefill tokens, active blocks, output blocks).
 //! - [`predicted`]: the approximate index used without KV events (routing decisions with a TTL).
 //! - [`latency`]: kvgate's policy: predicted time to first token, learned prefill rate.
@@ -28,6 +29,7 @@ pub mod replica;
 pub mod router;
 pub mod scheduler;
 pub mod sequencer;
+pub mod sharded;
 pub mod worker_id;
 
 pub use events::{KvEvent, KvEventData, StoredBlock};

@@ -79,7 +79,7 @@ impl std::fmt::Display for RouteError {
             RouteError::Overloaded(e) => write!(
                 f,
                 "all {} workers are busy (admission control)",
-                e.candidates.len()
+                e.candidates_total
             ),
             RouteError::DuplicateRequest => f.write_str("request id is already in flight"),
         }
@@ -171,23 +171,37 @@ impl Router {
 
     /// Adds or updates a worker. `dp_size` is clamped to `1..=MAX_DP_SIZE`.
     /// A parked worker comes back with its cache entries.
-    pub fn upsert_worker(&mut self, mut info: WorkerInfo) {
-        info.dp_size = info.dp_size.clamp(1, MAX_DP_SIZE);
-        let parked = self.parked.remove(&info.id).map(|(i, _)| i);
-        let old = self.workers.insert(info.id, info).or(parked);
-        self.rebuild_targets();
-        // Ranks that disappeared lose their cache entries and predictions.
-        if let Some(old) = old {
-            for r in info.dp_size..old.dp_size {
-                let rank = WorkerRank {
-                    worker: info.id,
-                    dp_rank: crate::DpRank(r),
-                };
-                self.index.remove_worker_rank(rank);
-                if let Some(p) = &mut self.predicted {
-                    p.remove_worker_rank(rank);
+    pub fn upsert_worker(&mut self, info: WorkerInfo) {
+        self.upsert_workers([info]);
+    }
+
+    /// [`upsert_worker`](Self::upsert_worker) for many workers, with the target list rebuilt
+    /// once (a fleet of 10,000 is registered in one pass, not in 10,000).
+    pub fn upsert_workers(&mut self, infos: impl IntoIterator<Item = WorkerInfo>) {
+        let mut changed = false;
+        for mut info in infos {
+            info.dp_size = info.dp_size.clamp(1, MAX_DP_SIZE);
+            let parked = self.parked.remove(&info.id).map(|(i, _)| i);
+            // A parked worker's return changes the targets even with the same facts.
+            changed |= parked.is_some();
+            let old = self.workers.insert(info.id, info).or(parked);
+            changed |= old != Some(info);
+            // Ranks that disappeared lose their cache entries and predictions.
+            if let Some(old) = old {
+                for r in info.dp_size..old.dp_size {
+                    let rank = WorkerRank {
+                        worker: info.id,
+                        dp_rank: crate::DpRank(r),
+                    };
+                    self.index.remove_worker_rank(rank);
+                    if let Some(p) = &mut self.predicted {
+                        p.remove_worker_rank(rank);
+                    }
                 }
             }
+        }
+        if changed {
+            self.rebuild_targets();
         }
     }
 
@@ -388,7 +402,7 @@ impl Router {
                     } else {
                         0.0
                     },
-                    new_blocks: load.map_or(seqs.len(), |l| l.new_blocks(seqs)),
+                    new_blocks: self.load.new_blocks(&t, seqs),
                     requests: load.map_or(0, |l| l.requests),
                     capacity,
                 }

@@ -141,6 +141,8 @@ pub struct Explanation {
     pub block_size: usize,
     pub temperature: f64,
     pub min_active_prefill_tokens: u64,
+    /// Every candidate scored (`candidates` lists at most [`MAX_EXPLAINED`] of them).
+    pub candidates_total: usize,
     pub candidates: Vec<CandidateScore>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub chosen: Option<WorkerRank>,
@@ -316,6 +318,7 @@ pub fn schedule(
         block_size: req.block_size,
         temperature: weights.temperature,
         min_active_prefill_tokens: min_active_prefill,
+        candidates_total: 0,
         candidates: Vec::new(),
         chosen: None,
     };
@@ -325,8 +328,9 @@ pub fn schedule(
     let eligible: Vec<usize> = (0..scores.len())
         .filter(|&i| scores[i].busy.is_none())
         .collect();
+    explanation.candidates_total = scores.len();
     if eligible.is_empty() {
-        explanation.candidates = scores;
+        explanation.candidates = explained(scores, None);
         return (Outcome::Overloaded, explanation);
     }
 
@@ -336,20 +340,62 @@ pub fn schedule(
         argmin_random_ties(&scores, &eligible, weights.policy, rng)
     };
 
-    // Fallbacks: the other eligible candidates by cost, ties by worker for stable output.
-    let mut rest: Vec<usize> = eligible.iter().copied().filter(|&i| i != chosen).collect();
-    rest.sort_by(|&a, &b| {
+    // Fallbacks: the best other eligible candidates by cost, ties by worker for stable output.
+    // Only the first MAX_FALLBACKS are ordered: selecting them is linear in the fleet, a full
+    // sort of 10,000 candidates is not.
+    let by_cost = |&a: &usize, &b: &usize| {
         scores[a]
             .cost
             .total_cmp(&scores[b].cost)
             .then(scores[a].worker.cmp(&scores[b].worker))
-    });
-    let mut ranked = Vec::with_capacity(eligible.len());
+    };
+    let mut rest: Vec<usize> = eligible.iter().copied().filter(|&i| i != chosen).collect();
+    if rest.len() > MAX_FALLBACKS {
+        rest.select_nth_unstable_by(MAX_FALLBACKS, by_cost);
+        rest.truncate(MAX_FALLBACKS);
+    }
+    rest.sort_by(by_cost);
+    let mut ranked = Vec::with_capacity(rest.len() + 1);
     ranked.push(scores[chosen].worker);
     ranked.extend(rest.iter().map(|&i| scores[i].worker));
-    explanation.chosen = Some(scores[chosen].worker);
-    explanation.candidates = scores;
+    let chosen_worker = scores[chosen].worker;
+    explanation.chosen = Some(chosen_worker);
+    explanation.candidates = explained(scores, Some(chosen_worker));
     (Outcome::Chosen { ranked }, explanation)
+}
+
+/// Fallback targets a decision ranks after its choice (the EPP sends at most 64 endpoints).
+pub const MAX_FALLBACKS: usize = 64;
+
+/// Candidates an explanation lists: all of them in fleets up to this size, else the cheapest
+/// this many (the chosen one always among them, the count of all in `candidates_total`).
+pub const MAX_EXPLAINED: usize = 32;
+
+fn explained(scores: Vec<CandidateScore>, chosen: Option<WorkerRank>) -> Vec<CandidateScore> {
+    if scores.len() <= MAX_EXPLAINED {
+        return scores;
+    }
+    // Select on indices: moving 10,000 candidate lines around costs more than scoring them.
+    let before = |a: usize, b: usize| {
+        let (x, y) = (&scores[a], &scores[b]);
+        x.busy
+            .is_some()
+            .cmp(&y.busy.is_some())
+            .then(x.cost.total_cmp(&y.cost))
+            .then(x.worker.cmp(&y.worker))
+    };
+    let mut idx: Vec<usize> = (0..scores.len()).collect();
+    idx.select_nth_unstable_by(MAX_EXPLAINED - 1, |&a, &b| before(a, b));
+    idx.truncate(MAX_EXPLAINED);
+    if let Some(w) = chosen
+        && !idx.iter().any(|&i| scores[i].worker == w)
+        && let Some(i) = scores.iter().position(|c| c.worker == w)
+    {
+        // Sampled (temperature) beyond the cheapest: its line replaces the last one.
+        idx[MAX_EXPLAINED - 1] = i;
+    }
+    idx.sort_unstable();
+    idx.iter().map(|&i| scores[i].clone()).collect()
 }
 
 fn argmin_random_ties(

@@ -1028,3 +1028,64 @@ fn the_router_learns_the_prefill_rate_and_residency_from_its_bookings() {
     r.prefill_complete_at(&id, t0 + Duration::from_millis(50));
     assert_eq!(r.estimates().prefill_tokens_per_sec, 12_345.0);
 }
+
+/// A big fleet's decision ranks the best fallbacks only and explains the cheapest candidates
+/// (the chosen one always among them), in worker order, with the count of all.
+#[test]
+fn big_fleets_rank_and_explain_a_bounded_few() {
+    use kvgate_core::scheduler::{MAX_EXPLAINED, MAX_FALLBACKS};
+    // 500 candidates, costs spread by queued prefill; worker 250 caches the prompt, idle.
+    let cands: Vec<CandidateInput> = (0..500u64)
+        .map(|i| {
+            let (overlap, queued) = if i == 250 {
+                (60, 0)
+            } else {
+                (0, (i * 37 % 500) * 16)
+            };
+            cand(WorkerRank::new(i, 0), overlap, queued, 0, 64)
+        })
+        .collect();
+    for temperature in [0.0, 5.0] {
+        let w = weights(|c| c.temperature = temperature);
+        let (outcome, e) = run(&w, &cands, 1024);
+        let Outcome::Chosen { ranked } = outcome else {
+            panic!("{outcome:?}")
+        };
+        assert_eq!(ranked.len(), MAX_FALLBACKS + 1);
+        assert_eq!(e.candidates_total, 500);
+        assert_eq!(e.candidates.len(), MAX_EXPLAINED);
+        assert!(e.candidates.iter().any(|c| Some(c.worker) == e.chosen));
+        assert!(e.candidates.windows(2).all(|p| p[0].worker < p[1].worker));
+        // The fallbacks are the cheapest others, in order, as a full sort would give.
+        let mut all: Vec<_> = (0..500u64)
+            .map(|i| WorkerRank::new(i, 0))
+            .filter(|&r| r != ranked[0])
+            .map(|r| {
+                let cost = w_cost(&w, &cands, r);
+                (cost, r)
+            })
+            .collect();
+        all.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        let want: Vec<WorkerRank> = all.iter().take(MAX_FALLBACKS).map(|x| x.1).collect();
+        assert_eq!(&ranked[1..], &want[..]);
+        if temperature == 0.0 {
+            assert_eq!(ranked[0], WorkerRank::new(250, 0));
+        }
+    }
+}
+
+/// One candidate's cost, scored alone (costs do not depend on the other candidates here: no
+/// candidate is busy and the minimum queued prefill is 0 in both).
+fn w_cost(w: &CostWeights, cands: &[CandidateInput], r: WorkerRank) -> f64 {
+    let zero = cand(WorkerRank::new(9999, 0), 0, 0, 0, 64);
+    let c = *cands.iter().find(|c| c.worker == r).unwrap();
+    let (_, e) = run(
+        &CostWeights {
+            temperature: 0.0,
+            ..*w
+        },
+        &[c, zero],
+        1024,
+    );
+    e.candidates.iter().find(|x| x.worker == r).unwrap().cost
+}

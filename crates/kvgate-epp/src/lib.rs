@@ -54,6 +54,8 @@ pub struct EppConfig {
     pub max_request_body_bytes: usize,
     pub max_endpoints: usize,
     pub tokenize_timeout: Duration,
+    /// Route on `nvext.token_data` when a request carries it (tokens in); off: always tokenize.
+    pub accept_token_data: bool,
     pub decision_log: usize,
     /// Pool name in metric labels.
     pub pool_name: String,
@@ -266,6 +268,7 @@ pub mod fuzzing {
                         max_request_body_bytes: 1 << 20,
                         max_endpoints: 1,
                         tokenize_timeout: Duration::from_secs(5),
+                        accept_token_data: true,
                         enforce_disagg: false,
                     },
                     metrics: Arc::new(Metrics::new("fuzz")),
@@ -344,6 +347,7 @@ pub async fn serve(config: EppConfig, on_bound: impl FnOnce(Bound)) -> Result<()
             max_request_body_bytes: config.max_request_body_bytes,
             max_endpoints: config.max_endpoints,
             tokenize_timeout: config.tokenize_timeout,
+            accept_token_data: config.accept_token_data,
             enforce_disagg: config.router.enforce_disagg,
         },
         metrics: metrics.clone(),

@@ -27,6 +27,8 @@ pub struct StreamSettings {
     pub max_request_body_bytes: usize,
     pub max_endpoints: usize,
     pub tokenize_timeout: Duration,
+    /// Route on `nvext.token_data` when the request carries it.
+    pub accept_token_data: bool,
     pub enforce_disagg: bool,
 }
 
@@ -492,20 +494,18 @@ fn allowed_targets(
 
 /// The endpoints to put in the destination header: the ranked targets' distinct `ip:port`s.
 fn destinations(service: &RoutingService, ranked: &[WorkerRank], max: usize) -> Vec<String> {
-    let file = service.workers().current();
+    let workers = service.workers();
     let mut out: Vec<String> = Vec::new();
     for t in ranked {
         if out.len() >= max.max(1) {
             break;
         }
-        if let Some(hp) = file
-            .workers
-            .iter()
-            .find(|w| w.instance_id() == t.worker)
-            .and_then(|w| w.host_port())
-            && !out.iter().any(|o| o == hp)
+        if let Some(hp) = workers
+            .with_instance(t.worker.0, |w| w.host_port().map(str::to_string))
+            .flatten()
+            && !out.contains(&hp)
         {
-            out.push(hp.to_string());
+            out.push(hp);
         }
     }
     out
@@ -548,7 +548,7 @@ fn route_error(e: RouteError) -> Reject {
                 429,
                 format!(
                     "all {} workers are busy (admission control); retry later",
-                    x.candidates.len()
+                    x.candidates_total
                 ),
             )
         },
@@ -659,6 +659,7 @@ async fn route_body(
     // Parsing and tokenizing scale with the prompt: keep them off the async threads, and
     // bound them so a pathological prompt cannot hold the request forever.
     let svc = s.clone();
+    let accept_tokens = shared.settings.accept_token_data;
     let route_span = tracing::Span::current();
     let work = move || {
         let t = Instant::now();
@@ -668,7 +669,7 @@ async fn route_body(
         let parse_time = t.elapsed();
         let t = Instant::now();
         let prepared = tracing::info_span!(parent: &route_span, "tokenize")
-            .in_scope(|| svc.prepare(&parsed, Some(&body), false));
+            .in_scope(|| svc.prepare(&parsed, Some(&body), accept_tokens));
         Ok::<_, kvgate_wire::openai::ParseError>((parsed, prepared, (parse_time, t.elapsed())))
     };
     // Small prompts take tens of microseconds: a hop to the blocking pool would cost more than
@@ -738,7 +739,15 @@ async fn route_body(
         body,
         tokens,
         ..
-    } = prepared.map_err(|e| (model.clone(), Reject::new(400, e.to_string())))?;
+    } = prepared.map_err(|e| {
+        (
+            model.clone(),
+            Reject {
+                param: e.field(),
+                ..Reject::new(400, e.to_string())
+            },
+        )
+    })?;
     m.parse_seconds.observe(parse_time.as_secs_f64());
     m.tokenize_seconds.observe(tokenize_time.as_secs_f64());
     let id = RequestId::from(format!(

@@ -57,6 +57,7 @@ fn config(workers: PathBuf) -> EppConfig {
         max_request_body_bytes: 1 << 20,
         max_endpoints: 1,
         tokenize_timeout: Duration::from_secs(10),
+        accept_token_data: true,
         decision_log: 64,
         pool_name: "test".into(),
         event_plane: kvgate_runtime::routing::EventPlane::Zmq,
@@ -708,9 +709,103 @@ async fn bodiless_requests_and_trailer_terminated_bodies_are_routed() {
     );
 }
 
+async fn last_decision(b: &Bound) -> serde_json::Value {
+    let d: serde_json::Value = reqwest::get(format!("http://{}/debug/decisions?n=1", b.metrics))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    d["decisions"][0].clone()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn client_token_ids_are_never_trusted() {
+async fn token_data_is_routed_on_and_forwarded_byte_for_byte() {
     let (b, _d) = start().await;
+    // 300 ids that no tokenization of "hello world" would give: routing must use them.
+    let ids: Vec<u32> = (0..300).map(|i| 1000 + i * 7).collect();
+    let sent = serde_json::json!({"model": "qwen3",
+        "messages": [{"role": "user", "content": "hello world"}],
+        "nvext": {"token_data": ids, "keep": true}})
+    .to_string();
+    let mut s = Stream::open(&b).await;
+    s.send(post("/v1/chat/completions", &[])).await;
+    s.send(body(sent.as_bytes(), true)).await;
+    let first = routed(&s.recv().await);
+    let (out, _) = read_body(&mut s).await;
+    assert_eq!(
+        out,
+        sent.as_bytes(),
+        "a tokens-in body is forwarded unchanged"
+    );
+    let d = last_decision(&b).await;
+    assert_eq!(d["isl_tokens"], 300, "{d}");
+    // The same ids again, with other messages: the router remembers them (approximate mode)
+    // and sends the request where they went, with their blocks counted as cached.
+    let again = serde_json::json!({"model": "qwen3",
+        "messages": [{"role": "user", "content": "something else entirely"}],
+        "nvext": {"token_data": ids}})
+    .to_string();
+    let mut s = Stream::open(&b).await;
+    s.send(post("/v1/chat/completions", &[])).await;
+    s.send(body(again.as_bytes(), true)).await;
+    let second = routed(&s.recv().await);
+    let _ = read_body(&mut s).await;
+    assert_eq!(
+        first.get("x-gateway-destination-endpoint"),
+        second.get("x-gateway-destination-endpoint")
+    );
+    let d = last_decision(&b).await;
+    assert_eq!(d["overlap_blocks"], 300 / 16, "{d}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_token_ids_get_400_naming_the_position() {
+    let (b, _d) = start().await;
+    // o200k_base ends at 200,018, and 199,998 is a gap among its special tokens.
+    for (doc, field) in [
+        (
+            serde_json::json!({"model": "qwen3", "messages": [{"role": "user", "content": "x"}],
+                "nvext": {"token_data": [1, 2, 4000000000u32]}}),
+            "nvext.token_data[2]",
+        ),
+        (
+            serde_json::json!({"model": "qwen3", "messages": [{"role": "user", "content": "x"}],
+                "nvext": {"token_data": [199998]}}),
+            "nvext.token_data[0]",
+        ),
+    ] {
+        let mut s = Stream::open(&b).await;
+        s.send(post("/v1/chat/completions", &[])).await;
+        s.send(body(doc.to_string().as_bytes(), true)).await;
+        let (code, err, _) = immediate(&s.recv().await);
+        assert_eq!(code, 400, "{err}");
+        assert_eq!(err["error"]["param"], field, "{err}");
+        let msg = err["error"]["message"].as_str().unwrap();
+        assert!(msg.contains("not in the vocabulary"), "{msg}");
+    }
+    // A completions prompt given as ids is checked the same way.
+    let mut s = Stream::open(&b).await;
+    s.send(post("/v1/completions", &[])).await;
+    let doc = serde_json::json!({"model": "qwen3", "prompt": [5, 6, 300000]});
+    s.send(body(doc.to_string().as_bytes(), true)).await;
+    let (code, err, _) = immediate(&s.recv().await);
+    assert_eq!(code, 400, "{err}");
+    assert_eq!(err["error"]["param"], "prompt[2]", "{err}");
+    // Valid ids in a completions prompt are routed on and injected for the worker.
+    let mut s = Stream::open(&b).await;
+    s.send(post("/v1/completions", &[])).await;
+    let doc = serde_json::json!({"model": "qwen3", "prompt": [5, 6, 200018]});
+    s.send(body(doc.to_string().as_bytes(), true)).await;
+    let _ = routed(&s.recv().await);
+    let (out, _) = read_body(&mut s).await;
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(v["nvext"]["token_data"], serde_json::json!([5, 6, 200018]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_accept_token_data_off_client_ids_are_overwritten() {
+    let (b, _d) = start_with(WORKERS, |c| c.accept_token_data = false).await;
     let mut s = Stream::open(&b).await;
     s.send(post("/v1/chat/completions", &[])).await;
     let body_json = serde_json::json!({"model": "qwen3",

@@ -80,6 +80,7 @@ async fn start(dir: &Path, client_ca: Option<PathBuf>) -> Bound {
         max_request_body_bytes: 1 << 20,
         max_endpoints: 1,
         tokenize_timeout: Duration::from_secs(10),
+        accept_token_data: true,
         decision_log: 8,
         pool_name: "t".into(),
         event_plane: kvgate_runtime::routing::EventPlane::Zmq,

@@ -57,6 +57,8 @@ pub struct FrontendConfig {
     /// Routing tokenizer (kv mode); default: the workers file's, else the embedded one.
     pub tokenizer: Option<PathBuf>,
     pub max_body_bytes: usize,
+    /// kv mode: route on `nvext.token_data` when a request carries it (tokens in).
+    pub accept_token_data: bool,
     /// How long a worker may take to answer with response headers.
     pub request_timeout: Duration,
     /// Where kv mode reads KV events.
@@ -493,8 +495,9 @@ async fn pick(
             let p = Arc::clone(parsed);
             let svc = kv.clone();
             let raw = body.clone();
+            let accept = s.config.accept_token_data;
             let prepared =
-                tokio::task::spawn_blocking(move || svc.prepare(&p, Some(&raw), false)).await;
+                tokio::task::spawn_blocking(move || svc.prepare(&p, Some(&raw), accept)).await;
             let prepared = match prepared {
                 Ok(Ok(x)) => x,
                 Ok(Err(e)) => return Err(bad(StatusCode::BAD_REQUEST, e.to_string())),

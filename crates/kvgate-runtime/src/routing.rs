@@ -159,6 +159,8 @@ impl RoutingService {
             .map(Path::to_path_buf)
             .or_else(|| file.tokenizer.as_ref().map(PathBuf::from));
         let tokenizer = PromptTokenizer::load(tok_path.as_deref()).map_err(|e| e.to_string())?;
+        // Built now (tens of milliseconds), not on the first tokens-in request.
+        tokenizer.vocabulary();
         let seed = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(1, |d| d.as_nanos() as u64);
@@ -365,7 +367,9 @@ impl RoutingService {
     fn sync_workers_with(&self, old: Option<&WorkersFile>, new: &WorkersFile, grace: Duration) {
         let mut router = lock(&self.router);
         let mut subs = lock(&self.subscriptions);
-        let new_ids: Vec<u64> = new.workers.iter().map(|w| w.instance_id().0).collect();
+        // By id: a fleet of 10,000 is compared in one pass, not in 10,000 scans.
+        let new_by_id: HashMap<u64, &kvgate_wire::workers::WorkerEntry> =
+            new.workers.iter().map(|w| (w.instance_id().0, w)).collect();
         let now = Instant::now();
         {
             let mut parked = lock(&self.parked);
@@ -398,7 +402,8 @@ impl RoutingService {
         if let Some(old) = old {
             for w in &old.workers {
                 let id = w.instance_id();
-                if !new_ids.contains(&id.0) && !grace.is_zero() && router.park_worker(id, now) {
+                if !new_by_id.contains_key(&id.0) && !grace.is_zero() && router.park_worker(id, now)
+                {
                     // Out of routing; its engine may well still run and publish, so the
                     // subscription and the cache entries stay until the grace ends.
                     lock(&self.parked).insert(id.0, w.clone());
@@ -406,24 +411,20 @@ impl RoutingService {
                     continue;
                 }
                 // Only what the subscriptions depend on; capacity edits keep them running.
-                let changed = new
-                    .workers
-                    .iter()
-                    .find(|n| n.instance_id() == id)
-                    .is_none_or(|n| {
-                        n.kv_events != w.kv_events
-                            || n.kv_events_replay != w.kv_events_replay
-                            || n.dp_size != w.dp_size
-                            || n.url != w.url
-                    });
-                if !new_ids.contains(&id.0) {
+                let changed = new_by_id.get(&id.0).is_none_or(|n| {
+                    n.kv_events != w.kv_events
+                        || n.kv_events_replay != w.kv_events_replay
+                        || n.dp_size != w.dp_size
+                        || n.url != w.url
+                });
+                if !new_by_id.contains_key(&id.0) {
                     router.remove_worker(id);
                 }
                 if changed {
                     // A re-subscription judges the worker afresh, and what the old one indexed
                     // is no longer followed.
                     lock(&self.events.misconfigured).retain(|(w, _), _| *w != id.0);
-                    if new_ids.contains(&id.0)
+                    if new_by_id.contains_key(&id.0)
                         && self.zmq_events.load(std::sync::atomic::Ordering::Relaxed)
                     {
                         for rank in 0..w.dp_size {
@@ -444,9 +445,7 @@ impl RoutingService {
                 }
             }
         }
-        for w in &new.workers {
-            router.upsert_worker(w.info());
-        }
+        router.upsert_workers(new.workers.iter().map(|w| w.info()));
         drop(router);
         if !self.zmq_events.load(std::sync::atomic::Ordering::Relaxed) {
             return;
@@ -470,41 +469,55 @@ impl RoutingService {
         }
     }
 
-    /// Tokenizes (unless the request carries `nvext.token_data`), hashes and rewrites the body
-    /// with the token ids. CPU-bound: call it from a blocking thread for large prompts.
-    /// `raw`: the bytes `req` was parsed from, when at hand (the rewrite then splices instead
-    /// of re-serialising).
+    /// Tokenizes (unless the request carries token ids and `accept_client_tokens`), hashes and
+    /// rewrites the body with the token ids. CPU-bound: call it from a blocking thread for large
+    /// prompts. `raw`: the bytes `req` was parsed from, when at hand (the rewrite then splices
+    /// instead of re-serialising).
     ///
-    /// `trust_client_tokens`: route on `nvext.token_data` when the request carries it. Only for
-    /// callers whose clients are trusted to tokenize (the ids bypass the chat template and
-    /// steer routing); the EPP and the client-facing frontend always tokenize themselves and
-    /// overwrite whatever ids came in.
+    /// Tokens in: with `accept_client_tokens`, a request carrying `nvext.token_data` is routed
+    /// on those ids and forwarded unchanged: the engine serves the ids it is given (Dynamo's
+    /// workers do), so the ids are the prompt the cache sees, and tokenizing the messages again
+    /// would only cost time. The ids are checked against the vocabulary first. Without it, the
+    /// messages are tokenized and whatever ids came in are overwritten (for engines that ignore
+    /// `nvext`). A completions `prompt` given as ids is always used, after the same check.
     pub fn prepare(
         &self,
         req: &OpenAiRequest,
         raw: Option<&[u8]>,
-        trust_client_tokens: bool,
+        accept_client_tokens: bool,
     ) -> Result<Prepared, TokenizeError> {
         let block_size = self.block_size();
-        let (tokens, client_tokens) = match &req.token_data {
-            Some(t) if trust_client_tokens => (t.clone(), true),
-            _ => (self.tokenizer.tokenize(req)?, false),
+        let client = match &req.token_data {
+            Some(t) if accept_client_tokens => {
+                self.tokenizer.check_ids(t, "nvext.token_data")?;
+                Some(t)
+            }
+            _ => None,
+        };
+        let owned;
+        let tokens: &[u32] = match client {
+            Some(t) => t,
+            None => {
+                owned = self.tokenizer.tokenize(req)?;
+                &owned
+            }
         };
         let hashes = BlockHashes::from_tokens(
-            &tokens,
+            tokens,
             block_size,
             HashSeed::new(None, req.cache_salt.as_deref()),
         );
         // The worker gets the ids we routed on: no second tokenization, no drift.
-        let body = match raw {
-            Some(raw) => req.raw_body_with_token_data(raw, &tokens),
-            None => req.body_with_token_data(&tokens),
+        let body = match (raw, client) {
+            (Some(raw), Some(_)) => raw.to_vec(),
+            (Some(raw), None) => req.raw_body_with_token_data(raw, tokens),
+            (None, _) => req.body_with_token_data(tokens),
         };
         Ok(Prepared {
             hashes,
             body,
             tokens: tokens.len(),
-            client_tokens,
+            client_tokens: client.is_some(),
         })
     }
 
@@ -615,7 +628,7 @@ impl RoutingService {
             );
             let d = score
                 .in_scope(|| router.route_among(req, roles, weights, Instant::now(), &mut *rng))?;
-            score.record("kvgate.candidates", d.explanation.candidates.len() as i64);
+            score.record("kvgate.candidates", d.explanation.candidates_total as i64);
             score.record("kvgate.worker_id", d.worker.worker.0);
             score.record("kvgate.dp_rank", i64::from(d.worker.dp_rank.0));
             score.record("kvgate.overlap_blocks", i64::from(d.overlap_blocks));
@@ -660,8 +673,7 @@ impl RoutingService {
             }
             let name = self
                 .workers
-                .by_instance_id(decision.worker.worker.0)
-                .map(|w| w.name)
+                .with_instance(decision.worker.worker.0, |w| w.name.clone())
                 .unwrap_or_default();
             let rec = DecisionRecord {
                 request_id: id.as_str().to_string(),
@@ -701,6 +713,13 @@ impl RoutingService {
 
     pub fn touch(&self, id: &RequestId) {
         lock(&self.router).touch(id, Instant::now());
+    }
+
+    /// Applies KV events straight to the index (in-process engines and benchmarks; the event
+    /// planes go through their own sequencing). Returns how many applied.
+    pub fn apply_kv_events(&self, events: &[kvgate_core::KvEvent]) -> usize {
+        let mut r = lock(&self.router);
+        events.iter().filter(|e| r.apply_event(e)).count()
     }
 
     pub fn free(&self, id: &RequestId) {

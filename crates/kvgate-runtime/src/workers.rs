@@ -1,43 +1,77 @@
 //! The live worker set: the workers file, reloaded when it changes.
 
 use kvgate_wire::workers::{WorkerEntry, WorkersFile};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 #[derive(Clone)]
 pub struct WorkerSet {
-    inner: Arc<RwLock<Arc<WorkersFile>>>,
+    inner: Arc<RwLock<Snapshot>>,
+}
+
+/// One version of the worker list, with its entries indexed by instance id (lookups per
+/// decision must not scan a fleet of thousands).
+#[derive(Clone)]
+struct Snapshot {
+    file: Arc<WorkersFile>,
+    by_id: Arc<HashMap<u64, usize>>,
+}
+
+impl Snapshot {
+    fn new(file: WorkersFile) -> Self {
+        let by_id = file
+            .workers
+            .iter()
+            .enumerate()
+            .map(|(i, w)| (w.instance_id().0, i))
+            .collect();
+        Self {
+            file: Arc::new(file),
+            by_id: Arc::new(by_id),
+        }
+    }
 }
 
 impl WorkerSet {
     pub fn new(file: WorkersFile) -> Self {
         Self {
-            inner: Arc::new(RwLock::new(Arc::new(file))),
+            inner: Arc::new(RwLock::new(Snapshot::new(file))),
         }
     }
 
-    pub fn current(&self) -> Arc<WorkersFile> {
+    fn snapshot(&self) -> Snapshot {
         match self.inner.read() {
             Ok(g) => g.clone(),
             Err(p) => p.into_inner().clone(),
         }
     }
 
+    pub fn current(&self) -> Arc<WorkersFile> {
+        self.snapshot().file
+    }
+
     pub(crate) fn replace(&self, file: WorkersFile) {
+        let snap = Snapshot::new(file);
         let mut g = match self.inner.write() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         };
-        *g = Arc::new(file);
+        *g = snap;
     }
 
     pub fn by_instance_id(&self, id: u64) -> Option<WorkerEntry> {
-        self.current()
-            .workers
-            .iter()
-            .find(|w| w.instance_id().0 == id)
-            .cloned()
+        self.with_instance(id, Clone::clone)
+    }
+
+    /// Calls `f` on the entry with instance id `id`, without copying it.
+    pub fn with_instance<R>(&self, id: u64, f: impl FnOnce(&WorkerEntry) -> R) -> Option<R> {
+        let snap = self.snapshot();
+        snap.by_id
+            .get(&id)
+            .and_then(|&i| snap.file.workers.get(i))
+            .map(f)
     }
 
     /// Polls `path` and calls `on_change(old, new)` after each successful reload. A file that

@@ -2,7 +2,7 @@
 
 use crate::cache::SplitRule;
 use crate::template::ChatTemplate;
-use crate::{TokenizeError, Tokenizer};
+use crate::{TokenizeError, Tokenizer, Vocabulary};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
@@ -56,6 +56,10 @@ impl Tokenizer for HfTokenizer {
 
     fn segment_markers(&self) -> Vec<SplitRule> {
         self.rules.clone()
+    }
+
+    fn vocabulary(&self) -> Vocabulary {
+        Vocabulary::from_ids(self.tok.get_vocab(true).into_values())
     }
 
     fn name(&self) -> String {

@@ -26,6 +26,54 @@ pub trait Tokenizer: Send + Sync {
     /// Where encoding can be split without changing the result (used by the multi-turn cache).
     fn segment_markers(&self) -> Vec<cache::SplitRule>;
     fn name(&self) -> String;
+    /// Every id this tokenizer can produce or decode (regular and special tokens). Built once
+    /// per [`PromptTokenizer`]; token ids that clients send are checked against it.
+    fn vocabulary(&self) -> Vocabulary;
+}
+
+/// A set of token ids as a bitmap: checking a 50k-token prompt costs tens of microseconds.
+#[derive(Clone, Debug)]
+pub struct Vocabulary {
+    words: Vec<u64>,
+    len: usize,
+}
+
+impl Vocabulary {
+    pub fn from_ids(ids: impl IntoIterator<Item = u32>) -> Self {
+        let mut words: Vec<u64> = Vec::new();
+        for id in ids {
+            let w = (id / 64) as usize;
+            if words.len() <= w {
+                words.resize(w + 1, 0);
+            }
+            words[w] |= 1 << (id % 64);
+        }
+        let len = words.iter().map(|w| w.count_ones() as usize).sum();
+        Self { words, len }
+    }
+
+    pub fn contains(&self, id: u32) -> bool {
+        self.words
+            .get((id / 64) as usize)
+            .is_some_and(|w| w & (1 << (id % 64)) != 0)
+    }
+
+    /// How many ids the vocabulary holds.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The first id (and its position) that is not in the vocabulary.
+    pub fn first_unknown(&self, ids: &[u32]) -> Option<(usize, u32)> {
+        ids.iter()
+            .enumerate()
+            .find(|(_, id)| !self.contains(**id))
+            .map(|(i, id)| (i, *id))
+    }
 }
 
 /// tiktoken `o200k_base`, embedded in the binary (one shared instance per process).
@@ -196,7 +244,18 @@ impl Tokenizer for Tiktoken {
     fn name(&self) -> String {
         "tiktoken/o200k_base".into()
     }
+
+    fn vocabulary(&self) -> Vocabulary {
+        // o200k_base's ids end at 200,018 (`<|endofprompt|>`), with gaps among the specials:
+        // probe a margin past the end and keep what decodes.
+        Vocabulary::from_ids(
+            (0..TIKTOKEN_PROBE_IDS).filter(|&id| self.bpe.decode_bytes(&[id]).is_ok()),
+        )
+    }
 }
+
+/// How far [`Tiktoken::vocabulary`] probes (o200k_base ends at 200,018).
+const TIKTOKEN_PROBE_IDS: u32 = 1 << 18;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizeError {
@@ -206,6 +265,27 @@ pub enum TokenizeError {
     Template(String),
     #[error("tokenization failed: {0}")]
     Encode(String),
+    /// A client-sent token id that the tokenizer does not know.
+    #[error(
+        "`{field}[{index}]`: token id {id} is not in the vocabulary of {tokenizer} ({vocab} ids)"
+    )]
+    UnknownTokenId {
+        field: String,
+        index: usize,
+        id: u32,
+        tokenizer: String,
+        vocab: usize,
+    },
+}
+
+impl TokenizeError {
+    /// The request field at fault, when the client's input is (for the `param` of an error).
+    pub fn field(&self) -> Option<String> {
+        match self {
+            Self::UnknownTokenId { field, index, .. } => Some(format!("{field}[{index}]")),
+            _ => None,
+        }
+    }
 }
 
 /// Request -> token ids: chat template, tokenizer and multi-turn cache together.
@@ -213,6 +293,7 @@ pub struct PromptTokenizer {
     tokenizer: Arc<dyn Tokenizer>,
     template: ChatTemplate,
     cache: SegmentCache,
+    vocabulary: std::sync::OnceLock<Vocabulary>,
 }
 
 impl PromptTokenizer {
@@ -222,6 +303,27 @@ impl PromptTokenizer {
             tokenizer,
             template,
             cache: SegmentCache::new(markers, cache_tokens),
+            vocabulary: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The tokenizer's vocabulary, built on first use.
+    pub fn vocabulary(&self) -> &Vocabulary {
+        self.vocabulary.get_or_init(|| self.tokenizer.vocabulary())
+    }
+
+    /// Checks client-sent ids (`field` names them in the error) against the vocabulary.
+    pub fn check_ids(&self, ids: &[u32], field: &str) -> Result<(), TokenizeError> {
+        let vocab = self.vocabulary();
+        match vocab.first_unknown(ids) {
+            None => Ok(()),
+            Some((index, id)) => Err(TokenizeError::UnknownTokenId {
+                field: field.to_string(),
+                index,
+                id,
+                tokenizer: self.tokenizer.name(),
+                vocab: vocab.len(),
+            }),
         }
     }
 
@@ -265,7 +367,8 @@ impl PromptTokenizer {
     }
 
     /// Token ids of a request's prompt. `nvext.token_data` is not consulted here: callers decide
-    /// whether to trust ids computed upstream.
+    /// whether to route on ids computed upstream. A completions prompt given as ids is checked
+    /// against the vocabulary.
     pub fn tokenize(&self, req: &OpenAiRequest) -> Result<Vec<u32>, TokenizeError> {
         match req.endpoint {
             Endpoint::Chat => {
@@ -273,7 +376,10 @@ impl PromptTokenizer {
                 self.cache.encode(self.tokenizer.as_ref(), &text)
             }
             Endpoint::Completion => match &req.prompt {
-                Some(Prompt::Tokens(ids)) => Ok(ids.clone()),
+                Some(Prompt::Tokens(ids)) => {
+                    self.check_ids(ids, "prompt")?;
+                    Ok(ids.clone())
+                }
                 Some(Prompt::Text(text)) => self.cache.encode(self.tokenizer.as_ref(), text),
                 None => Ok(Vec::new()),
             },

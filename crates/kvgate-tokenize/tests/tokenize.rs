@@ -188,3 +188,24 @@ fn long_prompts_are_encoded_in_parallel_and_exactly() {
         single
     );
 }
+
+#[test]
+fn o200k_vocabulary_holds_the_regular_and_special_ids_only() {
+    let tok = kvgate_tokenize::PromptTokenizer::embedded().unwrap();
+    let v = tok.vocabulary();
+    // 199,998 merge ranks (0..=199,997), `<|endoftext|>` 199,999, `<|endofprompt|>` 200,018.
+    assert_eq!(v.len(), 200_000);
+    for id in [0, 199_997, 199_999, 200_018] {
+        assert!(v.contains(id), "{id}");
+    }
+    for id in [199_998, 200_000, 200_017, 200_019, u32::MAX] {
+        assert!(!v.contains(id), "{id}");
+    }
+    assert_eq!(v.first_unknown(&[1, 2, 199_998, 7]), Some((2, 199_998)));
+    assert!(tok.check_ids(&[1, 200_018], "prompt").is_ok());
+    let e = tok
+        .check_ids(&[1, 300_000], "nvext.token_data")
+        .unwrap_err();
+    assert_eq!(e.field().as_deref(), Some("nvext.token_data[1]"));
+    assert!(e.to_string().contains("300000"), "{e}");
+}

@@ -41,7 +41,7 @@ pub enum Command {
     #[command(subcommand)]
     Bench(BenchCommand),
     /// The local demo: mock workers, round-robin vs the KV router on trace conversations, results.
-    Demo(Box<crate::demo::DemoArgs>),
+    Demo(Box<kvgate_bench::demo::DemoArgs>),
     /// Print the Kubernetes objects for a DynamoGraphDeployment's EPP (Service, InferencePool,
     /// Istio DestinationRule with --service-mesh) as YAML, without a cluster.
     Render(Box<crate::render_args::RenderArgs>),
@@ -54,38 +54,34 @@ pub enum Command {
 pub enum BenchCommand {
     /// What the EPP adds: Envoy+EPP vs Envoy straight to one worker, side by side, at 2k/8k/50k
     /// token prompts and multi-turn 8k conversations (added latency p50/p99, EPP CPU/request).
-    Epp(Box<crate::bench_epp::BenchEppArgs>),
+    Epp(Box<kvgate_bench::epp::BenchEppArgs>),
     /// Hostile traffic at every port of a real deployment (aborted streams, slow-loris, oversized
     /// bodies, unknown models, a KV event flood, a garbage replica-sync peer) with well-formed
     /// requests alongside: panics, leaked bookings, EPP memory growth, failed good requests.
-    Abuse(Box<crate::bench_abuse::BenchAbuseArgs>),
+    Abuse(Box<kvgate_bench::abuse::BenchAbuseArgs>),
     /// Aggregated vs disaggregated prefill/decode on the same simulated engines and trace,
     /// through Envoy + EPP + sidecars (TTFT, end-to-end latency, throughput).
-    Disagg(Box<crate::bench_disagg::BenchDisaggArgs>),
+    Disagg(Box<kvgate_bench::disagg::BenchDisaggArgs>),
     /// KV events applied per second: decoding, the index, NATS JetStream and vLLM ZMQ paths.
-    Events(Box<crate::bench_events::BenchEventsArgs>),
+    Events(Box<kvgate_bench::events::BenchEventsArgs>),
+    /// The router at 1,000 and 10,000 worker ranks: decision time, memory per rank, and the
+    /// cost of a workers-file reload and of a discovery update.
+    Fleet(Box<kvgate_bench::fleet::BenchFleetArgs>),
     /// Routing quality in virtual time: every policy replays the same trace on the same
     /// simulated fleet (hit rate vs the reuse bound, TTFT, ITL, e2e, throughput, imbalance).
-    Replay(Box<crate::bench_replay::BenchReplayArgs>),
+    Replay(Box<kvgate_bench::replay::BenchReplayArgs>),
     /// Writes a seeded Mooncake-format trace of another shape: agent loops, short chats, huge
     /// documents (for `bench replay --trace`).
-    GenTrace(crate::bench_gen_trace::GenTraceArgs),
+    GenTrace(kvgate_bench::gen_trace::GenTraceArgs),
     /// kvgate's prefix index vs dynamo-kv-router's and kv-index's on identical trace streams.
     /// The peers are never linked into kvgate: this runs `cargo bench -p kvgate-peers --bench
     /// indexer` in the source tree kvgate was built from.
-    Indexer(crate::bench_all::BenchIndexerArgs),
+    Indexer(kvgate_bench::all::BenchIndexerArgs),
     /// Every benchmark in turn (each in its own process), one markdown report in bench/results/.
-    All(Box<crate::bench_all::BenchAllArgs>),
+    All(Box<kvgate_bench::all::BenchAllArgs>),
     /// (internal) the do-nothing ext_proc picker `bench epp` uses to measure the protocol floor.
     #[command(hide = true)]
-    EchoPicker {
-        #[arg(long)]
-        destination: String,
-        #[arg(long)]
-        worker_id: u64,
-        #[arg(long)]
-        plaintext: bool,
-    },
+    EchoPicker(kvgate_bench::epp::EchoPickerArgs),
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -118,6 +114,10 @@ pub struct FrontendArgs {
     /// Largest accepted request body (413 above).
     #[arg(long, default_value_t = 32 << 20)]
     pub max_request_body_bytes: usize,
+    /// kv mode, tokens in: route a request that carries `nvext.token_data` on those ids
+    /// (checked against the vocabulary) instead of tokenizing it.
+    #[arg(long, env = "KVGATE_ACCEPT_TOKEN_DATA", default_value_t = true, action = clap::ArgAction::Set)]
+    pub accept_token_data: bool,
     /// Seconds a worker may take to start answering before the client gets 504.
     #[arg(long, default_value_t = 60.0)]
     pub request_timeout_secs: f64,
@@ -217,6 +217,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 router,
                 tokenizer: args.tokenizer.clone(),
                 max_body_bytes: args.max_request_body_bytes,
+                accept_token_data: args.accept_token_data,
                 request_timeout: std::time::Duration::from_secs_f64(args.request_timeout_secs),
                 event_plane: args.events.router_plane().map_err(CliError)?,
                 replica_sync,
@@ -244,21 +245,8 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 }),
             )
         }
-        Command::Bench(BenchCommand::EchoPicker {
-            destination,
-            worker_id,
-            plaintext,
-        }) => runtime()?
-            .block_on(async move {
-                let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-                    .await
-                    .map_err(|e| e.to_string())?;
-                println!(
-                    "kvgate echo picker on grpc://{}",
-                    l.local_addr().map_err(|e| e.to_string())?
-                );
-                kvgate_epp::echo::serve(l, destination, worker_id, !plaintext).await
-            })
+        Command::Bench(BenchCommand::EchoPicker(args)) => runtime()?
+            .block_on(kvgate_bench::epp::run_echo_picker(args))
             .map_err(CliError),
         Command::Render(args) => {
             let yaml = crate::render_args::run(&args).map_err(CliError)?;
@@ -267,31 +255,34 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::Operator(args) => serve("kvgate-operator", crate::operator_args::run(&args)),
         Command::Bench(BenchCommand::Indexer(args)) => {
-            crate::bench_all::run_indexer(args).map_err(CliError)
+            kvgate_bench::all::run_indexer(args).map_err(CliError)
         }
         Command::Bench(BenchCommand::All(args)) => {
-            crate::bench_all::run_all(*args).map_err(CliError)
+            kvgate_bench::all::run_all(*args).map_err(CliError)
         }
         Command::Bench(BenchCommand::Replay(args)) => {
-            crate::bench_replay::run(*args).map_err(CliError)
+            kvgate_bench::replay::run(*args).map_err(CliError)
         }
         Command::Bench(BenchCommand::GenTrace(args)) => {
-            crate::bench_gen_trace::run(&args).map_err(CliError)
+            kvgate_bench::gen_trace::run(&args).map_err(CliError)
+        }
+        Command::Bench(BenchCommand::Fleet(args)) => {
+            kvgate_bench::fleet::run(*args).map_err(CliError)
         }
         Command::Bench(BenchCommand::Events(args)) => quiet_runtime()?
-            .block_on(crate::bench_events::run(*args))
+            .block_on(kvgate_bench::events::run(*args))
             .map_err(CliError),
         Command::Bench(BenchCommand::Disagg(args)) => quiet_runtime()?
-            .block_on(crate::bench_disagg::run(*args))
+            .block_on(kvgate_bench::disagg::run(*args))
             .map_err(CliError),
         Command::Bench(BenchCommand::Abuse(args)) => quiet_runtime()?
-            .block_on(crate::bench_abuse::run(*args))
+            .block_on(kvgate_bench::abuse::run(*args))
             .map_err(CliError),
         Command::Bench(BenchCommand::Epp(args)) => runtime()?
-            .block_on(crate::bench_epp::run(*args))
+            .block_on(kvgate_bench::epp::run(*args))
             .map_err(CliError),
         Command::Demo(args) => runtime()?
-            .block_on(crate::demo::run(*args))
+            .block_on(kvgate_bench::demo::run(*args))
             .map_err(CliError),
         Command::Mocker(args) => {
             let config = args.to_config().map_err(CliError)?;

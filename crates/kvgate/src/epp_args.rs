@@ -72,6 +72,11 @@ pub struct EppArgs {
     /// Seconds tokenization may take before the client gets 504.
     #[arg(long, default_value_t = 10.0)]
     pub tokenize_timeout_secs: f64,
+    /// Tokens in: route a request that carries `nvext.token_data` on those ids (checked against
+    /// the vocabulary, 400 if one is unknown) and skip tokenizing it. Off: always tokenize the
+    /// messages and overwrite the ids (for engines that ignore `nvext`).
+    #[arg(long, env = "KVGATE_ACCEPT_TOKEN_DATA", default_value_t = true, action = clap::ArgAction::Set)]
+    pub accept_token_data: bool,
     /// Decisions kept for `/debug/decisions`.
     #[arg(long, default_value_t = 256)]
     pub decision_log: usize,
@@ -107,6 +112,7 @@ impl EppArgs {
             max_request_body_bytes: self.max_request_body_bytes,
             max_endpoints: usize::from(self.max_endpoints),
             tokenize_timeout: std::time::Duration::from_secs_f64(self.tokenize_timeout_secs),
+            accept_token_data: self.accept_token_data,
             decision_log: self.decision_log,
             pool_name: self.pool_name.clone(),
             event_plane: self.events.router_plane()?,

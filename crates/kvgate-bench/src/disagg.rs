@@ -8,8 +8,8 @@
 //! demo's: multi-turn conversations sampled from a Mooncake-format trace, replayed at their
 //! (scaled) arrival times.
 
-use crate::bench_epp::{GATEWAY_PLAIN, start_envoy};
 use crate::demo::{DemoArgs, Outcome, one, pct, progress, workload};
+use crate::procs::{GATEWAY_PLAIN, start_envoy};
 use kvgate_core::config::RouterConfig;
 use kvgate_engine::{EngineConfig, TimingModel};
 use kvgate_frontend::{FrontendConfig, RouterMode};
@@ -80,6 +80,7 @@ async fn start_sidecar(workers: PathBuf) -> Result<SocketAddr, String> {
         router: RouterConfig::default(),
         tokenizer: None,
         max_body_bytes: 64 << 20,
+        accept_token_data: true,
         request_timeout: Duration::from_secs(120),
         event_plane: kvgate_runtime::routing::EventPlane::Zmq,
         replica_sync: None,
@@ -112,6 +113,7 @@ async fn start_epp(workers: PathBuf) -> Result<SocketAddr, String> {
         max_request_body_bytes: 64 << 20,
         max_endpoints: 1,
         tokenize_timeout: Duration::from_secs(30),
+        accept_token_data: true,
         decision_log: 16,
         pool_name: "bench".into(),
         event_plane: kvgate_runtime::routing::EventPlane::Zmq,
@@ -194,6 +196,7 @@ pub(crate) async fn run_config(
             ],
             dir,
             label,
+            1,
         )
     })?;
     let url = format!("http://127.0.0.1:{port}");

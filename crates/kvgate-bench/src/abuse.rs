@@ -13,10 +13,9 @@
 //! must have succeeded. The last line with `--json` is
 //! `{"panics", "leaked_bookings", "rss_growth_mb", "good_requests_failed", "inputs_fuzzed", ...}`.
 
+use crate::procs::{GATEWAY_PLAIN, Proc, TempDir, free_port, rss_mb, start_envoy};
 use futures::StreamExt;
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -61,95 +60,6 @@ pub struct BenchAbuseArgs {
     /// Print one JSON object as the last line.
     #[arg(long)]
     pub json: bool,
-}
-
-/// A child process killed on drop; its stderr goes to a file that is searched for panics.
-struct Proc {
-    name: String,
-    child: Child,
-    lines: Vec<String>,
-    stderr: PathBuf,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Proc {
-    fn start(
-        name: &str,
-        exe: &std::path::Path,
-        args: &[&str],
-        n_lines: usize,
-        dir: &std::path::Path,
-    ) -> Result<Proc, String> {
-        let stderr = dir.join(format!("{name}.stderr"));
-        let file = std::fs::File::create(&stderr).map_err(|e| e.to_string())?;
-        let mut child = Command::new(exe)
-            .args(args)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(file)
-            .spawn()
-            .map_err(|e| format!("cannot start {name} ({}): {e}", exe.display()))?;
-        let mut lines = Vec::new();
-        if n_lines > 0 {
-            let stdout = child.stdout.take().ok_or("no stdout")?;
-            let mut reader = BufReader::new(stdout);
-            while lines.len() < n_lines {
-                let mut l = String::new();
-                if reader.read_line(&mut l).map_err(|e| e.to_string())? == 0 {
-                    let err = std::fs::read_to_string(&stderr).unwrap_or_default();
-                    return Err(format!("{name} exited during start-up: {err}"));
-                }
-                lines.push(l.trim().to_string());
-            }
-            // Keep draining stdout so the child never blocks on a full pipe.
-            std::thread::spawn(move || for _ in reader.lines() {});
-        }
-        Ok(Proc {
-            name: name.to_string(),
-            child,
-            lines,
-            stderr,
-        })
-    }
-
-    fn addr(&self, scheme: &str) -> Result<String, String> {
-        self.lines
-            .iter()
-            .find_map(|l| {
-                l.split_whitespace()
-                    .find_map(|w| w.strip_prefix(scheme).map(str::to_string))
-            })
-            .ok_or_else(|| format!("{}: no {scheme} address in {:?}", self.name, self.lines))
-    }
-
-    /// Whether it panicked or died.
-    fn failed(&mut self) -> Option<String> {
-        let err = std::fs::read_to_string(&self.stderr).unwrap_or_default();
-        if let Some(l) = err.lines().find(|l| l.contains("panicked")) {
-            return Some(format!("{}: {l}", self.name));
-        }
-        match self.child.try_wait() {
-            Ok(Some(status)) => Some(format!("{} exited: {status}", self.name)),
-            _ => None,
-        }
-    }
-}
-
-fn rss_mb(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        })
-        .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
 fn chat(content: &str, max_tokens: u32, stream: bool, model: &str) -> Vec<u8> {
@@ -199,24 +109,8 @@ struct Rig {
     epp_http: String,
     gateway: String,
     nats_url: String,
-    _envoy: crate::bench_epp::Spawned,
+    _envoy: Proc,
     _dir: TempDir,
-}
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Result<Self, String> {
-        let p = std::env::temp_dir().join(format!("kvgate-bench-abuse-{}", std::process::id()));
-        std::fs::create_dir_all(&p).map_err(|e| format!("{}: {e}", p.display()))?;
-        Ok(Self(p))
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 fn setup(a: &BenchAbuseArgs) -> Result<Rig, String> {
@@ -228,10 +122,10 @@ fn setup(a: &BenchAbuseArgs) -> Result<Rig, String> {
             ));
         }
     }
-    let dir = TempDir::new()?;
+    let dir = TempDir::new("bench-abuse")?;
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let port = crate::bench_epp::free_port()?;
-    let store = dir.0.join("nats");
+    let port = free_port()?;
+    let store = dir.path().join("nats");
     let nats = Proc::start(
         "nats-server",
         &a.nats_server,
@@ -245,7 +139,7 @@ fn setup(a: &BenchAbuseArgs) -> Result<Rig, String> {
             &store.to_string_lossy(),
         ],
         0,
-        &dir.0,
+        Some(dir.path()),
     )?;
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -281,12 +175,12 @@ fn setup(a: &BenchAbuseArgs) -> Result<Rig, String> {
                 &nats_url,
             ],
             2,
-            &dir.0,
+            Some(dir.path()),
         )?;
         mockers.push(m.addr("http://")?);
         procs.push(m);
     }
-    let side_file = dir.0.join("sidecar.yaml");
+    let side_file = dir.path().join("sidecar.yaml");
     let mut y = String::from("model: qwen3\nblock_size: 16\nworkers:\n");
     for (id, m) in ids.iter().zip(&mockers) {
         y.push_str(&format!(
@@ -309,12 +203,12 @@ fn setup(a: &BenchAbuseArgs) -> Result<Rig, String> {
                 "direct",
             ],
             1,
-            &dir.0,
+            Some(dir.path()),
         )?;
         sidecars.push(s.addr("http://")?);
         procs.push(s);
     }
-    let epp_file = dir.0.join("epp.yaml");
+    let epp_file = dir.path().join("epp.yaml");
     let mut y = String::from("model: qwen3\nblock_size: 16\nworkers:\n");
     for (id, s) in ids.iter().zip(&sidecars) {
         y.push_str(&format!(
@@ -349,23 +243,24 @@ fn setup(a: &BenchAbuseArgs) -> Result<Rig, String> {
             &limit,
         ],
         3,
-        &dir.0,
+        Some(dir.path()),
     )?;
     let grpc = epp.addr("grpc://")?;
     let epp_http = format!("http://{}", epp.addr("http://")?);
-    let epp_pid = epp.child.id();
+    let epp_pid = epp.pid();
     procs.push(epp);
     let (eh, ep) = grpc.rsplit_once(':').ok_or("bad EPP address")?;
-    let (envoy, gw_port) = crate::bench_epp::start_envoy(
+    let (envoy, gw_port) = start_envoy(
         &a.envoy,
-        crate::bench_epp::GATEWAY_PLAIN,
+        GATEWAY_PLAIN,
         &[
             ("EPP_HOST", eh.to_string()),
             ("EPP_PORT", ep.to_string()),
             ("FAILURE_MODE_ALLOW", "false".to_string()),
         ],
-        &dir.0,
+        dir.path(),
         "gateway",
+        1,
     )?;
     Ok(Rig {
         _envoy: envoy,

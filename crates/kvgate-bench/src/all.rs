@@ -20,7 +20,7 @@ pub struct BenchAllArgs {
     /// Smaller runs of everything (minutes instead of tens of minutes); the report says so.
     #[arg(long)]
     pub quick: bool,
-    /// Benchmarks to leave out (epp, disagg, events, replay, indexer).
+    /// Benchmarks to leave out (epp, fleet, disagg, events, replay, indexer).
     #[arg(long, value_delimiter = ',')]
     pub skip: Vec<String>,
 }
@@ -33,8 +33,8 @@ pub struct BenchIndexerArgs {
     /// One JSON object: `{"indexers": {"<name>": {"mixed_ops_per_s", "query_p99_us", "bytes_per_block", ...}}}`.
     #[arg(long)]
     pub json: bool,
-    /// Measure one indexer only (kvgate, dynamo-radix-tree, dynamo-crtc-thread-pool,
-    /// kv-index-chain) and skip the agreement pass.
+    /// Measure one indexer only (kvgate, kvgate-sharded-1t, kvgate-sharded-2t,
+    /// dynamo-radix-tree, dynamo-crtc-thread-pool, kv-index-chain) and skip the agreement pass.
     #[arg(long, value_name = "KEY")]
     pub only: Option<String>,
 }
@@ -112,7 +112,7 @@ fn run(program: &Path, args: &[String], dir: Option<&str>) -> Result<String, Str
 }
 
 pub fn run_all(a: BenchAllArgs) -> Result<(), String> {
-    const KNOWN: [&str; 5] = ["epp", "disagg", "events", "replay", "indexer"];
+    const KNOWN: [&str; 6] = ["epp", "fleet", "disagg", "events", "replay", "indexer"];
     for s in &a.skip {
         if !KNOWN.contains(&s.as_str()) {
             return Err(format!(
@@ -133,7 +133,18 @@ pub fn run_all(a: BenchAllArgs) -> Result<(), String> {
             "epp",
             "EPP overhead behind a real Envoy",
             if q {
-                vec!["bench", "epp", "--requests", "10", "--conversations", "3"]
+                vec![
+                    "bench",
+                    "epp",
+                    "--requests",
+                    "10",
+                    "--conversations",
+                    "3",
+                    "--concurrency",
+                    "16,64",
+                    "--load-sizes",
+                    "8000",
+                ]
             } else {
                 vec!["bench", "epp"]
             }
@@ -148,6 +159,27 @@ pub fn run_all(a: BenchAllArgs) -> Result<(), String> {
                 vec!["bench", "disagg", "--conversations", "10"]
             } else {
                 vec!["bench", "disagg"]
+            }
+            .into_iter()
+            .map(String::from)
+            .collect(),
+        ),
+        (
+            "fleet",
+            "The router at 1,000 and 10,000 worker ranks",
+            if q {
+                vec![
+                    "bench",
+                    "fleet",
+                    "--ranks",
+                    "1000,10000",
+                    "--prompt-tokens",
+                    "2048",
+                    "--requests",
+                    "1000",
+                ]
+            } else {
+                vec!["bench", "fleet"]
             }
             .into_iter()
             .map(String::from)

@@ -5,7 +5,7 @@
 //! TTFT p90 is within `--slo-ttft-p90-ms`, interpolated (log TTFT) between the last grid point
 //! that meets it and the first that does not.
 
-use crate::bench_replay::{BenchReplayArgs, run_one};
+use crate::replay::{BenchReplayArgs, run_one};
 use kvgate_sim::sim::{PolicyResult, SimConfig};
 use kvgate_sim::trace::TraceRow;
 use serde::Serialize;
@@ -377,7 +377,7 @@ pub fn svg(sw: &Sweep, title: &str, colours: &[&str]) -> String {
     let _ = write!(
         o,
         r##"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12"><rect width="100%" height="100%" fill="white"/><text x="70" y="24" font-size="15">{}</text>"##,
-        crate::bench_replay::esc(title)
+        crate::replay::esc(title)
     );
     for (panel, &l) in lefts.iter().enumerate() {
         let _ = write!(
@@ -465,7 +465,7 @@ pub fn svg(sw: &Sweep, title: &str, colours: &[&str]) -> String {
             r##"<text x="{}" y="{}" fill="{c}">{}</text>"##,
             lefts[0] + 8.0,
             t + 16.0 + 14.0 * i as f64,
-            crate::bench_replay::esc(name)
+            crate::replay::esc(name)
         );
     }
     o.push_str("</svg>");

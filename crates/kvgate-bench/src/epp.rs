@@ -8,17 +8,19 @@
 //! engine identical work and the difference is the EPP: body buffering, parse, tokenize, route,
 //! rewrite and the extra ext_proc round trips.
 
+mod load;
+
+pub use load::LoadPoint;
+
+use crate::procs::{
+    DIRECT, GATEWAY_PLAIN, GATEWAY_TLS, Proc, TempDir, cpu_seconds, metric_value, quantile,
+    start_envoy,
+};
 use kvgate_tokenize::PromptTokenizer;
 use kvgate_wire::openai::{Endpoint, OpenAiRequest};
 use serde_json::json;
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-const GATEWAY_TLS: &str = include_str!("../../../deploy/envoy/gateway-tls.yaml");
-pub(crate) const GATEWAY_PLAIN: &str = include_str!("../../../deploy/envoy/gateway.yaml");
-const DIRECT: &str = include_str!("../../../deploy/envoy/direct.yaml");
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchEppArgs {
@@ -37,110 +39,51 @@ pub struct BenchEppArgs {
     /// Conversations per path in the multi-turn phase.
     #[arg(long, default_value_t = 10)]
     pub conversations: usize,
+    /// Concurrent phases: closed-loop clients at each of these concurrencies (0 = skip them).
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64,256")]
+    pub concurrency: Vec<usize>,
+    /// Prompt sizes of the concurrent single-turn phases (the multi-turn shape is added when
+    /// `--turns` >= 2).
+    #[arg(long, value_delimiter = ',', default_value = "2000,8000,50000")]
+    pub load_sizes: Vec<usize>,
+    /// Fewest requests per path at each concurrent point (at least 4 × the concurrency).
+    #[arg(long, default_value_t = 240)]
+    pub load_requests: usize,
+    /// Skip the sequential phases (only the concurrent ones).
+    #[arg(long)]
+    pub no_sequential: bool,
     /// Plaintext h2c between Envoy and the EPP instead of TLS (the EPP's default).
     #[arg(long)]
     pub plaintext: bool,
-    /// Print one JSON object instead of the table.
+    /// Print one JSON object as the last line instead of the tables:
+    /// `{"throughput_ratio_vs_floor": {"<prompt>@<concurrency>": r}, "added_p99_ms": {...},
+    /// "phases": [...], "load": [...]}`.
     #[arg(long)]
     pub json: bool,
 }
 
-/// A child process killed on drop, with the lines it printed at start-up.
-pub(crate) struct Spawned {
-    child: Child,
-    lines: Vec<String>,
+/// The do-nothing ext_proc picker (`kvgate bench echo-picker`, hidden): every request goes to
+/// `--destination`, with the body held and re-emitted as the EPP does. Its cost is the floor of
+/// the ext_proc protocol itself.
+#[derive(clap::Args, Debug, Clone)]
+pub struct EchoPickerArgs {
+    #[arg(long)]
+    pub destination: String,
+    #[arg(long)]
+    pub worker_id: u64,
+    #[arg(long)]
+    pub plaintext: bool,
 }
 
-impl Drop for Spawned {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Spawned {
-    fn kvgate(args: &[&str], n_lines: usize) -> Result<Spawned, String> {
-        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-        let mut child = Command::new(exe)
-            .args(args)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(|e| format!("cannot start kvgate {}: {e}", args[0]))?;
-        let stdout = child.stdout.take().ok_or("no stdout")?;
-        let mut lines = Vec::new();
-        let mut reader = BufReader::new(stdout);
-        while lines.len() < n_lines {
-            let mut l = String::new();
-            if reader.read_line(&mut l).map_err(|e| e.to_string())? == 0 {
-                return Err(format!("kvgate {} exited during start-up", args[0]));
-            }
-            lines.push(l.trim().to_string());
-        }
-        Ok(Spawned { child, lines })
-    }
-
-    fn addr(&self, scheme: &str) -> Result<String, String> {
-        self.lines
-            .iter()
-            .find_map(|l| {
-                l.split_whitespace()
-                    .find_map(|w| w.strip_prefix(scheme).map(str::to_string))
-            })
-            .ok_or_else(|| format!("no {scheme} address in {:?}", self.lines))
-    }
-}
-
-pub(crate) fn free_port() -> Result<u16, String> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| e.to_string())
-}
-
-pub(crate) fn start_envoy(
-    bin: &PathBuf,
-    template: &str,
-    vars: &[(&str, String)],
-    dir: &std::path::Path,
-    name: &str,
-) -> Result<(Spawned, u16), String> {
-    let (port, admin) = (free_port()?, free_port()?);
-    let mut cfg = template.to_string();
-    let mut all = vec![
-        ("LISTEN_PORT", port.to_string()),
-        ("ADMIN_PORT", admin.to_string()),
-    ];
-    all.extend(vars.iter().map(|(k, v)| (*k, v.clone())));
-    for (k, v) in all {
-        cfg = cfg.replace(&format!("${{{k}}}"), &v);
-    }
-    let path = dir.join(format!("{name}.yaml"));
-    std::fs::write(&path, cfg).map_err(|e| e.to_string())?;
-    let child = Command::new(bin)
-        .arg("-c")
-        .arg(&path)
-        .args(["--base-id", &(u32::from(port) * 7 + 3).to_string()])
-        .args(["--disable-hot-restart", "-l", "error", "--concurrency", "1"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
-    let s = Spawned {
-        child,
-        lines: Vec::new(),
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return Ok((s, port));
-        }
-        if Instant::now() > deadline {
-            return Err(format!("envoy ({name}) did not start"));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+pub async fn run_echo_picker(a: EchoPickerArgs) -> Result<(), String> {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| e.to_string())?;
+    println!(
+        "kvgate echo picker on grpc://{}",
+        l.local_addr().map_err(|e| e.to_string())?
+    );
+    kvgate_epp::echo::serve(l, a.destination, a.worker_id, !a.plaintext).await
 }
 
 /// Deterministic filler text: `words` pseudo-random words from a small vocabulary.
@@ -161,34 +104,6 @@ fn filler(seed: u64, words: usize) -> String {
         out.push(if i % 17 == 16 { '.' } else { ' ' });
     }
     out
-}
-
-fn quantile(v: &[f64], q: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    let i = ((s.len() - 1) as f64 * q).round() as usize;
-    s[i]
-}
-
-/// User-mode + kernel CPU seconds of a process (Linux `/proc/<pid>/stat`, 100 ticks/s).
-fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = stat.rsplit_once(')')?.1;
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let utime: f64 = f.get(11)?.parse().ok()?;
-    let stime: f64 = f.get(12)?.parse().ok()?;
-    Some((utime + stime) / 100.0)
-}
-
-fn metric_value(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find(|l| l.split(' ').next() == Some(name))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
 }
 
 #[derive(serde::Serialize)]
@@ -214,7 +129,7 @@ struct Phase {
 }
 
 struct Rig {
-    _procs: Vec<Spawned>,
+    _procs: Vec<Proc>,
     epp_pid: u32,
     epp_metrics: String,
     gateway: String,
@@ -225,13 +140,6 @@ struct Rig {
     _dir: TempDir,
 }
 
-struct TempDir(PathBuf);
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn setup(args: &BenchEppArgs) -> Result<Rig, String> {
     if !args.envoy.exists() {
         return Err(format!(
@@ -239,10 +147,8 @@ fn setup(args: &BenchEppArgs) -> Result<Rig, String> {
             args.envoy.display()
         ));
     }
-    let dir =
-        TempDir(std::env::temp_dir().join(format!("kvgate-bench-epp-{}", std::process::id())));
-    std::fs::create_dir_all(&dir.0).map_err(|e| e.to_string())?;
-    let mocker = Spawned::kvgate(
+    let dir = TempDir::new("bench-epp")?;
+    let mocker = Proc::kvgate(
         &[
             "mocker",
             "--port",
@@ -257,16 +163,17 @@ fn setup(args: &BenchEppArgs) -> Result<Rig, String> {
             "100000",
         ],
         1,
+        None,
     )?;
     let murl = mocker.addr("http://")?;
-    let side_file = dir.0.join("sidecar.yaml");
+    let side_file = dir.path().join("sidecar.yaml");
     std::fs::write(
         &side_file,
         format!("model: qwen3\nblock_size: 16\nworkers:\n  - {{name: pod-0, id: 1001, url: 'http://{murl}'}}\n"),
     )
     .map_err(|e| e.to_string())?;
     let side_path = side_file.to_string_lossy().to_string();
-    let sidecar = Spawned::kvgate(
+    let sidecar = Proc::kvgate(
         &[
             "frontend",
             "--port",
@@ -277,9 +184,10 @@ fn setup(args: &BenchEppArgs) -> Result<Rig, String> {
             "direct",
         ],
         1,
+        None,
     )?;
     let surl = sidecar.addr("http://")?;
-    let epp_file = dir.0.join("epp.yaml");
+    let epp_file = dir.path().join("epp.yaml");
     std::fs::write(
         &epp_file,
         format!("model: qwen3\nblock_size: 16\nworkers:\n  - {{name: pod-0, id: 1001, url: 'http://{surl}', total_kv_blocks: 65536}}\n"),
@@ -302,7 +210,7 @@ fn setup(args: &BenchEppArgs) -> Result<Rig, String> {
     if args.plaintext {
         epp_args.push("--secure-serving=false");
     }
-    let epp = Spawned::kvgate(&epp_args, 3)?;
+    let epp = Proc::kvgate(&epp_args, 3, None)?;
     let grpc = epp.addr("grpc://")?;
     let epp_metrics = format!("http://{}/metrics", epp.addr("http://")?);
     let (eh, ep) = grpc.rsplit_once(':').ok_or("bad EPP address")?;
@@ -319,8 +227,9 @@ fn setup(args: &BenchEppArgs) -> Result<Rig, String> {
             ("EPP_PORT", ep.to_string()),
             ("FAILURE_MODE_ALLOW", "false".to_string()),
         ],
-        &dir.0,
+        dir.path(),
         "gateway",
+        1,
     )?;
     let (direct, direct_port) = start_envoy(
         &args.envoy,
@@ -330,8 +239,9 @@ fn setup(args: &BenchEppArgs) -> Result<Rig, String> {
             ("UPSTREAM_PORT", sp.to_string()),
             ("WORKER_ID", "1001".to_string()),
         ],
-        &dir.0,
+        dir.path(),
         "direct",
+        1,
     )?;
     let mut echo_args = vec![
         "bench",
@@ -344,7 +254,7 @@ fn setup(args: &BenchEppArgs) -> Result<Rig, String> {
     if args.plaintext {
         echo_args.push("--plaintext");
     }
-    let echo = Spawned::kvgate(&echo_args, 1)?;
+    let echo = Proc::kvgate(&echo_args, 1, None)?;
     let echo_addr = echo.addr("grpc://")?;
     let (xh, xp) = echo_addr.rsplit_once(':').ok_or("bad echo address")?;
     let (floor, floor_port) = start_envoy(
@@ -359,10 +269,11 @@ fn setup(args: &BenchEppArgs) -> Result<Rig, String> {
             ("EPP_PORT", xp.to_string()),
             ("FAILURE_MODE_ALLOW", "false".to_string()),
         ],
-        &dir.0,
+        dir.path(),
         "floor",
+        1,
     )?;
-    let epp_pid = epp.child.id();
+    let epp_pid = epp.pid();
     Ok(Rig {
         floor: format!("http://127.0.0.1:{floor_port}/v1/chat/completions"),
         _procs: vec![floor, echo, direct, gw, epp, sidecar, mocker],
@@ -476,7 +387,9 @@ async fn measure(
     let added: Vec<f64> = epp.iter().zip(&direct).map(|(e, d)| e - d).collect();
     let protocol: Vec<f64> = floor.iter().zip(&direct).map(|(f, d)| f - d).collect();
     let added_p99 = quantile(&added, 0.99);
-    let target_ms = target.unwrap_or(tokenize_p50 + 1.0);
+    let protocol_p99 = quantile(&protocol, 0.99);
+    // The EPP may add what the protocol itself costs (the floor), plus tokenizing, plus 1 ms.
+    let target_ms = protocol_p99.max(0.0) + target.unwrap_or(tokenize_p50 + 1.0);
     Ok(Phase {
         name,
         prompt_tokens: tokens,
@@ -488,7 +401,7 @@ async fn measure(
         epp_p99_ms: quantile(&epp, 0.99),
         added_p50_ms: quantile(&added, 0.5),
         protocol_p50_ms: quantile(&protocol, 0.5),
-        protocol_p99_ms: quantile(&protocol, 0.99),
+        protocol_p99_ms: protocol_p99,
         added_p99_ms: added_p99,
         epp_processing_mean_ms: if n1 > n0 {
             (sum1 - sum0) / (n1 - n0) * 1000.0
@@ -520,7 +433,8 @@ pub async fn run(args: BenchEppArgs) -> Result<(), String> {
         rig.send(&rig.direct, &b).await?;
     }
     let mut seed = 1u64;
-    for &size in &args.sizes {
+    let sequential_sizes: &[usize] = if args.no_sequential { &[] } else { &args.sizes };
+    for &size in sequential_sizes {
         let words = words_for(&tok, size)?;
         let mut pairs = Vec::new();
         let mut tokenize_ms = Vec::new();
@@ -563,7 +477,40 @@ pub async fn run(args: BenchEppArgs) -> Result<(), String> {
             .await?,
         );
     }
-    if args.turns >= 2 {
+    if !args.no_sequential {
+        // Tokens in: the client sends the ids itself (`nvext.token_data`), so the EPP routes
+        // on them without tokenizing. Budget: the floor + 1 ms.
+        let words = words_for(&tok, 8000)?;
+        let mut pairs = Vec::new();
+        let mut tokenize_ms = Vec::new();
+        let mut tokens = 0;
+        for _ in 0..args.requests {
+            let ids_for =
+                |s: u64| bodies(&tok, json!([{"role": "user", "content": filler(s, words)}]));
+            let (_, a, n, ms) = ids_for(seed)?;
+            let (_, b, _, _) = ids_for(seed + 1)?;
+            let (_, c, _, _) = ids_for(seed + 2)?;
+            seed += 3;
+            pairs.push((a, b, c));
+            tokenize_ms.push(ms);
+            tokens = n;
+        }
+        if !args.json {
+            eprintln!("bench epp: 8k-token prompts sent as token ids (tokens in)");
+        }
+        phases.push(
+            measure(
+                &rig,
+                "8k tokens-in".into(),
+                pairs,
+                tokens,
+                tokenize_ms,
+                Some(1.0),
+            )
+            .await?,
+        );
+    }
+    if args.turns >= 2 && !args.no_sequential {
         // Conversations around 8k tokens: a ~7k-token shared context, then turns of ~250
         // tokens; each request repeats the history, which the EPP has tokenized before.
         let ctx_words = words_for(&tok, 7000)?;
@@ -627,8 +574,37 @@ pub async fn run(args: BenchEppArgs) -> Result<(), String> {
             .await?,
         );
     }
+    let concurrencies: Vec<usize> = args
+        .concurrency
+        .iter()
+        .copied()
+        .filter(|&c| c > 0)
+        .collect();
+    let load = if concurrencies.is_empty() {
+        Vec::new()
+    } else {
+        let shapes = load::Shapes {
+            tok: &tok,
+            sizes: &args.load_sizes,
+            turns: args.turns,
+        };
+        load::run(&rig, &shapes, &concurrencies, args.load_requests, args.json).await?
+    };
     if args.json {
-        println!("{}", json!({"tls": !args.plaintext, "phases": phases}));
+        let key = |p: &LoadPoint| format!("{}@{}", p.prompt, p.concurrency);
+        let ratios: serde_json::Map<String, serde_json::Value> = load
+            .iter()
+            .map(|p| (key(p), json!(round3(p.throughput_ratio_vs_floor))))
+            .collect();
+        let added: serde_json::Map<String, serde_json::Value> = load
+            .iter()
+            .map(|p| (key(p), json!(round3(p.added_p99_ms))))
+            .collect();
+        println!(
+            "{}",
+            json!({"tls": !args.plaintext, "throughput_ratio_vs_floor": ratios,
+                "added_p99_ms": added, "phases": phases, "load": load})
+        );
         return Ok(());
     }
     println!(
@@ -669,7 +645,17 @@ pub async fn run(args: BenchEppArgs) -> Result<(), String> {
         );
     }
     println!(
-        "added: per-pair difference (EPP path minus direct path, sent back to back); proto: the same for Envoy + a do-nothing picker that still holds the headers for the body and re-emits it (the ext_proc protocol's own cost); tok p50: the rendered prompt encoded on one core by the tokenizer library (o200k_base); epp proc: the EPP's own mean time from last body byte to routed answer; target: added p99 <= tok p50 + 1 ms (multi-turn: 2 ms)."
+        "added: per-pair difference (EPP path minus direct path, sent back to back); proto: the same for Envoy + a do-nothing picker that still holds the headers for the body and re-emits it (the ext_proc protocol's own cost); tok p50: the rendered prompt encoded on one core by the tokenizer library (o200k_base); epp proc: the EPP's own mean time from last body byte to routed answer; target: added p99 <= proto p99 + tok p50 + 1 ms (multi-turn: proto p99 + 2 ms; tokens-in: proto p99 + 1 ms)."
     );
+    if !load.is_empty() {
+        println!(
+            "\nUnder concurrent load (closed loop, fresh prompts, every path twice in opposite orders):"
+        );
+        print!("{}", load::table(&load));
+    }
     Ok(())
+}
+
+fn round3(v: f64) -> f64 {
+    (v * 1000.0).round() / 1000.0
 }

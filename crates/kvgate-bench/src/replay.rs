@@ -2,7 +2,7 @@
 //! the same simulated fleet (`kvgate-sim`); the table compares prefix hit rate with the trace's
 //! reuse bound, TTFT, inter-token latency, end-to-end latency, throughput and load imbalance.
 //! With `--sweep` it measures each policy's capacity at a TTFT objective instead
-//! ([`crate::bench_sweep`]); `--trace-shape` replays a generated trace of another shape.
+//! ([`crate::sweep`]); `--trace-shape` replays a generated trace of another shape.
 
 use kvgate_engine::{EngineConfig, TimingModel};
 use kvgate_sim::policy::{
@@ -190,7 +190,7 @@ fn real_check(a: &BenchReplayArgs, rows: &[TraceRow], cfg: &SimConfig) -> Result
     println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     let mut disagree = 0;
     let mut compared = 0;
-    let gateway = crate::bench_disagg::BenchDisaggArgs {
+    let gateway = crate::disagg::BenchDisaggArgs {
         demo: demo.clone(),
         prefill_workers: None,
         kv_transfer_gbps: 25.0,
@@ -219,9 +219,7 @@ fn real_check(a: &BenchReplayArgs, rows: &[TraceRow], cfg: &SimConfig) -> Result
                 );
                 continue;
             }
-            _ => rt.block_on(crate::bench_disagg::run_config(
-                &gateway, &reqs, 0, &dir, "real",
-            ))?,
+            _ => rt.block_on(crate::disagg::run_config(&gateway, &reqs, 0, &dir, "real"))?,
         };
         compared += 1;
         let sim = run_one(rows, &cfg, sim_name, a.seed, true)?;
@@ -622,8 +620,8 @@ fn run_sweep(
         a.scales[0]
     };
     let default = kvgate_core::config::RouterPolicy::default().as_str();
-    let sw = crate::bench_sweep::sweep(a, rows, cfg, start, default)?;
-    let v = crate::bench_sweep::verdict(&sw);
+    let sw = crate::sweep::sweep(a, rows, cfg, start, default)?;
+    let v = crate::sweep::verdict(&sw);
     let secs = started.elapsed().as_secs_f64();
     if let Some(path) = &a.plot {
         let title = format!(
@@ -632,7 +630,7 @@ fn run_sweep(
             a.workers,
             a.slo_ttft_p90_ms
         );
-        std::fs::write(path, crate::bench_sweep::svg(&sw, &title, &COLOURS))
+        std::fs::write(path, crate::sweep::svg(&sw, &title, &COLOURS))
             .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     }
     if a.json {
@@ -653,6 +651,6 @@ fn run_sweep(
         rows.len(),
         a.workers
     );
-    print!("{}", crate::bench_sweep::table(&sw, &v));
+    print!("{}", crate::sweep::table(&sw, &v));
     Ok(())
 }

@@ -207,6 +207,7 @@ async fn start_frontend(workers: PathBuf, mode: RouterMode) -> Result<SocketAddr
         router: RouterConfig::default(),
         tokenizer: None,
         max_body_bytes: 64 << 20,
+        accept_token_data: true,
         request_timeout: Duration::from_secs(120),
         event_plane: kvgate_runtime::routing::EventPlane::Zmq,
         replica_sync: None,

@@ -1,0 +1,245 @@
+//! What the process-starting benchmarks share: children that die with the bench (and whose
+//! start-up lines carry their addresses), free ports, Envoy from the shipped configs, a scratch
+//! directory, and the statistics every report uses.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The GAIE gateway: ext_proc to the EPP over TLS, then to the chosen endpoint.
+pub const GATEWAY_TLS: &str = include_str!("../../../deploy/envoy/gateway-tls.yaml");
+/// The same gateway over plaintext h2c.
+pub const GATEWAY_PLAIN: &str = include_str!("../../../deploy/envoy/gateway.yaml");
+/// A plain Envoy that routes straight to one upstream: the baseline.
+pub const DIRECT: &str = include_str!("../../../deploy/envoy/direct.yaml");
+
+/// A scratch directory removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Result<Self, String> {
+        let p = std::env::temp_dir().join(format!("kvgate-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+        Ok(Self(p))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A child process, killed on drop, with the stdout lines it printed at start-up. Its stderr
+/// goes to a file when a directory is given (so that panics can be found afterwards), else to
+/// the bench's own stderr.
+pub struct Proc {
+    name: String,
+    child: Child,
+    lines: Vec<String>,
+    stderr: Option<PathBuf>,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    /// Starts `program` and waits for its first `n_lines` stdout lines.
+    pub fn start(
+        name: &str,
+        program: &Path,
+        args: &[&str],
+        n_lines: usize,
+        stderr_dir: Option<&Path>,
+    ) -> Result<Proc, String> {
+        let stderr = stderr_dir.map(|d| d.join(format!("{}.stderr", name.replace(' ', "-"))));
+        let err_sink = match &stderr {
+            Some(p) => Stdio::from(std::fs::File::create(p).map_err(|e| e.to_string())?),
+            None => Stdio::inherit(),
+        };
+        let mut child = Command::new(program)
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdout(if n_lines > 0 {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stderr(err_sink)
+            .spawn()
+            .map_err(|e| format!("cannot start {name} ({}): {e}", program.display()))?;
+        let mut lines = Vec::new();
+        if n_lines > 0 {
+            let stdout = child.stdout.take().ok_or("no stdout")?;
+            let mut reader = BufReader::new(stdout);
+            while lines.len() < n_lines {
+                let mut l = String::new();
+                if reader.read_line(&mut l).map_err(|e| e.to_string())? == 0 {
+                    let err = stderr
+                        .as_ref()
+                        .and_then(|p| std::fs::read_to_string(p).ok())
+                        .unwrap_or_default();
+                    return Err(format!("{name} exited during start-up: {err}"));
+                }
+                lines.push(l.trim().to_string());
+            }
+            // Keep draining stdout so that the child never blocks on a full pipe.
+            std::thread::spawn(move || for _ in reader.lines() {});
+        }
+        Ok(Proc {
+            name: name.to_string(),
+            child,
+            lines,
+            stderr,
+        })
+    }
+
+    /// Starts a `kvgate` subcommand (this very binary) and waits for `n_lines` start-up lines.
+    pub fn kvgate(
+        args: &[&str],
+        n_lines: usize,
+        stderr_dir: Option<&Path>,
+    ) -> Result<Proc, String> {
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let name = format!("kvgate {}", args.first().copied().unwrap_or(""));
+        Proc::start(&name, &exe, args, n_lines, stderr_dir)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The first `scheme`-prefixed word of the start-up lines, e.g. `http://` → `127.0.0.1:80`.
+    pub fn addr(&self, scheme: &str) -> Result<String, String> {
+        self.lines
+            .iter()
+            .find_map(|l| {
+                l.split_whitespace()
+                    .find_map(|w| w.strip_prefix(scheme).map(str::to_string))
+            })
+            .ok_or_else(|| format!("{}: no {scheme} address in {:?}", self.name, self.lines))
+    }
+
+    /// Why the process is unwell, if it is: a panic in its stderr file, or an exit.
+    pub fn failed(&mut self) -> Option<String> {
+        let err = self
+            .stderr
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .unwrap_or_default();
+        if let Some(l) = err.lines().find(|l| l.contains("panicked")) {
+            return Some(format!("{}: {l}", self.name));
+        }
+        match self.child.try_wait() {
+            Ok(Some(status)) => Some(format!("{} exited: {status}", self.name)),
+            _ => None,
+        }
+    }
+}
+
+pub fn free_port() -> Result<u16, String> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| e.to_string())
+}
+
+/// Writes `template` with its `${VAR}`s filled (plus `LISTEN_PORT` and `ADMIN_PORT`) into `dir`,
+/// starts Envoy on it with `concurrency` worker threads and waits until it listens.
+pub fn start_envoy(
+    bin: &Path,
+    template: &str,
+    vars: &[(&str, String)],
+    dir: &Path,
+    name: &str,
+    concurrency: usize,
+) -> Result<(Proc, u16), String> {
+    let (port, admin) = (free_port()?, free_port()?);
+    let mut cfg = template.to_string();
+    let mut all = vec![
+        ("LISTEN_PORT", port.to_string()),
+        ("ADMIN_PORT", admin.to_string()),
+    ];
+    all.extend(vars.iter().map(|(k, v)| (*k, v.clone())));
+    for (k, v) in all {
+        cfg = cfg.replace(&format!("${{{k}}}"), &v);
+    }
+    let path = dir.join(format!("{name}.yaml"));
+    std::fs::write(&path, cfg).map_err(|e| e.to_string())?;
+    let base_id = (u32::from(port) * 7 + 3).to_string();
+    let conc = concurrency.max(1).to_string();
+    let cfg_path = path.to_string_lossy().to_string();
+    let args = [
+        "-c",
+        &cfg_path,
+        "--base-id",
+        &base_id,
+        "--disable-hot-restart",
+        "-l",
+        "error",
+        "--concurrency",
+        &conc,
+    ];
+    let p = Proc::start(&format!("envoy {name}"), bin, &args, 0, None)?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok((p, port));
+        }
+        if Instant::now() > deadline {
+            return Err(format!("envoy ({name}) did not start"));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The `q` quantile (nearest rank) of unsorted samples; NaN when there are none.
+pub fn quantile(v: &[f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let i = ((s.len() - 1) as f64 * q).round() as usize;
+    s[i]
+}
+
+/// User-mode + kernel CPU seconds of a process (Linux `/proc/<pid>/stat`, 100 ticks/s).
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let utime: f64 = f.get(11)?.parse().ok()?;
+    let stime: f64 = f.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0)
+}
+
+/// Resident memory of a process in MiB (NaN when unknown).
+pub fn rss_mb(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// The value of an unlabelled sample in Prometheus text (0 when absent).
+pub fn metric_value(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.split(' ').next() == Some(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
