@@ -13,7 +13,7 @@
 //! must have succeeded. The last line with `--json` is
 //! `{"panics", "leaked_bookings", "rss_growth_mb", "good_requests_failed", "inputs_fuzzed", ...}`.
 
-use crate::procs::{GATEWAY_PLAIN, Proc, TempDir, free_port, rss_mb, start_envoy};
+use crate::procs::{Proc, TempDir, free_port, rss_mb};
 use futures::StreamExt;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -217,31 +217,25 @@ fn setup(a: &BenchAbuseArgs) -> Result<Rig, String> {
     }
     std::fs::write(&epp_file, y).map_err(|e| e.to_string())?;
     let limit = a.max_request_body_bytes.to_string();
+    let epp_path = epp_file.to_string_lossy().to_string();
     let epp = Proc::start(
         "epp",
         &exe,
         &[
-            "epp",
-            "--host",
-            "127.0.0.1",
-            "--grpc-port",
-            "0",
-            "--health-port",
-            "0",
-            "--metrics-port",
-            "0",
-            "--workers",
-            &epp_file.to_string_lossy(),
-            "--secure-serving=false",
-            "--event-plane",
-            "nats",
-            "--nats-url",
-            &nats_url,
-            "--router-replica-sync",
-            "true",
-            "--max-request-body-bytes",
-            &limit,
-        ],
+            crate::procs::epp_args(&epp_path).as_slice(),
+            &[
+                "--secure-serving=false",
+                "--event-plane",
+                "nats",
+                "--nats-url",
+                &nats_url,
+                "--router-replica-sync",
+                "true",
+                "--max-request-body-bytes",
+                &limit,
+            ],
+        ]
+        .concat(),
         3,
         Some(dir.path()),
     )?;
@@ -249,19 +243,8 @@ fn setup(a: &BenchAbuseArgs) -> Result<Rig, String> {
     let epp_http = format!("http://{}", epp.addr("http://")?);
     let epp_pid = epp.pid();
     procs.push(epp);
-    let (eh, ep) = grpc.rsplit_once(':').ok_or("bad EPP address")?;
-    let (envoy, gw_port) = start_envoy(
-        &a.envoy,
-        GATEWAY_PLAIN,
-        &[
-            ("EPP_HOST", eh.to_string()),
-            ("EPP_PORT", ep.to_string()),
-            ("FAILURE_MODE_ALLOW", "false".to_string()),
-        ],
-        dir.path(),
-        "gateway",
-        1,
-    )?;
+    let (envoy, gw_port) =
+        crate::procs::start_gateway(&a.envoy, false, &grpc, dir.path(), "gateway")?;
     Ok(Rig {
         _envoy: envoy,
         procs,

@@ -12,10 +12,7 @@ mod load;
 
 pub use load::LoadPoint;
 
-use crate::procs::{
-    DIRECT, GATEWAY_PLAIN, GATEWAY_TLS, Proc, TempDir, cpu_seconds, metric_value, quantile,
-    start_envoy,
-};
+use crate::procs::{DIRECT, Proc, TempDir, cpu_seconds, metric_value, quantile, start_envoy};
 use kvgate_tokenize::PromptTokenizer;
 use kvgate_wire::openai::{Endpoint, OpenAiRequest};
 use serde_json::json;
@@ -194,43 +191,16 @@ fn setup(args: &BenchEppArgs) -> Result<Rig, String> {
     )
     .map_err(|e| e.to_string())?;
     let epp_path = epp_file.to_string_lossy().to_string();
-    let mut epp_args = vec![
-        "epp",
-        "--host",
-        "127.0.0.1",
-        "--grpc-port",
-        "0",
-        "--health-port",
-        "0",
-        "--metrics-port",
-        "0",
-        "--workers",
-        &epp_path,
-    ];
+    let mut epp_args = crate::procs::epp_args(&epp_path);
     if args.plaintext {
         epp_args.push("--secure-serving=false");
     }
     let epp = Proc::kvgate(&epp_args, 3, None)?;
     let grpc = epp.addr("grpc://")?;
     let epp_metrics = format!("http://{}/metrics", epp.addr("http://")?);
-    let (eh, ep) = grpc.rsplit_once(':').ok_or("bad EPP address")?;
     let (sh, sp) = surl.rsplit_once(':').ok_or("bad sidecar address")?;
-    let (gw, gw_port) = start_envoy(
-        &args.envoy,
-        if args.plaintext {
-            GATEWAY_PLAIN
-        } else {
-            GATEWAY_TLS
-        },
-        &[
-            ("EPP_HOST", eh.to_string()),
-            ("EPP_PORT", ep.to_string()),
-            ("FAILURE_MODE_ALLOW", "false".to_string()),
-        ],
-        dir.path(),
-        "gateway",
-        1,
-    )?;
+    let (gw, gw_port) =
+        crate::procs::start_gateway(&args.envoy, !args.plaintext, &grpc, dir.path(), "gateway")?;
     let (direct, direct_port) = start_envoy(
         &args.envoy,
         DIRECT,
@@ -256,22 +226,12 @@ fn setup(args: &BenchEppArgs) -> Result<Rig, String> {
     }
     let echo = Proc::kvgate(&echo_args, 1, None)?;
     let echo_addr = echo.addr("grpc://")?;
-    let (xh, xp) = echo_addr.rsplit_once(':').ok_or("bad echo address")?;
-    let (floor, floor_port) = start_envoy(
+    let (floor, floor_port) = crate::procs::start_gateway(
         &args.envoy,
-        if args.plaintext {
-            GATEWAY_PLAIN
-        } else {
-            GATEWAY_TLS
-        },
-        &[
-            ("EPP_HOST", xh.to_string()),
-            ("EPP_PORT", xp.to_string()),
-            ("FAILURE_MODE_ALLOW", "false".to_string()),
-        ],
+        !args.plaintext,
+        &echo_addr,
         dir.path(),
         "floor",
-        1,
     )?;
     let epp_pid = epp.pid();
     Ok(Rig {

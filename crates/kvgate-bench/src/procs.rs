@@ -202,6 +202,50 @@ pub fn start_envoy(
     }
 }
 
+/// The arguments that start `kvgate epp` on loopback with every port chosen by the OS and
+/// `workers` as its workers file; callers append their own.
+pub fn epp_args(workers: &str) -> Vec<&str> {
+    vec![
+        "epp",
+        "--host",
+        "127.0.0.1",
+        "--grpc-port",
+        "0",
+        "--health-port",
+        "0",
+        "--metrics-port",
+        "0",
+        "--workers",
+        workers,
+    ]
+}
+
+/// The GAIE gateway (TLS or h2c to the picker) in front of the ext_proc picker at `picker`
+/// (`host:port`), failing closed; returns Envoy and its listener port.
+pub fn start_gateway(
+    bin: &Path,
+    tls: bool,
+    picker: &str,
+    dir: &Path,
+    name: &str,
+) -> Result<(Proc, u16), String> {
+    let (host, port) = picker
+        .rsplit_once(':')
+        .ok_or_else(|| format!("bad picker address {picker:?}"))?;
+    start_envoy(
+        bin,
+        if tls { GATEWAY_TLS } else { GATEWAY_PLAIN },
+        &[
+            ("EPP_HOST", host.to_string()),
+            ("EPP_PORT", port.to_string()),
+            ("FAILURE_MODE_ALLOW", "false".to_string()),
+        ],
+        dir,
+        name,
+        1,
+    )
+}
+
 /// The `q` quantile (nearest rank) of unsorted samples; NaN when there are none.
 pub fn quantile(v: &[f64], q: f64) -> f64 {
     if v.is_empty() {
