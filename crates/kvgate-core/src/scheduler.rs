@@ -235,80 +235,78 @@ pub fn schedule(
         .min()
         .unwrap_or(0);
 
-    let mut scores: Vec<CandidateScore> = candidates
-        .iter()
-        .zip(&busy)
-        .map(|(c, b)| {
-            let decay = if weights.track_prefill_tokens && weights.overlap_score_credit_decay > 0.0
-            {
-                let excess = c.active_prefill_tokens.saturating_sub(min_active_prefill) as f64 / bs;
-                1.0 / (1.0 + weights.overlap_score_credit_decay * excess / request_blocks)
-            } else {
-                1.0
-            };
-            let overlap = c.overlap.device();
-            let credit_blocks = weights.overlap_score_credit * decay * f64::from(overlap);
-            let prefill_blocks = if weights.track_prefill_tokens {
-                (c.active_prefill_tokens as f64 + req.isl_tokens as f64) / bs
-            } else {
-                0.0
-            };
-            let decode_blocks = if weights.track_active_blocks {
-                c.active_blocks as f64 + c.output_blocks + c.new_blocks as f64
-            } else {
-                0.0
-            };
-            let (cost, predicted) = match weights.policy {
-                RouterPolicy::Dynamo => (
-                    weights.prefill_load_scale * (prefill_blocks - credit_blocks).max(0.0)
-                        + decode_blocks,
-                    None,
-                ),
-                RouterPolicy::Kvgate => {
-                    // Not tracking prefill tokens: no queue anywhere, only the request's own.
-                    let queue = |t: u64| if weights.track_prefill_tokens { t } else { 0 };
-                    let p = predict(
-                        &PredictInput {
-                            isl_tokens: req.isl_tokens as u64,
-                            credited_blocks: credit_blocks,
-                            block_size: req.block_size as u64,
-                            queued_prefill_tokens: queue(c.active_prefill_tokens),
-                            min_queued_prefill_tokens: queue(min_active_prefill),
-                            requests: c.requests,
-                            prefill_load_scale: weights.prefill_load_scale,
-                            memory: match c.capacity.total_kv_blocks {
-                                Some(total) if weights.track_active_blocks => {
-                                    Some((decode_blocks, c.active_blocks, total))
-                                }
-                                _ => None,
-                            },
+    // One candidate's line. Large fleets at temperature 0 keep only (cost, overlap, worker,
+    // busy) per candidate and build full lines for the explained few: writing 10,000 lines of
+    // 200 bytes per decision cost more than scoring them.
+    let line = |c: &CandidateInput, b: Option<Busy>| -> CandidateScore {
+        let decay = if weights.track_prefill_tokens && weights.overlap_score_credit_decay > 0.0 {
+            let excess = c.active_prefill_tokens.saturating_sub(min_active_prefill) as f64 / bs;
+            1.0 / (1.0 + weights.overlap_score_credit_decay * excess / request_blocks)
+        } else {
+            1.0
+        };
+        let overlap = c.overlap.device();
+        let credit_blocks = weights.overlap_score_credit * decay * f64::from(overlap);
+        let prefill_blocks = if weights.track_prefill_tokens {
+            (c.active_prefill_tokens as f64 + req.isl_tokens as f64) / bs
+        } else {
+            0.0
+        };
+        let decode_blocks = if weights.track_active_blocks {
+            c.active_blocks as f64 + c.output_blocks + c.new_blocks as f64
+        } else {
+            0.0
+        };
+        let (cost, predicted) = match weights.policy {
+            RouterPolicy::Dynamo => (
+                weights.prefill_load_scale * (prefill_blocks - credit_blocks).max(0.0)
+                    + decode_blocks,
+                None,
+            ),
+            RouterPolicy::Kvgate => {
+                // Not tracking prefill tokens: no queue anywhere, only the request's own.
+                let queue = |t: u64| if weights.track_prefill_tokens { t } else { 0 };
+                let p = predict(
+                    &PredictInput {
+                        isl_tokens: req.isl_tokens as u64,
+                        credited_blocks: credit_blocks,
+                        block_size: req.block_size as u64,
+                        queued_prefill_tokens: queue(c.active_prefill_tokens),
+                        min_queued_prefill_tokens: queue(min_active_prefill),
+                        requests: c.requests,
+                        prefill_load_scale: weights.prefill_load_scale,
+                        memory: match c.capacity.total_kv_blocks {
+                            Some(total) if weights.track_active_blocks => {
+                                Some((decode_blocks, c.active_blocks, total))
+                            }
+                            _ => None,
                         },
-                        &req.estimates,
-                    );
-                    // Near-equal candidates tie, so that the cache decides between them.
-                    ((p.total_ms() * 10.0).round() / 10.0, Some(p))
-                }
-            };
-            CandidateScore {
-                worker: c.worker,
-                overlap_blocks: overlap,
-                host_overlap_blocks: c.overlap.get(crate::ids::StorageTier::HostPinned),
-                disk_overlap_blocks: c.overlap.get(crate::ids::StorageTier::Disk),
-                active_prefill_tokens: c.active_prefill_tokens,
-                active_blocks: c.active_blocks,
-                output_blocks: c.output_blocks,
-                new_blocks: c.new_blocks,
-                prefill_blocks,
-                decay,
-                credit_blocks,
-                decode_blocks,
-                cost,
-                predicted,
-                probability: None,
-                busy: *b,
+                    },
+                    &req.estimates,
+                );
+                // Near-equal candidates tie, so that the cache decides between them.
+                ((p.total_ms() * 10.0).round() / 10.0, Some(p))
             }
-        })
-        .collect();
+        };
+        CandidateScore {
+            worker: c.worker,
+            overlap_blocks: overlap,
+            host_overlap_blocks: c.overlap.get(crate::ids::StorageTier::HostPinned),
+            disk_overlap_blocks: c.overlap.get(crate::ids::StorageTier::Disk),
+            active_prefill_tokens: c.active_prefill_tokens,
+            active_blocks: c.active_blocks,
+            output_blocks: c.output_blocks,
+            new_blocks: c.new_blocks,
+            prefill_blocks,
+            decay,
+            credit_blocks,
+            decode_blocks,
+            cost,
+            predicted,
+            probability: None,
+            busy: b,
+        }
+    };
 
     let mut explanation = Explanation {
         policy: weights.policy,
@@ -318,36 +316,62 @@ pub fn schedule(
         block_size: req.block_size,
         temperature: weights.temperature,
         min_active_prefill_tokens: min_active_prefill,
-        candidates_total: 0,
+        candidates_total: candidates.len(),
         candidates: Vec::new(),
         chosen: None,
     };
     if candidates.is_empty() {
         return (Outcome::NoCandidates, explanation);
     }
-    let eligible: Vec<usize> = (0..scores.len())
-        .filter(|&i| scores[i].busy.is_none())
-        .collect();
-    explanation.candidates_total = scores.len();
+    let full = weights.temperature > 0.0 || candidates.len() <= MAX_EXPLAINED;
+    let mut scores: Vec<CandidateScore> = Vec::new();
+    let slim: Vec<Slim> = if full {
+        scores = candidates
+            .iter()
+            .zip(&busy)
+            .map(|(c, b)| line(c, *b))
+            .collect();
+        scores.iter().map(Slim::of).collect()
+    } else {
+        candidates
+            .iter()
+            .zip(&busy)
+            .map(|(c, b)| Slim::of(&line(c, *b)))
+            .collect()
+    };
+    let eligible: Vec<usize> = (0..slim.len()).filter(|&i| !slim[i].busy).collect();
+    // The explained lines: all of them in small fleets (and with sampling probabilities), else
+    // the cheapest few rebuilt from their inputs.
+    let lines = |scores: Vec<CandidateScore>, chosen: Option<usize>| -> Vec<CandidateScore> {
+        if full && scores.len() <= MAX_EXPLAINED {
+            return scores;
+        }
+        let idx = explained_indices(&slim, chosen);
+        if full {
+            idx.iter().map(|&i| scores[i].clone()).collect()
+        } else {
+            idx.iter().map(|&i| line(&candidates[i], busy[i])).collect()
+        }
+    };
     if eligible.is_empty() {
-        explanation.candidates = explained(scores, None);
+        explanation.candidates = lines(scores, None);
         return (Outcome::Overloaded, explanation);
     }
 
     let chosen = if weights.temperature > 0.0 {
         sample_softmax(&mut scores, &eligible, weights.temperature, rng)
     } else {
-        argmin_random_ties(&scores, &eligible, weights.policy, rng)
+        argmin_random_ties(&slim, &eligible, weights.policy, rng)
     };
 
     // Fallbacks: the best other eligible candidates by cost, ties by worker for stable output.
     // Only the first MAX_FALLBACKS are ordered: selecting them is linear in the fleet, a full
     // sort of 10,000 candidates is not.
     let by_cost = |&a: &usize, &b: &usize| {
-        scores[a]
+        slim[a]
             .cost
-            .total_cmp(&scores[b].cost)
-            .then(scores[a].worker.cmp(&scores[b].worker))
+            .total_cmp(&slim[b].cost)
+            .then(slim[a].worker.cmp(&slim[b].worker))
     };
     let mut rest: Vec<usize> = eligible.iter().copied().filter(|&i| i != chosen).collect();
     if rest.len() > MAX_FALLBACKS {
@@ -356,12 +380,31 @@ pub fn schedule(
     }
     rest.sort_by(by_cost);
     let mut ranked = Vec::with_capacity(rest.len() + 1);
-    ranked.push(scores[chosen].worker);
-    ranked.extend(rest.iter().map(|&i| scores[i].worker));
-    let chosen_worker = scores[chosen].worker;
-    explanation.chosen = Some(chosen_worker);
-    explanation.candidates = explained(scores, Some(chosen_worker));
+    ranked.push(slim[chosen].worker);
+    ranked.extend(rest.iter().map(|&i| slim[i].worker));
+    explanation.chosen = Some(slim[chosen].worker);
+    explanation.candidates = lines(scores, Some(chosen));
     (Outcome::Chosen { ranked }, explanation)
+}
+
+/// What selection reads of a candidate's line.
+#[derive(Clone, Copy, Debug)]
+struct Slim {
+    cost: f64,
+    overlap: u32,
+    worker: WorkerRank,
+    busy: bool,
+}
+
+impl Slim {
+    fn of(c: &CandidateScore) -> Self {
+        Self {
+            cost: c.cost,
+            overlap: c.overlap_blocks,
+            worker: c.worker,
+            busy: c.busy.is_some(),
+        }
+    }
 }
 
 /// Fallback targets a decision ranks after its choice (the EPP sends at most 64 endpoints).
@@ -371,35 +414,32 @@ pub const MAX_FALLBACKS: usize = 64;
 /// this many (the chosen one always among them, the count of all in `candidates_total`).
 pub const MAX_EXPLAINED: usize = 32;
 
-fn explained(scores: Vec<CandidateScore>, chosen: Option<WorkerRank>) -> Vec<CandidateScore> {
-    if scores.len() <= MAX_EXPLAINED {
-        return scores;
-    }
-    // Select on indices: moving 10,000 candidate lines around costs more than scoring them.
-    let before = |a: usize, b: usize| {
-        let (x, y) = (&scores[a], &scores[b]);
-        x.busy
-            .is_some()
-            .cmp(&y.busy.is_some())
-            .then(x.cost.total_cmp(&y.cost))
-            .then(x.worker.cmp(&y.worker))
-    };
-    let mut idx: Vec<usize> = (0..scores.len()).collect();
-    idx.select_nth_unstable_by(MAX_EXPLAINED - 1, |&a, &b| before(a, b));
-    idx.truncate(MAX_EXPLAINED);
-    if let Some(w) = chosen
-        && !idx.iter().any(|&i| scores[i].worker == w)
-        && let Some(i) = scores.iter().position(|c| c.worker == w)
-    {
-        // Sampled (temperature) beyond the cheapest: its line replaces the last one.
-        idx[MAX_EXPLAINED - 1] = i;
+/// The indices of the explained candidates, in candidate order: the [`MAX_EXPLAINED`]
+/// cheapest (eligible before busy), with `chosen` in place of the last if it is not among them.
+fn explained_indices(slim: &[Slim], chosen: Option<usize>) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..slim.len()).collect();
+    if slim.len() > MAX_EXPLAINED {
+        idx.select_nth_unstable_by(MAX_EXPLAINED - 1, |&a, &b| {
+            let (x, y) = (&slim[a], &slim[b]);
+            x.busy
+                .cmp(&y.busy)
+                .then(x.cost.total_cmp(&y.cost))
+                .then(x.worker.cmp(&y.worker))
+        });
+        idx.truncate(MAX_EXPLAINED);
+        if let Some(c) = chosen
+            && !idx.contains(&c)
+        {
+            // Sampled (temperature) beyond the cheapest: its line replaces the last one.
+            idx[MAX_EXPLAINED - 1] = c;
+        }
     }
     idx.sort_unstable();
-    idx.iter().map(|&i| scores[i].clone()).collect()
+    idx
 }
 
 fn argmin_random_ties(
-    scores: &[CandidateScore],
+    scores: &[Slim],
     eligible: &[usize],
     policy: RouterPolicy,
     rng: &mut dyn RandomSource,
@@ -418,9 +458,9 @@ fn argmin_random_ties(
         .filter(|&i| scores[i].cost == min)
         .collect();
     if policy == RouterPolicy::Kvgate
-        && let Some(most) = ties.iter().map(|&i| scores[i].overlap_blocks).max()
+        && let Some(most) = ties.iter().map(|&i| scores[i].overlap).max()
     {
-        ties.retain(|&i| scores[i].overlap_blocks == most);
+        ties.retain(|&i| scores[i].overlap == most);
     }
     match ties.len() {
         // Every cost is NaN (cannot happen with a validated config): take the first.
@@ -453,11 +493,13 @@ fn sample_softmax(
     } else {
         // A temperature so small that the spread underflows, or non-finite costs: the limit
         // of the distribution is the argmin.
-        return argmin_random_ties(scores, eligible, RouterPolicy::Dynamo, rng);
+        let slim: Vec<Slim> = scores.iter().map(Slim::of).collect();
+        return argmin_random_ties(&slim, eligible, RouterPolicy::Dynamo, rng);
     };
     let total: f64 = weights.iter().sum();
     if !(total.is_finite() && total > 0.0) {
-        return argmin_random_ties(scores, eligible, RouterPolicy::Dynamo, rng);
+        let slim: Vec<Slim> = scores.iter().map(Slim::of).collect();
+        return argmin_random_ties(&slim, eligible, RouterPolicy::Dynamo, rng);
     }
     for (k, &i) in eligible.iter().enumerate() {
         scores[i].probability = Some(weights[k] / total);
