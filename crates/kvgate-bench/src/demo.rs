@@ -327,6 +327,17 @@ pub(crate) async fn run_policy(
     let url = format!("http://{fe}");
     // Let the router's event subscriptions connect before traffic starts.
     tokio::time::sleep(Duration::from_millis(500)).await;
+    replay(&url, reqs, mode.as_str(), true).await
+}
+
+/// Sends every request to `url` at its arrival time (open loop), showing progress under
+/// `label` when `show`, and gathers the outcome.
+pub(crate) async fn replay(
+    url: &str,
+    reqs: &Arc<Vec<DemoRequest>>,
+    label: &str,
+    show: bool,
+) -> Result<Outcome, String> {
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(256)
         .build()
@@ -341,7 +352,7 @@ pub(crate) async fn run_policy(
             out.clone(),
             done.clone(),
             client.clone(),
-            url.clone(),
+            url.to_string(),
         );
         tasks.push(tokio::spawn(async move {
             tokio::time::sleep_until(tokio::time::Instant::from_std(start + reqs[i].at)).await;
@@ -349,17 +360,18 @@ pub(crate) async fn run_policy(
             done.fetch_add(1, Ordering::Relaxed);
         }));
     }
-    let label = mode.as_str();
     let mut shown = usize::MAX;
     while done.load(Ordering::Relaxed) < reqs.len() {
         let now = done.load(Ordering::Relaxed);
-        if now != shown {
+        if now != shown && show {
             progress(label, now, reqs.len());
             shown = now;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    progress(label, reqs.len(), reqs.len());
+    if show {
+        progress(label, reqs.len(), reqs.len());
+    }
     for t in tasks {
         let _ = t.await;
     }

@@ -8,7 +8,7 @@
 //! demo's: multi-turn conversations sampled from a Mooncake-format trace, replayed at their
 //! (scaled) arrival times.
 
-use crate::demo::{DemoArgs, Outcome, one, pct, progress, workload};
+use crate::demo::{DemoArgs, Outcome, pct, workload};
 use crate::procs::{GATEWAY_PLAIN, start_envoy};
 use kvgate_core::config::RouterConfig;
 use kvgate_engine::{EngineConfig, TimingModel};
@@ -17,8 +17,7 @@ use kvgate_mocker::{MockerConfig, Role};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchDisaggArgs {
@@ -201,47 +200,9 @@ pub(crate) async fn run_config(
     })?;
     let url = format!("http://127.0.0.1:{port}");
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(256)
-        .build()
-        .map_err(|e| e.to_string())?;
-    let out = Arc::new(tokio::sync::Mutex::new(Outcome::default()));
-    let done = Arc::new(AtomicUsize::new(0));
-    let start = Instant::now();
-    let mut tasks = Vec::new();
-    for i in 0..reqs.len() {
-        let (reqs, out, done, client, url) = (
-            reqs.clone(),
-            out.clone(),
-            done.clone(),
-            client.clone(),
-            url.clone(),
-        );
-        tasks.push(tokio::spawn(async move {
-            tokio::time::sleep_until(tokio::time::Instant::from_std(start + reqs[i].at)).await;
-            one(&client, &url, &reqs[i], &out).await;
-            done.fetch_add(1, Ordering::Relaxed);
-        }));
-    }
-    let mut shown = usize::MAX;
-    while done.load(Ordering::Relaxed) < reqs.len() {
-        let now = done.load(Ordering::Relaxed);
-        if now != shown && !a.demo.json {
-            progress(label, now, reqs.len());
-            shown = now;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    if !a.demo.json {
-        progress(label, reqs.len(), reqs.len());
-    }
-    for t in tasks {
-        let _ = t.await;
-    }
+    let o = crate::demo::replay(&url, reqs, label, !a.demo.json).await;
     drop(envoy);
-    let mut o = out.lock().await.clone();
-    o.wall = start.elapsed().as_secs_f64();
-    Ok(o)
+    o
 }
 
 pub async fn run(a: BenchDisaggArgs) -> Result<(), String> {

@@ -78,14 +78,9 @@ impl WorkerLoad {
     /// Blocks of `seqs` this worker does not already hold active. Bookings always cover whole
     /// prefix chains, so presence is monotone along `seqs` and a binary search finds the cut.
     pub fn new_blocks(&self, seqs: &[SeqHash]) -> usize {
-        // Most workers share no active prefix with a given request: one probe tells, instead
-        // of a binary search's log2(blocks) (each a cache miss in a fleet of thousands).
-        match seqs.first() {
-            None => return 0,
-            Some(first) if !self.blocks.contains_key(first) => return seqs.len(),
-            Some(_) => {}
-        }
-        let (mut lo, mut hi) = (1usize, seqs.len());
+        // Callers in a big fleet ask [`LoadTracker::new_blocks`], which skips workers that do
+        // not hold the first block without touching their maps.
+        let (mut lo, mut hi) = (0usize, seqs.len());
         while lo < hi {
             let mid = (lo + hi) / 2;
             if self.blocks.contains_key(&seqs[mid]) {

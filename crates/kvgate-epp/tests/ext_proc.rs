@@ -286,6 +286,16 @@ fn immediate(r: &ProcessingResponse) -> (i32, serde_json::Value, Vec<(String, St
     )
 }
 
+/// The EPP's `/debug/decisions?n=N` document.
+async fn decisions(b: &Bound, n: usize) -> serde_json::Value {
+    reqwest::get(format!("http://{}/debug/decisions?n={n}", b.metrics))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 async fn metrics(b: &Bound) -> String {
     reqwest::get(format!("http://{}/metrics", b.metrics))
         .await
@@ -475,12 +485,7 @@ async fn a_shared_prefix_returns_to_its_worker_and_accuracy_is_measured() {
     assert!(metric(&m, "kvgate_router_predicted_cached_tokens_total") > 0.0);
     wait_metric(&b, "kvgate_router_bookings", 0.0).await;
     // The debug endpoint explains the decisions, newest first, with the actual cached tokens.
-    let d: serde_json::Value = reqwest::get(format!("http://{}/debug/decisions?n=2", b.metrics))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let d = decisions(&b, 2).await;
     let d = d["decisions"].as_array().unwrap();
     assert_eq!(d.len(), 2);
     assert_eq!(d[0]["actual_cached_tokens"], 160);
@@ -522,12 +527,7 @@ async fn load_is_booked_moved_to_the_served_endpoint_and_freed_at_the_end() {
         metric(&metrics(&b).await, "kvgate_router_rebooked_total"),
         1.0
     );
-    let d: serde_json::Value = reqwest::get(format!("http://{}/debug/decisions?n=1", b.metrics))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let d = decisions(&b, 1).await;
     let served_id = if other == "10.0.0.1:8000" { 11 } else { 22 };
     assert_eq!(d["decisions"][0]["served_by"], served_id);
 }
@@ -709,16 +709,6 @@ async fn bodiless_requests_and_trailer_terminated_bodies_are_routed() {
     );
 }
 
-async fn last_decision(b: &Bound) -> serde_json::Value {
-    let d: serde_json::Value = reqwest::get(format!("http://{}/debug/decisions?n=1", b.metrics))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    d["decisions"][0].clone()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_data_is_routed_on_and_forwarded_byte_for_byte() {
     let (b, _d) = start().await;
@@ -738,7 +728,7 @@ async fn token_data_is_routed_on_and_forwarded_byte_for_byte() {
         sent.as_bytes(),
         "a tokens-in body is forwarded unchanged"
     );
-    let d = last_decision(&b).await;
+    let d = decisions(&b, 1).await["decisions"][0].clone();
     assert_eq!(d["isl_tokens"], 300, "{d}");
     // The same ids again, with other messages: the router remembers them (approximate mode)
     // and sends the request where they went, with their blocks counted as cached.
@@ -755,7 +745,7 @@ async fn token_data_is_routed_on_and_forwarded_byte_for_byte() {
         first.get("x-gateway-destination-endpoint"),
         second.get("x-gateway-destination-endpoint")
     );
-    let d = last_decision(&b).await;
+    let d = decisions(&b, 1).await["decisions"][0].clone();
     assert_eq!(d["overlap_blocks"], 300 / 16, "{d}");
 }
 
