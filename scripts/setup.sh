@@ -12,7 +12,11 @@
 # - Prometheus 2.42 (.tools/bin/prometheus, the binary of Debian's package `prometheus`,
 #   unpacked with dpkg-deb, not installed system-wide) to scrape kvgate and render the dashboard;
 # - opentelemetry-proto and grpcio (scripts/otlp_receiver.py, an OTLP/gRPC trace receiver) and
-#   matplotlib (scripts/render_dashboard.py) in the same venv.
+#   matplotlib (scripts/render_dashboard.py) in the same venv;
+# - NVIDIA Dynamo 1.6.1 (.tools/dynamo-venv, PyPI ai-dynamo) with a model directory for its
+#   mocker (.tools/dynamo-model), etcd (.tools/bin/etcd, Debian's etcd-server; scripts/setup-etcd.sh)
+#   and vLLM's KV event publisher classes (.tools/vllm-venv; scripts/setup-vllm.sh), for the
+#   tests against real Dynamo and real engine publishers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TOOLS="$PWD/.tools"
@@ -184,6 +188,54 @@ then
     exit 1
   fi
 fi
+
+# --- Real NVIDIA Dynamo 1.6.1 (PyPI ai-dynamo + ai-dynamo-runtime), for the interop tests -------
+# `python -m dynamo.mocker` (simulated Dynamo workers), `python -m dynamo.frontend` (the
+# direct-mode sidecar and Dynamo's own kv router). In a venv of its own: it pins pydantic and
+# friends. Installed --no-deps, then its requirements by hand, because one of them (aisimulate,
+# only for the mocker's optional AI-simulator perf model) is a placeholder that downloads from
+# pypi.nvidia.com, which this machine cannot reach. nats-py is for scripts that capture events.
+# .tools/dynamo-model is the model directory the Dynamo mocker and frontend load: the Qwen3
+# tokenizer above and a config.json with Qwen3-0.6B's shape (Dynamo reads the context length
+# and vocabulary from it; the mocker has no weights).
+DYNAMO_VERSION=1.6.1
+DYNAMO_VENV="$TOOLS/dynamo-venv"
+if ! "$DYNAMO_VENV/bin/python" - "$DYNAMO_VERSION" 2>/dev/null <<'PY'
+import sys
+from importlib.metadata import version
+import dynamo.mocker.main, dynamo.frontend.main, nats  # noqa: F401
+sys.exit(version("ai-dynamo") != sys.argv[1] or version("ai-dynamo-runtime") != sys.argv[1])
+PY
+then
+  echo "setup: installing ai-dynamo $DYNAMO_VERSION into $DYNAMO_VENV"
+  python3 -m venv "$DYNAMO_VENV"
+  if ! "$DYNAMO_VENV/bin/pip" install -q --no-deps "ai-dynamo==$DYNAMO_VERSION" "ai-dynamo-runtime==$DYNAMO_VERSION" \
+     || ! "$DYNAMO_VENV/bin/pip" install -q "aiohttp==3.14.5" "certifi==2026.10.19.post1" "kubernetes==32.0.1" \
+       "msgspec==0.23.0" "prometheus-client==0.26.0" "pydantic==2.13.5" "PyYAML==6.0.4" "pyzmq==27.3.0" \
+       "redis==8.2.0" "tqdm==4.70.1" "transformers==5.25.0" "typing-extensions==4.16.0" "uvloop==0.23.0" \
+       "zstandard==0.25.0" "nats-py==2.16.0"; then
+    echo "setup: pip could not install ai-dynamo $DYNAMO_VERSION and its requirements into $DYNAMO_VENV" >&2
+    exit 1
+  fi
+  if ! "$DYNAMO_VENV/bin/python" -c "import dynamo.mocker.main, dynamo.frontend.main"; then
+    echo "setup: ai-dynamo $DYNAMO_VERSION installed but does not import" >&2
+    exit 1
+  fi
+fi
+DYNAMO_MODEL="$TOOLS/dynamo-model"
+mkdir -p "$DYNAMO_MODEL"
+cp -u "$QWEN3_DIR/tokenizer.json" "$QWEN3_DIR/tokenizer_config.json" "$DYNAMO_MODEL/"
+cat > "$DYNAMO_MODEL/config.json.tmp" <<'JSON'
+{"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 151936,
+ "max_position_embeddings": 40960, "hidden_size": 1024, "intermediate_size": 3072,
+ "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128,
+ "torch_dtype": "bfloat16", "bos_token_id": 151643, "eos_token_id": 151645}
+JSON
+mv -f "$DYNAMO_MODEL/config.json.tmp" "$DYNAMO_MODEL/config.json"
+
+# --- etcd (Dynamo's etcd discovery backend) and vLLM's KV event publisher classes ----------------
+bash scripts/setup-etcd.sh
+bash scripts/setup-vllm.sh
 
 cargo fetch --locked >/dev/null
 echo "setup: ok (tools in $TOOLS)"

@@ -208,6 +208,8 @@ pub async fn run(a: BenchEventsArgs) -> Result<(), String> {
         url: url.clone(),
         namespace: format!("bench{}", std::process::id()),
         component: "backend".into(),
+        endpoint: "generate".into(),
+        prefill_component: None,
         durable: true,
         consumer: "bench".into(),
         max_age: Duration::from_secs(600),

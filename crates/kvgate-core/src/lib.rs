@@ -14,6 +14,7 @@
 
 mod blockmap;
 pub mod config;
+pub mod envelope;
 pub mod events;
 pub mod fasthash;
 pub mod hashing;

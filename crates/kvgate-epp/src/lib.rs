@@ -72,6 +72,9 @@ pub enum WorkerSource {
     File(PathBuf),
     /// Pods in Kubernetes.
     Kubernetes(KubernetesWorkers),
+    /// Dynamo's own discovery store (its `file` or `etcd` backend), as Dynamo workers
+    /// register themselves.
+    Dynamo(kvgate_runtime::dynamo_discovery::DynamoDiscovery),
 }
 
 /// Pod discovery: the pods of an InferencePool (or of a label selector), their Ready state
@@ -309,7 +312,22 @@ async fn bind(host: &str, port: u16, what: &str) -> Result<TcpListener, String> 
 
 /// Starts the EPP and runs until a server fails. `on_bound` gets the listening addresses.
 pub async fn serve(config: EppConfig, on_bound: impl FnOnce(Bound)) -> Result<(), String> {
+    // Dynamo discovery: the model and block size come from what the workers register, so the
+    // first workers are awaited before anything else starts.
+    let mut dynamo_first = None;
     let file = match &config.workers {
+        WorkerSource::Dynamo(d) => {
+            let first = kvgate_runtime::dynamo_discovery::first(d).await;
+            let file = WorkersFile {
+                model: first.model.clone().unwrap_or_default(),
+                block_size: first.block_size.unwrap_or(d.block_size.unwrap_or(16)),
+                tokenizer: None,
+                workers: Vec::new(),
+            };
+            tracing::info!(model = %file.model, block_size = file.block_size, workers = first.workers.len(), store = %d.store, "Dynamo workers discovered");
+            dynamo_first = Some(first);
+            file
+        }
         WorkerSource::File(path) => WorkersFile::load(path).map_err(|e| e.to_string())?,
         WorkerSource::Kubernetes(k) => WorkersFile {
             model: k.model.clone(),
@@ -334,6 +352,27 @@ pub async fn serve(config: EppConfig, on_bound: impl FnOnce(Bound)) -> Result<()
         WorkerSource::Kubernetes(k) => {
             service.start_external(config.event_plane.clone());
             start_discovery(k, &service, workers_ready).await?;
+        }
+        WorkerSource::Dynamo(d) => {
+            service.start_external(config.event_plane.clone());
+            if let Some(first) = dynamo_first.take() {
+                service.set_workers(first.workers);
+            }
+            let _ = workers_ready.send(());
+            // Pinned to what the first workers registered: a later card with another model
+            // or block size is left out, not adopted.
+            let mut d = d.clone();
+            let current = service.workers().current();
+            d.model = Some(current.model.clone());
+            d.block_size = Some(current.block_size);
+            let me = Arc::downgrade(&service);
+            tokio::spawn(kvgate_runtime::dynamo_discovery::follow(d, move |found| {
+                let Some(me) = me.upgrade() else {
+                    return false;
+                };
+                me.set_workers(found.workers);
+                true
+            }));
         }
     }
     let replica = config

@@ -326,6 +326,13 @@ impl StreamState {
                 }
                 if let (Some(b), Some(booked)) = (&self.booking, self.booked_target)
                     && let Some(served) = protocol::served_endpoint(&req)
+                    // The booked worker's own endpoint first: several workers may share one
+                    // (a single direct-mode sidecar in front of them all).
+                    && shared
+                        .service
+                        .workers()
+                        .with_instance(booked.worker.0, |w| w.host_port() != Some(served.as_str()))
+                        .unwrap_or(true)
                     && let Some(w) = shared.service.endpoint_worker(&served)
                     && w.instance_id() != booked.worker
                 {

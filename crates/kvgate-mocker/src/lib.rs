@@ -6,9 +6,12 @@
 //!   worker and rank in `x-kvgate-worker-id` / `x-kvgate-dp-rank`.
 //! - One [`kvgate_engine::Engine`] per dp rank, driven in real time ([`driver`]), scaled by
 //!   `--speedup-ratio`.
-//! - KV events through the [`publisher::EventSink`] seam (vLLM ZMQ format today).
+//! - KV events through the [`publisher::EventSink`] seam: vLLM's ZMQ format, or Dynamo 1.6's NATS
+//!   event plane; optionally registered in Dynamo's file discovery store
+//!   ([`dynamo_discovery`]) so Dynamo's own router reads them.
 
 pub mod driver;
+pub mod dynamo_discovery;
 pub mod publisher;
 pub mod server;
 

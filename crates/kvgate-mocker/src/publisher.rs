@@ -1,5 +1,5 @@
 //! Where the mocker's KV events go. [`EventSink`] is the seam: the ZMQ publisher (vLLM format)
-//! lives here; the NATS publisher (Dynamo format) plugs in the same way.
+//! and the NATS publisher (Dynamo 1.6's event plane, [`NatsSink`]) live here.
 
 use bytes::Bytes;
 use kvgate_engine::CacheEvent;
@@ -302,7 +302,8 @@ impl EventSink for ZmqSink {
 /// Counters of the NATS publisher.
 #[derive(Default)]
 pub struct NatsPublishStats {
-    /// Messages (one per engine step and rank: a batch of `RouterEvent`s) acknowledged.
+    /// Messages (one per engine step and rank: a batch of `RouterEvent`s) published (with
+    /// JetStream: acknowledged).
     pub published: std::sync::atomic::AtomicU64,
     pub events: std::sync::atomic::AtomicU64,
     /// Failed attempts (NATS away): the message is retried, in order.
@@ -316,15 +317,39 @@ pub struct NatsPublishStats {
 /// Most messages held while NATS is unreachable; beyond, new ones are dropped.
 const MAX_BACKLOG: u64 = 1 << 20;
 
-/// Dynamo's NATS event plane publisher: `RouterEvent` JSON batches, event ids counting from 0
-/// per dp rank. The first event of each rank is `cleared` (a restarted worker starts empty and
-/// says so). With JetStream every message is acknowledged by the server before the next one is
-/// sent; failed publishes are retried in order, so a NATS outage delays events but loses none
-/// (up to [`MAX_BACKLOG`] messages).
+/// One dp rank's kv-events publisher: its event plane envelope state and next event id.
+struct RankPublisher {
+    plane: kvgate_wire::dynamo_plane::PlanePublisher,
+    next_event_id: u64,
+}
+
+/// A message for the publishing task.
+struct Outgoing {
+    subject: String,
+    /// JetStream de-duplication id (`{publisher_id}-{sequence}`).
+    msg_id: String,
+    bytes: Vec<u8>,
+}
+
+/// Dynamo 1.6's NATS event plane, as a Dynamo 1.6.1 worker publishes it
+/// ([`kvgate_wire::dynamo_plane`]): each engine step's events of a rank are one envelope on
+/// `namespace.{ns}.component.{c}.endpoint.{e}.kv-events`, from that rank's own publisher
+/// (random `publisher_id`, `sequence` from 0), event ids counting from 1 per rank as Dynamo's
+/// do. Before them, each rank says `cleared` (event id 0): a restarted worker starts empty
+/// (Dynamo's router clears nothing it did not know). Without `--durable-kv-events` messages go
+/// out on core NATS, as Dynamo's do; with it they are published into the JetStream stream
+/// (which captures the same subject) and each is acknowledged before the next is sent; failed
+/// publishes are retried in order, so a NATS outage delays events but loses none (up to
+/// [`MAX_BACKLOG`] messages). KV usage goes out on the sibling `.kv_metrics` subject
+/// ([`NatsSink::report_kv_usage`]).
 pub struct NatsSink {
-    tx: mpsc::UnboundedSender<(String, Vec<u8>)>,
+    tx: mpsc::UnboundedSender<Outgoing>,
+    client: async_nats::Client,
     worker_id: u64,
-    next_ids: Vec<std::sync::atomic::AtomicU64>,
+    ranks: Vec<std::sync::Mutex<RankPublisher>>,
+    metrics: std::sync::Mutex<kvgate_wire::dynamo_plane::PlanePublisher>,
+    metrics_subject: String,
+    subject: String,
     pub stats: Arc<NatsPublishStats>,
 }
 
@@ -334,9 +359,10 @@ impl NatsSink {
         worker_id: u64,
         dp_size: u32,
     ) -> Result<Self, String> {
+        use kvgate_wire::dynamo_plane::{KV_METRICS_TOPIC, PlanePublisher, endpoint_subject};
         use std::sync::atomic::Ordering;
         let client = kvgate_runtime::nats::connect(&cfg.url, "kvgate-mocker", |_| {}).await?;
-        let subject = cfg.publish_subject();
+        let subject = cfg.endpoint_subject();
         let js = if cfg.durable {
             let js = async_nats::jetstream::new(client.clone());
             kvgate_runtime::nats::ensure_stream(&js, &cfg).await?;
@@ -345,27 +371,32 @@ impl NatsSink {
             None
         };
         let stats = Arc::new(NatsPublishStats::default());
-        let (tx, mut rx) = mpsc::unbounded_channel::<(String, Vec<u8>)>();
+        let (tx, mut rx) = mpsc::unbounded_channel::<Outgoing>();
         let task_stats = stats.clone();
+        let task_client = client.clone();
         tokio::spawn(async move {
-            while let Some((msg_id, msg)) = rx.recv().await {
-                let payload = Bytes::from(msg);
+            while let Some(msg) = rx.recv().await {
+                let payload = Bytes::from(msg.bytes);
                 // A retry after a lost ack must not store the message twice: JetStream drops
                 // repeats of a message id (within its duplicate window).
                 let mut headers = async_nats::HeaderMap::new();
-                headers.insert("Nats-Msg-Id", msg_id.as_str());
+                headers.insert("Nats-Msg-Id", msg.msg_id.as_str());
                 let mut delay = std::time::Duration::from_millis(50);
                 loop {
                     let sent = match &js {
                         Some(js) => match js
-                            .publish_with_headers(subject.clone(), headers.clone(), payload.clone())
+                            .publish_with_headers(
+                                msg.subject.clone(),
+                                headers.clone(),
+                                payload.clone(),
+                            )
                             .await
                         {
                             Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
                             Err(e) => Err(e.to_string()),
                         },
-                        None => client
-                            .publish(subject.clone(), payload.clone())
+                        None => task_client
+                            .publish(msg.subject.clone(), payload.clone())
                             .await
                             .map_err(|e| e.to_string()),
                     };
@@ -385,10 +416,24 @@ impl NatsSink {
         });
         let sink = Self {
             tx,
+            client,
             worker_id,
-            next_ids: (0..dp_size.max(1))
-                .map(|_| std::sync::atomic::AtomicU64::new(0))
+            ranks: (0..dp_size.max(1))
+                .map(|_| {
+                    std::sync::Mutex::new(RankPublisher {
+                        plane: PlanePublisher::random(),
+                        next_event_id: 0,
+                    })
+                })
                 .collect(),
+            metrics: std::sync::Mutex::new(PlanePublisher::random()),
+            metrics_subject: endpoint_subject(
+                &cfg.namespace,
+                &cfg.component,
+                &cfg.endpoint,
+                KV_METRICS_TOPIC,
+            ),
+            subject,
             stats,
         };
         for rank in 0..dp_size.max(1) {
@@ -396,19 +441,87 @@ impl NatsSink {
         }
         Ok(sink)
     }
+
+    /// The kv-events publisher id of each dp rank (what Dynamo's discovery records name).
+    pub fn publisher_ids(&self) -> Vec<u64> {
+        self.ranks
+            .iter()
+            .filter_map(|r| r.lock().ok().map(|r| r.plane.publisher_id))
+            .collect()
+    }
+
+    /// The id of the `kv_metrics` publisher (one per worker, as Dynamo's).
+    pub fn metrics_publisher_id(&self) -> u64 {
+        self.metrics.lock().map_or(0, |m| m.publisher_id)
+    }
+
+    pub fn worker_id(&self) -> u64 {
+        self.worker_id
+    }
+
+    /// Publishes each rank's KV usage on `.kv_metrics` (core NATS, as Dynamo does) whenever it
+    /// changes, checked every 20 ms, and every 5 s regardless (not while NATS is away); runs as
+    /// long as the process.
+    pub fn report_kv_usage(self: &Arc<Self>, engines: Vec<crate::driver::EngineHandle>) {
+        let sink = self.clone();
+        tokio::spawn(async move {
+            let mut last: Vec<Option<(u64, std::time::Instant)>> = vec![None; engines.len()];
+            let mut tick = tokio::time::interval(std::time::Duration::from_millis(20));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            loop {
+                tick.tick().await;
+                for (e, seen) in engines.iter().zip(last.iter_mut()) {
+                    let used = e.stats().active_blocks as u64;
+                    let stale = seen.is_none_or(|(v, at)| {
+                        v != used || at.elapsed() >= std::time::Duration::from_secs(5)
+                    });
+                    if stale {
+                        sink.publish_kv_metrics(e.rank, used).await;
+                        *seen = Some((used, std::time::Instant::now()));
+                    }
+                }
+            }
+        });
+    }
+
+    async fn publish_kv_metrics(&self, rank: u32, kv_used_blocks: u64) {
+        let m = kvgate_wire::dynamo_plane::KvMetrics {
+            worker_id: self.worker_id,
+            dp_rank: rank,
+            active_decode_blocks: None,
+            active_prefill_tokens: None,
+            kv_used_blocks,
+        };
+        // While NATS is away, usage reports would only queue up behind the KV events.
+        if self.client.connection_state() != async_nats::connection::State::Connected {
+            return;
+        }
+        let Ok(bytes) = self.metrics.lock().map(|mut p| p.kv_metrics(&m)) else {
+            return;
+        };
+        // Best effort, as Dynamo's: a lost usage report is replaced by the next one.
+        if let Err(e) = self
+            .client
+            .publish(self.metrics_subject.clone(), Bytes::from(bytes))
+            .await
+        {
+            tracing::debug!(error = %e, "kv_metrics publish failed");
+        }
+    }
 }
 
 impl EventSink for NatsSink {
     fn publish(&self, rank: u32, events: &[CacheEvent]) {
         use std::sync::atomic::Ordering;
-        let Some(next) = self.next_ids.get(rank as usize) else {
-            return;
-        };
         if events.is_empty() {
             return;
         }
+        let Some(Ok(mut p)) = self.ranks.get(rank as usize).map(|r| r.lock()) else {
+            return;
+        };
         let source = kvgate_core::WorkerRank::new(self.worker_id, rank);
-        let first = next.fetch_add(events.len() as u64, Ordering::Relaxed);
+        let first = p.next_event_id;
+        p.next_event_id += events.len() as u64;
         let batch: Vec<kvgate_wire::dynamo::RouterEvent> = events
             .iter()
             .enumerate()
@@ -418,20 +531,26 @@ impl EventSink for NatsSink {
                 )
             })
             .collect();
+        // The sequence number is taken even when the message is dropped below: the gap tells
+        // the router that something was lost.
+        let sequence = p.plane.next_sequence();
+        let bytes = p.plane.kv_events(&batch);
+        let msg_id = format!("{}-{sequence}", p.plane.publisher_id);
+        drop(p);
         if self.stats.backlog.load(Ordering::Relaxed) >= MAX_BACKLOG {
             self.stats.dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        // Serialising plain integers and enums cannot fail.
-        let Ok(bytes) = serde_json::to_vec(&batch) else {
-            return;
-        };
         self.stats.backlog.fetch_add(1, Ordering::Relaxed);
         self.stats
             .events
             .fetch_add(events.len() as u64, Ordering::Relaxed);
-        let msg_id = format!("{}-{rank}-{first}", self.worker_id);
-        if self.tx.send((msg_id, bytes)).is_err() {
+        let out = Outgoing {
+            subject: self.subject.clone(),
+            msg_id,
+            bytes,
+        };
+        if self.tx.send(out).is_err() {
             self.stats.backlog.fetch_sub(1, Ordering::Relaxed);
         }
     }

@@ -58,6 +58,8 @@ pub struct MockerConfig {
     pub zmq_drop_seqs: Vec<u64>,
     /// Publish Dynamo-format KV events on the NATS event plane.
     pub nats_kv_events: Option<kvgate_runtime::nats::NatsEventConfig>,
+    /// Register in a Dynamo file discovery store (needs `nats_kv_events`).
+    pub dynamo_discovery: Option<crate::dynamo_discovery::DynamoRegistration>,
     pub tokenizer: Option<std::path::PathBuf>,
     /// KV cache bytes per token (all layers, K and V), for the transfer time of a
     /// disaggregated request's prompt.
@@ -88,6 +90,7 @@ impl Default for MockerConfig {
             zmq_replay: None,
             zmq_drop_seqs: Vec::new(),
             nats_kv_events: None,
+            dynamo_discovery: None,
             tokenizer: None,
         }
     }
@@ -144,10 +147,12 @@ pub async fn serve(
         )));
     }
     let mut nats = None;
+    let mut nats_sink = None;
     if let Some(cfg) = &config.nats_kv_events {
-        let sink = NatsSink::start(cfg.clone(), config.worker_id, config.dp_size).await?;
+        let sink = Arc::new(NatsSink::start(cfg.clone(), config.worker_id, config.dp_size).await?);
         nats = Some(sink.stats.clone());
-        sinks.push(Arc::new(sink));
+        sinks.push(sink.clone());
+        nats_sink = Some(sink);
     }
     let sink: Arc<dyn EventSink> = match sinks.len() {
         0 => Arc::new(NoEvents),
@@ -163,11 +168,42 @@ pub async fn serve(
                 sink.clone(),
             )
         })
-        .collect();
+        .collect::<Vec<EngineHandle>>();
     let listener = TcpListener::bind((config.host.as_str(), config.port))
         .await
         .map_err(|e| format!("cannot listen on {}:{}: {e}", config.host, config.port))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    if let Some(sink) = &nats_sink {
+        sink.report_kv_usage(engines.clone());
+    }
+    if let Some(reg) = &config.dynamo_discovery {
+        let (Some(sink), Some(cfg)) = (&nats_sink, &config.nats_kv_events) else {
+            return Err("Dynamo discovery registration needs the NATS event plane".into());
+        };
+        crate::dynamo_discovery::register(
+            reg,
+            &crate::dynamo_discovery::WorkerRecord {
+                namespace: cfg.namespace.clone(),
+                component: cfg.component.clone(),
+                endpoint: cfg.endpoint.clone(),
+                instance_id: config.worker_id,
+                model: config.model.clone(),
+                address: addr.to_string(),
+                block_size: config.engine.block_size as u32,
+                total_kv_blocks: config.engine.num_gpu_blocks as u64,
+                max_num_seqs: config.engine.max_num_seqs as u64,
+                max_num_batched_tokens: config.engine.max_num_batched_tokens as u64,
+                dp_size: config.dp_size.max(1),
+                worker_type: match config.role {
+                    Role::Aggregated => "aggregated",
+                    Role::Prefill => "prefill",
+                    Role::Decode => "decode",
+                },
+                kv_publishers: sink.publisher_ids(),
+                metrics_publisher: sink.metrics_publisher_id(),
+            },
+        )?;
+    }
     let state = Arc::new(AppState {
         engines,
         tokenizer,

@@ -4,7 +4,7 @@
 use kvgate_core::router::Router;
 use kvgate_core::sequencer::Sequenced;
 use kvgate_core::{DpRank, WorkerId, WorkerRank};
-use kvgate_wire::vllm::{decode_batch, to_kv_event};
+use kvgate_wire::vllm::{GroupFilter, decode_batch_detailed, to_kv_event_detailed};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use zeromq::{Socket, SocketRecv};
@@ -21,6 +21,9 @@ pub struct EventStats {
     pub resyncs: AtomicU64,
     /// Events seen twice (redelivery) and dropped.
     pub duplicates: AtomicU64,
+    /// Events kvgate cannot index correctly and skips, by reason (e.g. a residency domain
+    /// other than the worker's own cache): `kvgate_kv_events_skipped_total{reason}`.
+    pub skipped: Mutex<std::collections::BTreeMap<&'static str, u64>>,
     /// ZMQ catch-ups through a publisher's replay socket, the messages they brought, failures.
     pub replays: AtomicU64,
     pub replayed_messages: AtomicU64,
@@ -77,6 +80,18 @@ impl EventStats {
             plane_connected: AtomicBool::new(true),
             ..Default::default()
         }
+    }
+
+    /// Counts one skipped event; the first of each reason is logged as a warning.
+    pub fn skip(&self, reason: &'static str, detail: &dyn std::fmt::Display) {
+        let Ok(mut m) = self.skipped.lock() else {
+            return;
+        };
+        let n = m.entry(reason).or_insert(0);
+        if *n == 0 {
+            tracing::warn!(reason, %detail, "skipping KV events kvgate cannot index correctly (counted in kvgate_kv_events_skipped_total)");
+        }
+        *n += 1;
     }
 }
 
@@ -197,6 +212,7 @@ pub fn subscribe(
             block_size,
             refused_logged: false,
             last_seq: None,
+            groups: GroupFilter::new(),
         };
         let mut live_last: Option<u64> = None;
         loop {
@@ -217,6 +233,7 @@ pub fn subscribe(
                         stats.reconnects.fetch_add(1, Ordering::Relaxed);
                         resync(&router, &stats, source, 0);
                         sub.last_seq = None;
+                        sub.groups = GroupFilter::new();
                         live_last = None;
                         if replay_ep.is_some() {
                             sub.catch_up(replay_ep.as_deref(), 0).await;
@@ -257,6 +274,7 @@ pub fn subscribe(
                 );
                 resync(&router, &stats, source, seq);
                 sub.last_seq = None;
+                sub.groups = GroupFilter::new();
                 if seq > 0 && replay_ep.is_some() {
                     sub.catch_up(replay_ep.as_deref(), 0).await;
                 }
@@ -312,12 +330,15 @@ struct RankFeed<'a> {
     block_size: u32,
     refused_logged: bool,
     last_seq: Option<u64>,
+    /// Which of the publisher's KV cache groups is indexed (hybrid models): learned from its
+    /// events, started over with the rank's blocks when the publisher may be a new process.
+    groups: GroupFilter,
 }
 
 impl RankFeed<'_> {
     fn apply(&mut self, seq: u64, payload: &[u8]) {
         self.last_seq = Some(seq);
-        let batch = match decode_batch(payload) {
+        let batch = match decode_batch_detailed(payload) {
             Ok(b) => b,
             Err(e) => {
                 self.stats.decode_errors.fetch_add(1, Ordering::Relaxed);
@@ -331,7 +352,27 @@ impl RankFeed<'_> {
         };
         let published = batch.ts;
         for e in &batch.events {
-            match to_kv_event(e, self.source, seq, self.block_size) {
+            // Events of a KV cache group the index cannot model (a hybrid model's sliding-window
+            // or Mamba group, a second full-attention group) are skipped, never applied as
+            // the rank's prefix cache: counted by reason, the first of each reason logged.
+            if let Err(reason) = self.groups.admit(e) {
+                let m = &e.meta;
+                self.stats.skip(
+                    reason,
+                    &format_args!(
+                        "worker {} dp rank {}: KV cache group {:?} ({} {:?}, sliding window {:?}; indexed group {:?})",
+                        self.source.worker.0,
+                        self.source.dp_rank.0,
+                        m.group_idx,
+                        e.event.kind(),
+                        m.kv_cache_spec_kind,
+                        m.kv_cache_spec_sliding_window,
+                        self.groups.indexed_group(),
+                    ),
+                );
+                continue;
+            }
+            match to_kv_event_detailed(e, self.source, seq, self.block_size) {
                 Ok(ev) => {
                     r.apply_event(&ev);
                     self.stats.events.fetch_add(1, Ordering::Relaxed);

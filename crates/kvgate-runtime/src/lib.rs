@@ -5,8 +5,11 @@
 //! - [`events`]: KV event ingestion from workers' ZMQ publishers;
 //! - [`routing`]: the routing service (router + tokenizer + bookings + decision log) that the
 //!   EPP and the kv-mode frontend share;
+//! - [`dynamo_discovery`]: workers from Dynamo's own discovery store (file or etcd);
 //! - [`nats`]: KV events over NATS / JetStream; [`replica`]: router replica sync over NATS.
 
+pub mod dynamo_discovery;
+pub mod etcd;
 pub mod events;
 pub mod http;
 pub mod nats;

@@ -22,9 +22,12 @@
 use crate::events::{EventStats, apply_sequenced};
 use async_nats::jetstream;
 use futures::StreamExt;
+use kvgate_core::envelope::{EnvelopeCheck, EnvelopeTracker};
 use kvgate_core::router::Router;
 use kvgate_core::sequencer::EventSequencer;
-use kvgate_wire::dynamo::{RouterEvent, kv_events_subject, stream_name, stream_queue_subject};
+use kvgate_wire::dynamo::{
+    RouterEvent, endpoint_kv_events_subject, kv_events_subject, stream_name, stream_queue_subject,
+};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -35,6 +38,12 @@ pub struct NatsEventConfig {
     pub url: String,
     pub namespace: String,
     pub component: String,
+    /// Dynamo endpoint of the workers (`generate`): Dynamo 1.6 publishes on
+    /// `namespace.{ns}.component.{c}.endpoint.{e}.kv-events`.
+    pub endpoint: String,
+    /// Dynamo's component of the prefill workers of a disaggregated graph (`prefill`): their
+    /// events are read too, from the same endpoint name.
+    pub prefill_component: Option<String>,
     /// JetStream stream + durable consumer (true) or a core-NATS subscription (false).
     pub durable: bool,
     /// Durable consumer name: one per router replica.
@@ -140,15 +149,37 @@ fn write_snapshot(
 }
 
 impl NatsEventConfig {
+    /// The component-level subject (kvgate before Dynamo 1.6 compatibility; still read).
     pub fn subject(&self) -> String {
         kv_events_subject(&self.namespace, &self.component)
+    }
+
+    /// The subject a Dynamo 1.6 worker publishes its KV events on (core NATS).
+    pub fn endpoint_subject(&self) -> String {
+        endpoint_kv_events_subject(&self.namespace, &self.component, &self.endpoint)
+    }
+
+    /// Every Dynamo 1.6 subject read: the workers' and the prefill workers'.
+    pub fn endpoint_subjects(&self) -> Vec<String> {
+        let mut out = vec![self.endpoint_subject()];
+        if let Some(p) = &self.prefill_component
+            && p != &self.component
+        {
+            out.push(endpoint_kv_events_subject(
+                &self.namespace,
+                p,
+                &self.endpoint,
+            ));
+        }
+        out
     }
 
     pub fn stream(&self) -> String {
         stream_name(&self.subject())
     }
 
-    /// The subject a publisher sends to.
+    /// The subject kvgate publishers used before Dynamo 1.6 compatibility (still captured):
+    /// `{stream}.queue` with JetStream, the component subject without.
     pub fn publish_subject(&self) -> String {
         if self.durable {
             stream_queue_subject(&self.stream())
@@ -198,21 +229,57 @@ pub async fn connect(
         .map_err(|e| format!("cannot connect to NATS at {url}: {e}"))
 }
 
-/// The stream holding the KV events (created when missing, with Dynamo's layout).
+/// The subjects kvgate's stream captures: the Dynamo 1.6 endpoint subject workers publish on
+/// (core NATS), the component subject and the stream's own `{stream}.*` (kvgate publishers
+/// before Dynamo 1.6 compatibility).
+pub fn stream_subjects(cfg: &NatsEventConfig) -> Vec<String> {
+    let mut subjects = cfg.endpoint_subjects();
+    subjects.push(cfg.subject());
+    subjects.push(format!("{}.*", cfg.stream()));
+    subjects
+}
+
+/// The stream holding the KV events (created when missing, with Dynamo's layout). A stream
+/// made by an older kvgate, without the endpoint subject, gets it added.
 pub async fn ensure_stream(
     js: &jetstream::Context,
     cfg: &NatsEventConfig,
 ) -> Result<jetstream::stream::Stream, String> {
     let stream = cfg.stream();
-    js.get_or_create_stream(jetstream::stream::Config {
+    let subjects = stream_subjects(cfg);
+    let config = jetstream::stream::Config {
         name: stream.clone(),
-        subjects: vec![format!("{stream}.*"), cfg.subject()],
+        subjects: subjects.clone(),
         max_age: cfg.max_age,
         storage: jetstream::stream::StorageType::File,
         ..Default::default()
-    })
-    .await
-    .map_err(|e| format!("JetStream stream {stream}: {e}"))
+    };
+    let mut handle = js
+        .get_or_create_stream(config)
+        .await
+        .map_err(|e| format!("JetStream stream {stream}: {e}"))?;
+    let info = handle
+        .info()
+        .await
+        .map_err(|e| format!("JetStream stream {stream}: {e}"))?;
+    let missing: Vec<String> = subjects
+        .iter()
+        .filter(|s| !info.config.subjects.contains(s))
+        .cloned()
+        .collect();
+    if !missing.is_empty() {
+        let mut updated = info.config.clone();
+        updated.subjects.extend(missing.iter().cloned());
+        js.update_stream(updated).await.map_err(|e| {
+            format!("JetStream stream {stream}: cannot add subjects {missing:?}: {e}")
+        })?;
+        tracing::info!(%stream, ?missing, "KV event stream now captures the Dynamo 1.6 subjects too");
+        handle = js
+            .get_stream(&stream)
+            .await
+            .map_err(|e| format!("JetStream stream {stream}: {e}"))?;
+    }
+    Ok(handle)
 }
 
 /// Reads KV events from NATS into the router until the task is aborted.
@@ -236,11 +303,14 @@ pub fn consume(
                 return;
             }
         };
-        let mut seq = EventSequencer::new(1024, Duration::from_secs(2));
+        let mut order = EventOrder {
+            seq: EventSequencer::new(1024, Duration::from_secs(2)),
+            envelopes: EnvelopeTracker::new(65_536),
+        };
         if cfg.durable {
-            run_jetstream(&client, &router, &stats, &cfg, &mut seq).await;
+            run_jetstream(&client, &router, &stats, &cfg, &mut order).await;
         } else {
-            run_core(&client, &router, &stats, &cfg, &mut seq).await;
+            run_core(&client, &router, &stats, &cfg, &mut order).await;
         }
     })
 }
@@ -255,60 +325,120 @@ fn set_connected(router: &Mutex<Router>, stats: &EventStats, connected: bool) {
     }
 }
 
+/// Per-subscription state: event-id order per rank and envelope order per publisher.
+struct EventOrder {
+    seq: EventSequencer,
+    envelopes: EnvelopeTracker,
+}
+
 /// `redelivered`: JetStream delivered this message before (its ack was lost). Its events that
 /// are behind the publisher's sequence are duplicates, never a restart (an old `cleared` must not
 /// wipe the rank).
 fn handle(
     router: &Mutex<Router>,
     stats: &EventStats,
-    seq: &mut EventSequencer,
+    order: &mut EventOrder,
     payload: &[u8],
     redelivered: bool,
     stored_unix_secs: Option<f64>,
 ) {
     stats.batches.fetch_add(1, Ordering::Relaxed);
-    match RouterEvent::decode_message_stamped(payload) {
-        Ok((events, published_ms)) => {
-            // The publisher's own time first; JetStream's stored time otherwise.
-            let published = published_ms
-                .map(|ms| ms as f64 / 1000.0)
-                .or(stored_unix_secs)
-                .unwrap_or(0.0);
-            let now = Instant::now();
-            for e in events {
-                let e = e.to_kv_event();
-                if redelivered && seq.expected(e.source).is_some_and(|next| e.event_id < next) {
-                    stats.duplicates.fetch_add(1, Ordering::Relaxed);
-                    continue;
-                }
-                // A rank outside discovery is counted and dropped by the router, and never
-                // tracked here (the sequencer would grow with whatever ids a publisher sends).
-                let known = router.lock().is_ok_and(|r| r.is_target(e.source));
-                if !known {
-                    if let Ok(mut r) = router.lock() {
-                        r.apply_event(&e);
-                    }
-                    continue;
-                }
-                let out = seq.offer(e, now);
-                apply_sequenced(router, stats, out);
-            }
-            stats.apply_lag.observe_published(published);
-        }
+    let decoded = match RouterEvent::decode_envelope(payload) {
+        Ok(d) => d,
         Err(e) => {
             stats.decode_errors.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(error = %e, "undecodable KV event message");
+            return;
+        }
+    };
+    // The publisher's own time first; JetStream's stored time otherwise.
+    let published = decoded
+        .published_at
+        .map(|ms| ms as f64 / 1000.0)
+        .or(stored_unix_secs)
+        .unwrap_or(0.0);
+    if let Some(p) = decoded.publisher {
+        let ranks = decoded.events.iter().map(|e| e.source());
+        match order.envelopes.offer(p.id, p.sequence, ranks, redelivered) {
+            EnvelopeCheck::InOrder => {}
+            EnvelopeCheck::Duplicate => {
+                stats
+                    .duplicates
+                    .fetch_add(decoded.events.len() as u64, Ordering::Relaxed);
+                return;
+            }
+            EnvelopeCheck::Gap { missing, ranks } => {
+                stats.seq_gaps.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    publisher = p.id,
+                    missing,
+                    ranks = ranks.len(),
+                    "KV event messages lost (envelope sequence jumped); dropping the publisher's ranks to rebuild them from new events"
+                );
+                resync_ranks(router, stats, &mut order.seq, &ranks);
+            }
+            EnvelopeCheck::Restarted { ranks } => {
+                tracing::info!(publisher = p.id, "KV event publisher started over");
+                resync_ranks(router, stats, &mut order.seq, &ranks);
+            }
+        }
+    }
+    let now = Instant::now();
+    for e in decoded.events {
+        if let Some(reason) = e.unsupported() {
+            stats.skip(reason, &format_args!("worker {} ({reason})", e.worker_id));
+            continue;
+        }
+        let e = e.to_kv_event();
+        if redelivered
+            && order
+                .seq
+                .expected(e.source)
+                .is_some_and(|next| e.event_id < next)
+        {
+            stats.duplicates.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        // A rank outside discovery is counted and dropped by the router, and never
+        // tracked here (the sequencer would grow with whatever ids a publisher sends).
+        let known = router.lock().is_ok_and(|r| r.is_target(e.source));
+        if !known {
+            if let Ok(mut r) = router.lock() {
+                r.apply_event(&e);
+            }
+            continue;
+        }
+        let out = order.seq.offer(e, now);
+        apply_sequenced(router, stats, out);
+    }
+    stats.apply_lag.observe_published(published);
+}
+
+/// Drops what the index holds for `ranks` and lets their event ids start afresh.
+fn resync_ranks(
+    router: &Mutex<Router>,
+    stats: &EventStats,
+    seq: &mut EventSequencer,
+    ranks: &[kvgate_core::WorkerRank],
+) {
+    let Ok(mut r) = router.lock() else { return };
+    for &rank in ranks {
+        seq.reset(rank);
+        if r.is_target(rank) {
+            crate::events::clear_rank(&mut r, rank, 0);
+            stats.resyncs.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
 
-fn poll_gaps(router: &Mutex<Router>, stats: &EventStats, seq: &mut EventSequencer) {
-    for out in seq.poll_gaps(Instant::now()) {
+fn poll_gaps(router: &Mutex<Router>, stats: &EventStats, order: &mut EventOrder) {
+    for out in order.seq.poll_gaps(Instant::now()) {
         apply_sequenced(router, stats, out);
     }
     // Forget the ranks that left discovery.
     if let Ok(r) = router.lock() {
-        seq.retain(|s| r.is_target(s));
+        order.seq.retain(|s| r.is_target(s));
+        order.envelopes.retain_ranks(|s| r.is_target(s));
     }
 }
 
@@ -317,27 +447,36 @@ async fn run_core(
     router: &Mutex<Router>,
     stats: &EventStats,
     cfg: &NatsEventConfig,
-    seq: &mut EventSequencer,
+    order: &mut EventOrder,
 ) {
-    let subject = cfg.subject();
-    let mut sub = loop {
-        match client.subscribe(subject.clone()).await {
-            Ok(s) => break s,
-            Err(e) => {
-                tracing::warn!(%subject, error = %e, "cannot subscribe; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
+    // Dynamo 1.6 workers publish on the endpoint subject; kvgate publishers before it on the
+    // component subject. Both are read, as one stream of messages.
+    let mut subjects = cfg.endpoint_subjects();
+    subjects.push(cfg.subject());
+    let mut subs = Vec::new();
+    for subject in &subjects {
+        let sub = loop {
+            match client.subscribe(subject.clone()).await {
+                Ok(s) => break s,
+                Err(e) => {
+                    tracing::warn!(%subject, error = %e, "cannot subscribe; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
             }
-        }
-    };
+        };
+        subs.push(sub);
+    }
+    let mut sub = futures::stream::select_all(subs);
+    let subject = subjects.join(", ");
     tracing::info!(%subject, "reading KV events (core NATS)");
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
         tokio::select! {
             msg = sub.next() => match msg {
-                Some(m) => handle(router, stats, seq, &m.payload, false, None),
+                Some(m) => handle(router, stats, order, &m.payload, false, None),
                 None => return,
             },
-            _ = tick.tick() => poll_gaps(router, stats, seq),
+            _ = tick.tick() => poll_gaps(router, stats, order),
         }
     }
 }
@@ -347,7 +486,7 @@ async fn run_jetstream(
     router: &Mutex<Router>,
     stats: &EventStats,
     cfg: &NatsEventConfig,
-    seq: &mut EventSequencer,
+    order: &mut EventOrder,
 ) {
     let js = jetstream::new(client.clone());
     let mut fresh_start = true;
@@ -363,7 +502,7 @@ async fn run_jetstream(
             router,
             stats,
             cfg,
-            seq,
+            order,
             fresh_start.then_some(resume_after),
             &mut last_applied,
         )
@@ -389,7 +528,7 @@ async fn jetstream_session(
     router: &Mutex<Router>,
     stats: &EventStats,
     cfg: &NatsEventConfig,
-    seq: &mut EventSequencer,
+    order: &mut EventOrder,
     // Some: a new process (Some(Some(s)): its index was restored up to stream sequence s).
     fresh_start: Option<Option<u64>>,
     last_applied: &mut u64,
@@ -463,7 +602,7 @@ async fn jetstream_session(
                 // messages whose events it does not hold.
                 if let Some(path) = &cfg.snapshot
                     && *last_applied != snapped
-                    && !seq.holding()
+                    && !order.seq.holding()
                 {
                     write_snapshot(router, stats, path, &cfg.stream(), *last_applied);
                     snapped = *last_applied;
@@ -476,7 +615,7 @@ async fn jetstream_session(
                         (i.stream_sequence, i.delivered, stored)
                     });
                     let redelivered = info.is_some_and(|(_, d, _)| d > 1);
-                    handle(router, stats, seq, &m.payload, redelivered, info.map(|i| i.2));
+                    handle(router, stats, order, &m.payload, redelivered, info.map(|i| i.2));
                     if let Some((stream_sequence, _, _)) = info {
                         *last_applied = (*last_applied).max(stream_sequence);
                     }
@@ -490,7 +629,7 @@ async fn jetstream_session(
                 }
                 None => return Err("message stream ended".into()),
             },
-            _ = tick.tick() => poll_gaps(router, stats, seq),
+            _ = tick.tick() => poll_gaps(router, stats, order),
         }
     }
 }

@@ -86,7 +86,7 @@ pub enum EventPlane {
     /// Each worker's vLLM ZMQ publisher (`kv_events` in the workers file).
     Zmq,
     /// Dynamo's NATS event plane.
-    Nats(crate::nats::NatsEventConfig),
+    Nats(Box<crate::nats::NatsEventConfig>),
 }
 
 pub struct RoutingService {
@@ -270,7 +270,7 @@ impl RoutingService {
             EventPlane::Nats(cfg) => {
                 self.zmq_events
                     .store(false, std::sync::atomic::Ordering::Relaxed);
-                Some(cfg)
+                Some(*cfg)
             }
             EventPlane::Zmq => None,
         };
@@ -875,6 +875,16 @@ impl RoutingService {
         ];
         for (name, help, v) in counters {
             p.counter(name, help, &[], v.load(Ordering::Relaxed) as f64);
+        }
+        if let Ok(skipped) = e.skipped.lock() {
+            for (reason, n) in skipped.iter() {
+                p.counter(
+                    "kvgate_kv_events_skipped_total",
+                    "KV events kvgate cannot index correctly and skips, by reason.",
+                    &[("reason", reason)],
+                    *n as f64,
+                );
+            }
         }
         p.traced_histogram(
             "kvgate_router_decision_seconds",

@@ -37,7 +37,28 @@ pub struct RouterEvent {
     pub worker_id: u64,
     #[serde(default, with = "tier")]
     pub storage_tier: StorageTier,
+    /// Who holds the blocks (Dynamo 1.6): `worker` is the engine's own cache, the only
+    /// domain kvgate indexes; absent in older versions, meaning `worker`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub residency_domain: Option<String>,
     pub event: KvCacheEvent,
+}
+
+/// One decoded NATS message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decoded {
+    pub events: Vec<RouterEvent>,
+    /// The envelope's `published_at` (Unix milliseconds).
+    pub published_at: Option<u64>,
+    /// The envelope's publisher and sequence number, which numbers that publisher's messages
+    /// from 0 without gaps: a jump is a lost message.
+    pub publisher: Option<PublisherSeq>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PublisherSeq {
+    pub id: u64,
+    pub sequence: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,6 +81,10 @@ pub enum KvCacheEventData {
 pub struct StoreData {
     #[serde(default, deserialize_with = "opt_hash")]
     pub parent_hash: Option<u64>,
+    /// Block position of the first stored block (Dynamo 1.6; `None`: after the parent, or
+    /// at the start of the sequence when there is none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_position: Option<u64>,
     pub blocks: Vec<StoredBlockData>,
 }
 
@@ -92,6 +117,11 @@ impl RouterEvent {
     pub fn decode_message_stamped(
         bytes: &[u8],
     ) -> Result<(Vec<RouterEvent>, Option<u64>), DecodeError> {
+        Self::decode_envelope(bytes).map(|d| (d.events, d.published_at))
+    }
+
+    /// Decodes one NATS message with what its envelope says about the publisher.
+    pub fn decode_envelope(bytes: &[u8]) -> Result<Decoded, DecodeError> {
         if bytes.len() > MAX_MESSAGE_BYTES {
             return Err(DecodeError(format!(
                 "{} bytes, more than the {} accepted",
@@ -107,12 +137,21 @@ impl RouterEvent {
             Some(b'[') => serde_json::from_slice::<Vec<RouterEvent>>(bytes).ok(),
             _ => None,
         };
-        let (events, published_at) = match direct {
-            Some(events) => (events, None),
+        let (events, published_at, publisher) = match direct {
+            Some(events) => (events, None, None),
             None => {
                 let value = parse_any(bytes)?;
                 let published_at = value.get("published_at").and_then(|v| v.as_u64());
-                (events_of(value, 0)?, published_at)
+                let publisher = match (
+                    value.get("publisher_id").and_then(|v| v.as_u64()),
+                    value.get("sequence").and_then(|v| v.as_u64()),
+                ) {
+                    (Some(id), Some(sequence)) if value.get("payload").is_some() => {
+                        Some(PublisherSeq { id, sequence })
+                    }
+                    _ => None,
+                };
+                (events_of(value, 0)?, published_at, publisher)
             }
         };
         for event in &events {
@@ -127,7 +166,29 @@ impl RouterEvent {
                 )));
             }
         }
-        Ok((events, published_at))
+        Ok(Decoded {
+            events,
+            published_at,
+            publisher,
+        })
+    }
+
+    /// Why kvgate cannot index this event correctly, if so: such events are skipped (and
+    /// counted), never applied as something they are not.
+    pub fn unsupported(&self) -> Option<&'static str> {
+        if let Some(domain) = &self.residency_domain
+            && domain != "worker"
+        {
+            return Some("residency_domain");
+        }
+        if let KvCacheEventData::Stored(s) = &self.event.data
+            && s.parent_hash.is_none()
+            && s.start_position.is_some_and(|p| p > 0)
+        {
+            // Blocks that start mid-sequence with no parent to hang them on.
+            return Some("start_position");
+        }
+        None
     }
 
     /// Decodes a message that must hold exactly one event.
@@ -183,6 +244,7 @@ impl RouterEvent {
         let data = match &e.data {
             KvEventData::Stored { parent, blocks } => KvCacheEventData::Stored(StoreData {
                 parent_hash: parent.map(|p| p.0),
+                start_position: None,
                 blocks: blocks
                     .iter()
                     .map(|b| StoredBlockData {
@@ -199,6 +261,7 @@ impl RouterEvent {
         RouterEvent {
             worker_id: e.source.worker.0,
             storage_tier: e.tier,
+            residency_domain: None,
             event: KvCacheEvent {
                 event_id: e.event_id,
                 data,
@@ -339,6 +402,13 @@ fn events_of(value: serde_json::Value, depth: usize) -> Result<Vec<RouterEvent>,
 /// NATS subject of a component's KV events.
 pub fn kv_events_subject(namespace: &str, component: &str) -> String {
     format!("namespace.{namespace}.component.{component}.kv-events")
+}
+
+/// NATS subject on which a Dynamo 1.6 worker publishes its KV events (core NATS, one per
+/// endpoint): `namespace.{ns}.component.{c}.endpoint.{e}.kv-events`. Its siblings
+/// (`.kv_metrics`, `.forward-pass-metrics`, `.active_sequences_events`) share the prefix.
+pub fn endpoint_kv_events_subject(namespace: &str, component: &str, endpoint: &str) -> String {
+    format!("namespace.{namespace}.component.{component}.endpoint.{endpoint}.kv-events")
 }
 
 /// JetStream stream name for a subject, as Dynamo derives it: lower-cased, every character
@@ -568,11 +638,13 @@ mod tests {
             out
         };
         let want = RouterEvent {
+            residency_domain: None,
             worker_id: 7,
             storage_tier: StorageTier::Device,
             event: KvCacheEvent {
                 event_id: 11,
                 data: KvCacheEventData::Stored(StoreData {
+                    start_position: None,
                     parent_hash: Some(u64::MAX),
                     blocks: vec![StoredBlockData {
                         block_hash: 5,
@@ -643,6 +715,7 @@ mod tests {
                 proptest::collection::vec((any::<u64>(), any::<u64>()), 0..8)
             )
                 .prop_map(|(p, b)| KvCacheEventData::Stored(StoreData {
+                    start_position: None,
                     parent_hash: p,
                     blocks: b
                         .into_iter()
@@ -658,6 +731,7 @@ mod tests {
         ];
         (any::<u64>(), 0usize..4, any::<u64>(), any::<u32>(), data).prop_map(
             |(w, t, id, rank, data)| RouterEvent {
+                residency_domain: None,
                 worker_id: w,
                 storage_tier: StorageTier::from_index(t),
                 event: KvCacheEvent {

@@ -289,7 +289,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             let nats = config
                 .nats_kv_events
                 .as_ref()
-                .map(|n| format!("{} subject {}", n.url, n.publish_subject()));
+                .map(|n| format!("{} subject {}", n.url, n.endpoint_subject()));
             serve(
                 "kvgate-mocker",
                 kvgate_mocker::serve(config, |addr, zmq, replay| {

@@ -46,9 +46,33 @@ pub struct EppArgs {
     /// Pod discovery: the served model name (requests for another model get 404).
     #[arg(long)]
     pub model: Option<String>,
-    /// Pod discovery: the pool's KV block size (pods annotating another are left out).
-    #[arg(long, default_value_t = 16)]
-    pub block_size: u32,
+    /// The pool's KV block size (workers registering another are left out). Pod discovery:
+    /// default 16. Dynamo discovery: default, the block size the first worker registers.
+    #[arg(long)]
+    pub block_size: Option<u32>,
+    /// Where workers are discovered without `--workers`: `kubernetes` (pods of an
+    /// InferencePool, the default), or Dynamo's own discovery store as Dynamo 1.6 workers
+    /// register themselves: `file` (`--discovery-file-dir`) or `etcd` (`--etcd-endpoints`).
+    #[arg(long, value_enum, env = "DYN_DISCOVERY_BACKEND")]
+    pub discovery_backend: Option<DiscoveryBackend>,
+    /// Dynamo's file discovery store (the directory Dynamo's `DYN_FILE_KV` names).
+    #[arg(long, env = "DYN_FILE_KV")]
+    pub discovery_file_dir: Option<PathBuf>,
+    /// Dynamo's etcd (`http://host:2379`, comma-separated).
+    #[arg(long, env = "ETCD_ENDPOINTS", value_delimiter = ',')]
+    pub etcd_endpoints: Vec<String>,
+    /// Dynamo discovery: the gateway's endpoint for a worker, its pod's direct-mode sidecar
+    /// (`dynamo.frontend --router-mode direct`). `{host}` is the host of the worker's
+    /// registered request-plane address (its pod IP); without `{host}`, one sidecar for all.
+    #[arg(
+        long,
+        env = "KVGATE_DYNAMO_SIDECAR_URL",
+        default_value = "http://{host}:8000"
+    )]
+    pub dynamo_sidecar_url: String,
+    /// Dynamo discovery: seconds between readings of the store.
+    #[arg(long, default_value_t = 1.0)]
+    pub discovery_poll_secs: f64,
     /// Pod discovery: seconds a pod that stops being Ready keeps its cache entries and KV event
     /// subscription (out of routing meanwhile), so a readiness flap costs no cache knowledge;
     /// 0 drops them at once.
@@ -121,8 +145,15 @@ impl EppArgs {
     }
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DiscoveryBackend {
+    Kubernetes,
+    File,
+    Etcd,
+}
+
 impl EppArgs {
-    /// A workers file, or pod discovery (an InferencePool or a selector).
+    /// A workers file, pod discovery (an InferencePool or a selector), or Dynamo's store.
     fn worker_source(&self) -> Result<kvgate_epp::WorkerSource, String> {
         let discovery = self.endpoint_selector.is_some() || !self.target_ports.is_empty();
         if let Some(file) = &self.workers {
@@ -133,11 +164,18 @@ impl EppArgs {
             }
             return Ok(kvgate_epp::WorkerSource::File(file.clone()));
         }
+        if matches!(
+            self.discovery_backend,
+            Some(DiscoveryBackend::File | DiscoveryBackend::Etcd)
+        ) {
+            return self.dynamo_source(discovery);
+        }
+        let block_size = self.block_size.unwrap_or(16);
         let model = self
             .model
             .clone()
             .ok_or("give --workers FILE, or --model for pod discovery (the served model name)")?;
-        if self.block_size == 0 {
+        if block_size == 0 {
             return Err("--block-size must be at least 1".into());
         }
         let pool = match (&self.endpoint_selector, self.target_ports.is_empty()) {
@@ -164,11 +202,73 @@ impl EppArgs {
                 namespace: self.pool_namespace.clone(),
                 pool,
                 model,
-                block_size: self.block_size,
+                block_size,
                 kv_events_port: self.kv_events_port,
                 unready_grace: std::time::Duration::from_secs_f64(self.unready_grace_secs),
             },
         ))
+    }
+}
+
+impl EppArgs {
+    fn dynamo_source(&self, pod_flags: bool) -> Result<kvgate_epp::WorkerSource, String> {
+        use kvgate_runtime::dynamo_discovery::{DynamoDiscovery, DynamoStore};
+        if pod_flags {
+            return Err("--endpoint-selector and --target-ports are for pod discovery, not --discovery-backend file/etcd".into());
+        }
+        // Namespace, component and endpoint name the records taken, whichever plane is used.
+        self.events.check_subject_tokens()?;
+        let store = match self.discovery_backend {
+            Some(DiscoveryBackend::File) => DynamoStore::File(self.discovery_file_dir.clone().ok_or(
+                "--discovery-backend file needs --discovery-file-dir (DYN_FILE_KV): the directory Dynamo's workers register in",
+            )?),
+            _ => {
+                let urls: Vec<String> = self
+                    .etcd_endpoints
+                    .iter()
+                    .map(|u| u.trim().to_string())
+                    .filter(|u| !u.is_empty())
+                    .collect();
+                if urls.is_empty() {
+                    return Err("--discovery-backend etcd needs --etcd-endpoints (ETCD_ENDPOINTS), e.g. http://127.0.0.1:2379".into());
+                }
+                if let Some(bad) = urls.iter().find(|u| !u.starts_with("http://")) {
+                    return Err(format!("--etcd-endpoints: {bad:?} is not an http:// URL (TLS to etcd is not supported yet)"));
+                }
+                DynamoStore::Etcd(urls)
+            }
+        };
+        if self.block_size == Some(0) {
+            return Err("--block-size must be at least 1".into());
+        }
+        let url = &self.dynamo_sidecar_url;
+        let probe = url.replace("{host}", "h");
+        if !(probe.starts_with("http://") || probe.starts_with("https://"))
+            || probe
+                .split("//")
+                .nth(1)
+                .is_none_or(|rest| rest.is_empty() || rest.contains(char::is_whitespace))
+        {
+            return Err(format!(
+                "--dynamo-sidecar-url {url:?} is not an http:// URL (with {{host}} for the worker's host)"
+            ));
+        }
+        if !(self.discovery_poll_secs.is_finite()
+            && (0.05..=60.0).contains(&self.discovery_poll_secs))
+        {
+            return Err("--discovery-poll-secs must be between 0.05 and 60".into());
+        }
+        Ok(kvgate_epp::WorkerSource::Dynamo(DynamoDiscovery {
+            store,
+            namespace: self.events.namespace.clone(),
+            component: self.events.component.clone(),
+            prefill_component: self.events.prefill_component()?,
+            endpoint: self.events.endpoint.clone(),
+            sidecar_url: url.clone(),
+            model: self.model.clone(),
+            block_size: self.block_size,
+            poll_every: std::time::Duration::from_secs_f64(self.discovery_poll_secs),
+        }))
     }
 }
 

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum PlaneArg {
-    /// Dynamo's NATS event plane (`RouterEvent` JSON; JetStream with `--durable-kv-events`).
+    /// Dynamo 1.6's NATS event plane (its MessagePack envelope on the endpoint's core-NATS
+    /// subject; kept in a JetStream stream with `--durable-kv-events`).
     Nats,
     /// vLLM's ZMQ publishers, one per worker rank (`kv_events` in the workers file; the mocker's
     /// `--zmq-kv-events`).
@@ -29,6 +30,18 @@ pub struct EventPlaneArgs {
     /// Dynamo component of the workers.
     #[arg(long, default_value = "backend")]
     pub component: String,
+    /// Dynamo endpoint of the workers: Dynamo 1.6 workers publish KV events on
+    /// `namespace.{ns}.component.{component}.endpoint.{endpoint}.kv-events`.
+    #[arg(
+        long = "dynamo-endpoint",
+        env = "DYN_ENDPOINT",
+        default_value = "generate"
+    )]
+    pub endpoint: String,
+    /// Dynamo component of a disaggregated graph's prefill workers: their KV events (and, with
+    /// Dynamo discovery, the workers) are taken too; empty: none.
+    #[arg(long, default_value = "prefill")]
+    pub prefill_component: String,
     /// Keep KV events in a JetStream stream read through a durable consumer (survives NATS and
     /// router restarts); `--durable-kv-events=false` uses a core-NATS subscription.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
@@ -49,10 +62,11 @@ pub struct EventPlaneArgs {
 }
 
 impl EventPlaneArgs {
-    fn check_subject_tokens(&self) -> Result<(), String> {
+    pub(crate) fn check_subject_tokens(&self) -> Result<(), String> {
         for (flag, v) in [
             ("--namespace", &self.namespace),
             ("--component", &self.component),
+            ("--dynamo-endpoint", &self.endpoint),
         ] {
             if v.is_empty() || v.contains(['.', '*', '>', ' ']) {
                 return Err(format!(
@@ -61,6 +75,20 @@ impl EventPlaneArgs {
             }
         }
         Ok(())
+    }
+
+    /// The prefill component, if any (checked like the other subject tokens).
+    pub(crate) fn prefill_component(&self) -> Result<Option<String>, String> {
+        let p = &self.prefill_component;
+        if p.is_empty() {
+            return Ok(None);
+        }
+        if p.contains(['.', '*', '>', ' ']) {
+            return Err(format!(
+                "--prefill-component {p:?} must be free of '.', '*', '>' and spaces (it is one NATS subject token)"
+            ));
+        }
+        Ok(Some(p.clone()))
     }
 
     /// Replica sync over the same NATS server, namespace and component (when `enabled`,
@@ -116,6 +144,8 @@ impl EventPlaneArgs {
             url: self.nats_url.clone(),
             namespace: self.namespace.clone(),
             component: self.component.clone(),
+            endpoint: self.endpoint.clone(),
+            prefill_component: self.prefill_component()?,
             durable: self.durable_kv_events,
             consumer,
             max_age: Duration::from_secs(self.nats_stream_max_age),
@@ -128,7 +158,7 @@ impl EventPlaneArgs {
     pub fn router_plane(&self) -> Result<EventPlane, String> {
         Ok(match self.event_plane {
             PlaneArg::Zmq => EventPlane::Zmq,
-            PlaneArg::Nats => EventPlane::Nats(self.nats_config()?),
+            PlaneArg::Nats => EventPlane::Nats(Box::new(self.nats_config()?)),
         })
     }
 

@@ -87,6 +87,17 @@ pub struct MockerArgs {
     pub kv_transfer_gbps: f64,
     #[command(flatten)]
     pub events: crate::event_plane_args::EventPlaneArgs,
+    /// Register each worker in this Dynamo file discovery store (Dynamo's `DYN_FILE_KV`) as a
+    /// Dynamo 1.6 worker does (instance, model card, event channels), so Dynamo's own frontend
+    /// and KV router find it and index its KV events. Needs `--event-plane nats`; with
+    /// `--worker-id 0` the worker gets a random id, as Dynamo's do.
+    #[arg(long)]
+    pub dynamo_discovery_dir: Option<std::path::PathBuf>,
+    /// Model directory named in the model card (`config.json`, `tokenizer.json`,
+    /// `tokenizer_config.json`; Dynamo's frontend tokenizes with it). Default: `--tokenizer`'s
+    /// directory.
+    #[arg(long)]
+    pub dynamo_model_path: Option<std::path::PathBuf>,
 }
 
 impl MockerArgs {
@@ -103,11 +114,41 @@ impl MockerArgs {
                 self.kv_transfer_gbps
             ));
         }
+        let nats_kv_events = self.events.publisher()?;
+        let dynamo_discovery = match &self.dynamo_discovery_dir {
+            None => None,
+            Some(dir) => {
+                if nats_kv_events.is_none() {
+                    return Err("--dynamo-discovery-dir needs --event-plane nats".into());
+                }
+                let model_dir = match (&self.dynamo_model_path, &self.tokenizer) {
+                    (Some(m), _) => m.clone(),
+                    (None, Some(t)) if t.is_dir() => t.clone(),
+                    (None, Some(t)) => t
+                        .parent()
+                        .map(std::path::Path::to_path_buf)
+                        .unwrap_or_default(),
+                    (None, None) => {
+                        return Err(
+                            "--dynamo-discovery-dir needs --dynamo-model-path (or --tokenizer): the model card names the model directory".into(),
+                        );
+                    }
+                };
+                Some(kvgate_mocker::dynamo_discovery::DynamoRegistration {
+                    dir: dir.clone(),
+                    model_dir,
+                })
+            }
+        };
+        let worker_id = match (self.worker_id, &dynamo_discovery) {
+            (0, Some(_)) => kvgate_wire::dynamo_plane::random_publisher_id(),
+            (id, _) => id,
+        };
         Ok(MockerConfig {
             host: self.host.clone(),
             port: self.port,
             model: self.model.clone(),
-            worker_id: self.worker_id,
+            worker_id,
             dp_size: self.dp_size,
             role: match self.role {
                 RoleArg::Aggregated => Role::Aggregated,
@@ -133,7 +174,8 @@ impl MockerArgs {
             },
             zmq_replay: self.zmq_replay.clone(),
             zmq_drop_seqs: self.zmq_drop_seqs.clone(),
-            nats_kv_events: self.events.publisher()?,
+            nats_kv_events,
+            dynamo_discovery,
             tokenizer: self.tokenizer.clone(),
             kv_bytes_per_token: self.kv_bytes_per_token,
             kv_transfer_gbps: self.kv_transfer_gbps,

@@ -421,7 +421,7 @@ fn operator_options_are_checked_before_it_needs_a_cluster() {
 
 #[test]
 fn epp_worker_sources_are_one_or_the_other() {
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 10] = [
         (
             &["epp"],
             "give --workers FILE, or --model for pod discovery",
@@ -441,6 +441,48 @@ fn epp_worker_sources_are_one_or_the_other() {
         (
             &["epp", "--workers", "w.yaml", "--model", "m"],
             "use one or the other",
+        ),
+        (
+            &["epp", "--discovery-backend", "file"],
+            "--discovery-backend file needs --discovery-file-dir (DYN_FILE_KV)",
+        ),
+        (
+            &["epp", "--discovery-backend", "etcd"],
+            "--discovery-backend etcd needs --etcd-endpoints (ETCD_ENDPOINTS)",
+        ),
+        (
+            &[
+                "epp",
+                "--discovery-backend",
+                "etcd",
+                "--etcd-endpoints",
+                "127.0.0.1:2379",
+            ],
+            "is not an http:// URL",
+        ),
+        (
+            &[
+                "epp",
+                "--discovery-backend",
+                "file",
+                "--discovery-file-dir",
+                "/tmp",
+                "--dynamo-sidecar-url",
+                "ftp://{host}:8000",
+            ],
+            "--dynamo-sidecar-url \"ftp://{host}:8000\" is not an http:// URL",
+        ),
+        (
+            &[
+                "epp",
+                "--discovery-backend",
+                "file",
+                "--discovery-file-dir",
+                "/tmp",
+                "--dynamo-endpoint",
+                "gen.erate",
+            ],
+            "--dynamo-endpoint \"gen.erate\" must be non-empty",
         ),
     ];
     for (args, want) in cases {

@@ -1,0 +1,557 @@
+//! The seed's topology with the real NVIDIA Dynamo 1.6.1 from PyPI (`scripts/setup.sh` installs
+//! it into `.tools/dynamo-venv`): real Envoy → `kvgate epp` (workers from Dynamo's file
+//! discovery store, KV events from the Dynamo workers over core NATS) → a real
+//! `python -m dynamo.frontend --router-mode direct` sidecar → real `python -m dynamo.mocker`
+//! workers, one of them with two data-parallel ranks. Nothing is written by hand: no workers
+//! file, no stream, no worker ids.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::{Envoy, Nats, Proc, TempDir, free_port, tools_dir};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A Dynamo Python process, killed on drop.
+struct Py {
+    child: Child,
+    what: String,
+}
+
+impl Drop for Py {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn dynamo_python() -> PathBuf {
+    let py = tools_dir().join("dynamo-venv/bin/python");
+    assert!(
+        py.exists(),
+        "{} missing: run scripts/setup.sh (it installs ai-dynamo 1.6.1 from PyPI)",
+        py.display()
+    );
+    py
+}
+
+fn dynamo(what: &str, args: &[&str], store: &Path, nats: &str) -> Py {
+    let mut child = Command::new(dynamo_python())
+        .args(["-m", what])
+        .args(args)
+        .env("DYN_FILE_KV", store)
+        .env("NATS_SERVER", nats)
+        .env("DYN_LOG", "warn")
+        .env("HF_HUB_OFFLINE", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {what}: {e}"));
+    std::thread::sleep(Duration::from_millis(100));
+    if let Ok(Some(status)) = child.try_wait() {
+        panic!("{what} exited at once: {status}");
+    }
+    Py {
+        child,
+        what: what.to_string(),
+    }
+}
+
+impl Py {
+    fn alive(&mut self) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            panic!("{} exited: {status}", self.what);
+        }
+    }
+}
+
+fn model_dir() -> String {
+    let m = tools_dir().join("dynamo-model");
+    assert!(
+        m.join("config.json").exists(),
+        "{} missing: run scripts/setup.sh",
+        m.display()
+    );
+    m.to_str().unwrap().to_string()
+}
+
+/// Dynamo mocker processes (`n` workers of `dp` ranks each) registering in `store`.
+fn mockers(n: u32, dp: u32, store: &Path, nats: &str) -> Py {
+    let (n, dp) = (n.to_string(), dp.to_string());
+    dynamo(
+        "dynamo.mocker",
+        &[
+            "--model-path",
+            &model_dir(),
+            "--model-name",
+            "qwen",
+            "--discovery-backend",
+            "file",
+            "--event-plane",
+            "nats",
+            "--request-plane",
+            "tcp",
+            "--num-workers",
+            &n,
+            "--data-parallel-size",
+            &dp,
+            "--speedup-ratio",
+            "20",
+            "--block-size",
+            "16",
+            "--num-gpu-blocks-override",
+            "4096",
+        ],
+        store,
+        nats,
+    )
+}
+
+fn sidecar(port: u16, store: &Path, nats: &str, mode: &str) -> Py {
+    let port = port.to_string();
+    dynamo(
+        "dynamo.frontend",
+        &[
+            "--discovery-backend",
+            "file",
+            "--event-plane",
+            "nats",
+            "--request-plane",
+            "tcp",
+            "--router-mode",
+            mode,
+            "--http-host",
+            "127.0.0.1",
+            "--http-port",
+            &port,
+        ],
+        store,
+        nats,
+    )
+}
+
+/// Model cards (`v1/mdc/...`) registered in the store.
+fn cards(store: &Path) -> Vec<serde_json::Value> {
+    let Ok(dir) = std::fs::read_dir(store.join("v1/mdc")) else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| std::fs::read(e.path()).ok())
+        .filter_map(|b| serde_json::from_slice(&b).ok())
+        .collect()
+}
+
+fn wait_for(what: &str, secs: u64, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap()
+}
+
+async fn get_json(url: &str) -> serde_json::Value {
+    let r = client().get(url).send().await.unwrap();
+    r.json().await.unwrap()
+}
+
+async fn chat(url: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
+    let r = client()
+        .post(format!("{url}/v1/chat/completions"))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+    )
+}
+
+fn words(tag: &str, n: usize) -> String {
+    (0..n)
+        .map(|i| format!("{tag}{}", i % 97))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The whole topology, up and reading the workers' events.
+struct Seed {
+    nats: Nats,
+    workers: Py,
+    side: Py,
+    side_url: String,
+    _epp: Proc,
+    epp_http: String,
+    envoy: Envoy,
+    store: PathBuf,
+    _dir: TempDir,
+}
+
+impl Seed {
+    async fn start() -> Seed {
+        let dir = TempDir::new("dynamo-seed");
+        let store = dir.0.join("store");
+        std::fs::create_dir_all(&store).unwrap();
+        let nats = Nats::start(free_port(), &dir.0.join("js"));
+        let nats_url = nats.url();
+        // Two Dynamo workers with two data-parallel ranks each: four ranks.
+        let workers = mockers(2, 2, &store, &nats_url);
+        wait_for("2 Dynamo workers to register", 60, || {
+            cards(&store).len() >= 2
+        });
+        let sidecar_port = free_port();
+        let mut side = sidecar(sidecar_port, &store, &nats_url, "direct");
+        let side_url = format!("http://127.0.0.1:{sidecar_port}");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            side.alive();
+            if let Ok(r) = client().get(format!("{side_url}/v1/models")).send().await
+                && let Ok(v) = r.json::<serde_json::Value>().await
+                && v["data"][0]["id"] == "qwen"
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the Dynamo sidecar did not list the model"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+
+        let store_s = store.to_str().unwrap();
+        let epp = Proc::start(
+            &[
+                "epp",
+                "--host",
+                "127.0.0.1",
+                "--grpc-port",
+                "0",
+                "--health-port",
+                "0",
+                "--metrics-port",
+                "0",
+                "--secure-serving=false",
+                "--discovery-backend",
+                "file",
+                "--discovery-file-dir",
+                store_s,
+                "--dynamo-sidecar-url",
+                &side_url,
+                "--event-plane",
+                "nats",
+                "--nats-url",
+                &nats_url,
+                "--tokenizer",
+                &model_dir(),
+            ],
+            3,
+        );
+        let epp_http = epp
+            .lines
+            .iter()
+            .find_map(|l| l.split_whitespace().find(|w| w.starts_with("http://")))
+            .unwrap()
+            .to_string();
+        let grpc = epp.grpc();
+        let (host, port) = grpc.rsplit_once(':').unwrap();
+        let envoy = Envoy::start(
+            "gateway.yaml",
+            &[
+                ("EPP_HOST", host),
+                ("EPP_PORT", port),
+                ("FAILURE_MODE_ALLOW", "false"),
+            ],
+        );
+
+        Seed {
+            nats,
+            workers,
+            side,
+            side_url,
+            _epp: epp,
+            epp_http,
+            envoy,
+            store,
+            _dir: dir,
+        }
+    }
+
+    async fn events_flowing(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while get_json(&format!("{}/debug/index", self.epp_http)).await["event_plane_connected"]
+            != true
+        {
+            assert!(Instant::now() < deadline, "the EPP did not connect to NATS");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // A stream is ready once its consumer exists: give JetStream a moment.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    async fn metric(&self, name: &str) -> f64 {
+        let text = reqwest::get(format!("{}/metrics", self.epp_http))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        common::metric(&text, name).unwrap_or(0.0)
+    }
+
+    /// Multi-turn conversations through the gateway, each request checked against the EPP's
+    /// decision for it. Returns the hit rate the workers reported.
+    async fn conversations(&mut self, tag: &str, n: usize) -> f64 {
+        let (gw, epp_http) = (self.envoy.url(), self.epp_http.clone());
+        let mut checked_followups = 0;
+        let mut followup_ranks = std::collections::BTreeSet::new();
+        let mut prompt_tokens = 0u64;
+        let mut cached_tokens = 0u64;
+        for c in 0..n {
+            let mut messages = vec![serde_json::json!({"role": "system",
+                "content": format!("conversation {tag}{c}: {}", words(&format!("{tag}c{c}w"), 120))})];
+            for turn in 0..3 {
+                messages.push(serde_json::json!({"role": "user",
+                    "content": format!("turn {turn}: {}", words(&format!("{tag}c{c}t{turn}u"), 40))}));
+                let body =
+                    serde_json::json!({"model": "qwen", "max_tokens": 8, "messages": messages});
+                let (status, v) = chat(&gw, &body).await;
+                assert_eq!(status, 200, "conversation {c} turn {turn}: {v}");
+                self.workers.alive();
+                self.side.alive();
+                let usage = &v["usage"];
+                let pt = usage["prompt_tokens"].as_u64().unwrap();
+                let cached = usage["prompt_tokens_details"]["cached_tokens"]
+                    .as_u64()
+                    .unwrap_or(0);
+                prompt_tokens += pt;
+                cached_tokens += cached;
+                // The decision the EPP made for this request.
+                let d = get_json(&format!("{epp_http}/debug/decisions?n=1")).await;
+                let d = &d["decisions"][0];
+                // The worker counted exactly the ids the EPP injected.
+                assert_eq!(
+                    d["isl_tokens"].as_u64(),
+                    Some(pt),
+                    "the injected nvext.token_data should be what the worker served: {d} vs {usage}"
+                );
+                if turn > 0 {
+                    let predicted = d["predicted_cached_tokens"].as_u64().unwrap();
+                    assert!(
+                        predicted >= 16 * 8,
+                        "turn {turn} of conversation {tag}{c} should find its history in the EPP's index (fed by the Dynamo workers' events): {d}"
+                    );
+                    // The sidecar sent it to the chosen worker and rank: the cache the EPP saw
+                    // there is the cache the worker hit.
+                    assert!(
+                        cached >= predicted,
+                        "conversation {tag}{c} turn {turn}: the EPP predicted {predicted} cached tokens on worker {} rank {}, the worker reported {cached}: {v}",
+                        d["worker_id"],
+                        d["dp_rank"]
+                    );
+                    checked_followups += 1;
+                    followup_ranks.insert((d["worker_id"].as_u64(), d["dp_rank"].as_u64()));
+                }
+                let text = v["choices"][0]["message"]["content"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string();
+                messages.push(serde_json::json!({"role": "assistant", "content": text}));
+            }
+        }
+        assert_eq!(checked_followups, 2 * n);
+        if n >= 8 {
+            assert!(
+                followup_ranks.iter().any(|(_, r)| *r == Some(1)),
+                "some follow-ups should have been routed to data-parallel rank 1: {followup_ranks:?}"
+            );
+            assert!(
+                followup_ranks.len() >= 3,
+                "the conversations should spread over the ranks: {followup_ranks:?}"
+            );
+        }
+        cached_tokens as f64 / prompt_tokens as f64
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_epp_dynamo_sidecar_and_dynamo_workers_route_as_one() {
+    let mut seed = Seed::start().await;
+    let (side_url, store) = (seed.side_url.clone(), seed.store.clone());
+    // The sidecar itself honours injected token ids: 50 ids in, 50 prompt tokens counted,
+    // whatever the messages say.
+    let ids: Vec<u32> = (1000..1050).collect();
+    let cards_now = cards(&store);
+    let some_worker = cards_now[0]["instance_id"].as_u64().unwrap();
+    let r = client()
+        .post(format!("{side_url}/v1/chat/completions"))
+        .header("x-dynamo-worker-instance-id", some_worker.to_string())
+        .json(&serde_json::json!({"model": "qwen", "max_tokens": 2,
+            "messages": [{"role": "user", "content": "hi"}], "nvext": {"token_data": ids}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["usage"]["prompt_tokens"], 50, "{v}");
+
+    // The EPP found the four ranks from Dynamo's own records: one load series per rank.
+    let metrics = reqwest::get(format!("{}/metrics", seed.epp_http))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let ranks: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("kvgate_router_active_blocks{"))
+        .collect();
+    assert_eq!(ranks.len(), 4, "2 workers x 2 ranks: {ranks:?}");
+    for card in &cards_now {
+        let id = card["instance_id"].as_u64().unwrap();
+        assert!(
+            ranks
+                .iter()
+                .any(|l| l.contains(&format!("worker=\"{id}\""))),
+            "worker {id} missing: {ranks:?}"
+        );
+    }
+
+    seed.events_flowing().await;
+    let hit = seed.conversations("a", 8).await;
+    assert!(hit > 0.4, "hit rate {hit:.3}");
+    // Events came from the real workers, none failed to decode or was skipped.
+    let applied = seed.metric("kvgate_kv_events_applied_total").await;
+    assert!(applied >= 24.0, "events applied: {applied}");
+    assert_eq!(
+        seed.metric("kvgate_kv_event_decode_errors_total").await,
+        0.0
+    );
+    assert_eq!(seed.metric("kvgate_kv_events_skipped_total").await, 0.0);
+}
+
+/// Dynamo workers publish on core NATS and kvgate keeps them in a JetStream stream of its own:
+/// across a NATS restart both sides reconnect and routing goes on finding the caches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_restart_under_real_dynamo_workers_loses_no_routing() {
+    let mut seed = Seed::start().await;
+    seed.events_flowing().await;
+    let before = seed.conversations("b", 3).await;
+    assert!(before > 0.4, "hit rate before the restart {before:.3}");
+    let applied_before = seed.metric("kvgate_kv_events_applied_total").await;
+    seed.nats.restart();
+    // Both the EPP and the Dynamo workers reconnect on their own.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while seed.metric("kvgate_kv_event_plane_disconnects_total").await < 1.0
+        || get_json(&format!("{}/debug/index", seed.epp_http)).await["event_plane_connected"]
+            != true
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the EPP did not see NATS go and come back"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The Dynamo workers' clients reconnect with backoff: give them a moment.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = seed.conversations("c", 3).await;
+    assert!(after > 0.4, "hit rate after the restart {after:.3}");
+    assert!(seed.metric("kvgate_kv_events_applied_total").await > applied_before);
+    assert_eq!(
+        seed.metric("kvgate_kv_event_decode_errors_total").await,
+        0.0
+    );
+}
+
+/// Rank series the EPP exports: one per worker rank it routes to.
+async fn known_ranks(epp_http: &str) -> usize {
+    let text = reqwest::get(format!("{epp_http}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("kvgate_router_active_blocks{"))
+        .count()
+}
+
+/// Dynamo workers that join are routed to within a discovery poll; one killed without
+/// deregistering leaves when its records expire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamo_workers_that_come_and_go_are_followed() {
+    let seed = Seed::start().await;
+    assert_eq!(known_ranks(&seed.epp_http).await, 4);
+    let nats_url = seed.nats.url();
+    let extra = mockers(1, 1, &seed.store, &nats_url);
+    let t0 = Instant::now();
+    while known_ranks(&seed.epp_http).await != 5 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the new worker was not discovered"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // SIGKILL: no deregistration, the records just stop being refreshed.
+    drop(extra);
+    let t1 = Instant::now();
+    while known_ranks(&seed.epp_http).await != 4 {
+        assert!(
+            t1.elapsed() < Duration::from_secs(30),
+            "the killed worker was still routed to after 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!(
+        "joined in {:.1} s, killed worker gone in {:.1} s",
+        t0.elapsed().as_secs_f64() - t1.elapsed().as_secs_f64(),
+        t1.elapsed().as_secs_f64()
+    );
+}
+
+/// `scripts/interop.sh`'s comparison, smaller: kvgate's EPP against Dynamo's own kv router and
+/// round-robin on the same real Dynamo workers, hit rates as the workers report them.
+#[test]
+fn interop_script_kvgate_hits_at_least_as_often_as_dynamos_own_router() {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/interop.py");
+    let out = Command::new(dynamo_python())
+        .arg(&script)
+        .args(["--kvgate", env!("CARGO_BIN_EXE_kvgate")])
+        .args(["--conversations", "16", "--turns", "4", "--rounds", "2"])
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run scripts/interop.py");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "interop.py failed: {stdout}");
+    let last = stdout.lines().last().expect("interop.py printed nothing");
+    let v: serde_json::Value = serde_json::from_str(last).expect("the last line is JSON");
+    for k in [
+        "kvgate_hit",
+        "dynamo_hit",
+        "round_robin_hit",
+        "errors",
+        "events_decoded",
+        "events_failed",
+    ] {
+        assert!(v.get(k).is_some(), "key {k} missing: {v}");
+    }
+    let hit = |k: &str| v[k].as_f64().unwrap();
+    assert_eq!(v["errors"], 0, "{v}");
+    assert_eq!(v["events_failed"], 0, "{v}");
+    assert!(v["events_decoded"].as_u64().unwrap() > 100, "{v}");
+    assert!(
+        hit("kvgate_hit") >= hit("dynamo_hit"),
+        "kvgate's hit rate should be at least Dynamo's own router's: {v}"
+    );
+    assert!(hit("dynamo_hit") > hit("round_robin_hit"), "{v}");
+}
