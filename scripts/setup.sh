@@ -15,7 +15,7 @@
 #   matplotlib (scripts/render_dashboard.py) in the same venv;
 # - NVIDIA Dynamo 1.6.1 (.tools/dynamo-venv, PyPI ai-dynamo) with a model directory for its
 #   mocker (.tools/dynamo-model), etcd (.tools/bin/etcd, Debian's etcd-server; scripts/setup-etcd.sh)
-#   and vLLM's KV event publisher classes (.tools/vllm-venv; scripts/setup-vllm.sh), for the
+#   and vLLM's and SGLang's KV event publisher classes (.tools/vllm-venv; scripts/setup-vllm.sh), for the
 #   tests against real Dynamo and real engine publishers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -233,7 +233,7 @@ cat > "$DYNAMO_MODEL/config.json.tmp" <<'JSON'
 JSON
 mv -f "$DYNAMO_MODEL/config.json.tmp" "$DYNAMO_MODEL/config.json"
 
-# --- etcd (Dynamo's etcd discovery backend) and vLLM's KV event publisher classes ----------------
+# --- etcd (Dynamo's etcd discovery backend), vLLM's and SGLang's KV event publisher classes --------
 bash scripts/setup-etcd.sh
 bash scripts/setup-vllm.sh
 

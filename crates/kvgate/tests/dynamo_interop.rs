@@ -38,9 +38,14 @@ fn dynamo_python() -> PathBuf {
 }
 
 fn dynamo(what: &str, args: &[&str], store: &Path, nats: &str) -> Py {
+    dynamo_env(what, args, store, nats, &[])
+}
+
+fn dynamo_env(what: &str, args: &[&str], store: &Path, nats: &str, env: &[(&str, &str)]) -> Py {
     let mut child = Command::new(dynamo_python())
         .args(["-m", what])
         .args(args)
+        .envs(env.iter().copied())
         .env("DYN_FILE_KV", store)
         .env("NATS_SERVER", nats)
         .env("DYN_LOG", "warn")
@@ -79,34 +84,85 @@ fn model_dir() -> String {
 
 /// Dynamo mocker processes (`n` workers of `dp` ranks each) registering in `store`.
 fn mockers(n: u32, dp: u32, store: &Path, nats: &str) -> Py {
+    mockers_with(n, dp, store, nats, &[])
+}
+
+fn mockers_with(n: u32, dp: u32, store: &Path, nats: &str, extra: &[&str]) -> Py {
     let (n, dp) = (n.to_string(), dp.to_string());
-    dynamo(
-        "dynamo.mocker",
-        &[
-            "--model-path",
-            &model_dir(),
-            "--model-name",
-            "qwen",
-            "--discovery-backend",
-            "file",
-            "--event-plane",
-            "nats",
-            "--request-plane",
-            "tcp",
-            "--num-workers",
-            &n,
-            "--data-parallel-size",
-            &dp,
-            "--speedup-ratio",
-            "20",
-            "--block-size",
-            "16",
-            "--num-gpu-blocks-override",
-            "4096",
-        ],
-        store,
-        nats,
-    )
+    let model = model_dir();
+    let mut args = vec![
+        "--model-path",
+        &model,
+        "--model-name",
+        "qwen",
+        "--discovery-backend",
+        "file",
+        "--event-plane",
+        "nats",
+        "--request-plane",
+        "tcp",
+        "--num-workers",
+        &n,
+        "--data-parallel-size",
+        &dp,
+        "--speedup-ratio",
+        "20",
+        "--block-size",
+        "16",
+        "--num-gpu-blocks-override",
+        "4096",
+    ];
+    args.extend_from_slice(extra);
+    dynamo("dynamo.mocker", &args, store, nats)
+}
+
+/// A real etcd (Debian's etcd-server, installed by scripts/setup.sh) on loopback.
+struct Etcd {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Etcd {
+    fn start(dir: &Path) -> Etcd {
+        let bin = tools_dir().join("bin/etcd");
+        assert!(
+            bin.exists(),
+            "{} missing: run scripts/setup.sh",
+            bin.display()
+        );
+        let (client, peer) = (free_port(), free_port());
+        let url = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let child = Command::new(bin)
+            .arg("--data-dir")
+            .arg(dir.join("etcd"))
+            .args([
+                "--listen-client-urls",
+                &url,
+                "--advertise-client-urls",
+                &url,
+            ])
+            .args(["--listen-peer-urls", &peer_url])
+            .args(["--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("default={peer_url}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start etcd");
+        let etcd = Etcd { child, url };
+        wait_for("etcd", 15, || {
+            common::admin_http::get(&format!("{}/health", etcd.url))
+                .is_ok_and(|b| b.contains("true"))
+        });
+        etcd
+    }
 }
 
 fn sidecar(port: u16, store: &Path, nats: &str, mode: &str) -> Py {
@@ -188,7 +244,7 @@ fn words(tag: &str, n: usize) -> String {
 /// The whole topology, up and reading the workers' events.
 struct Seed {
     nats: Nats,
-    workers: Py,
+    workers: Vec<Py>,
     side: Py,
     side_url: String,
     _epp: Proc,
@@ -199,16 +255,22 @@ struct Seed {
 }
 
 impl Seed {
+    /// Two Dynamo workers with two data-parallel ranks each: four ranks.
     async fn start() -> Seed {
+        Self::start_with(|store, nats| (vec![mockers(2, 2, store, nats)], 2)).await
+    }
+
+    /// `workers(store, nats)` starts the Dynamo worker processes and says how many model cards
+    /// they register.
+    async fn start_with(workers: impl FnOnce(&Path, &str) -> (Vec<Py>, usize)) -> Seed {
         let dir = TempDir::new("dynamo-seed");
         let store = dir.0.join("store");
         std::fs::create_dir_all(&store).unwrap();
         let nats = Nats::start(free_port(), &dir.0.join("js"));
         let nats_url = nats.url();
-        // Two Dynamo workers with two data-parallel ranks each: four ranks.
-        let workers = mockers(2, 2, &store, &nats_url);
-        wait_for("2 Dynamo workers to register", 60, || {
-            cards(&store).len() >= 2
+        let (workers, n_cards) = workers(&store, &nats_url);
+        wait_for("the Dynamo workers to register", 60, || {
+            cards(&store).len() >= n_cards
         });
         let sidecar_port = free_port();
         let mut side = sidecar(sidecar_port, &store, &nats_url, "direct");
@@ -327,7 +389,9 @@ impl Seed {
                     serde_json::json!({"model": "qwen", "max_tokens": 8, "messages": messages});
                 let (status, v) = chat(&gw, &body).await;
                 assert_eq!(status, 200, "conversation {c} turn {turn}: {v}");
-                self.workers.alive();
+                for w in &mut self.workers {
+                    w.alive();
+                }
                 self.side.alive();
                 let usage = &v["usage"];
                 let pt = usage["prompt_tokens"].as_u64().unwrap();
@@ -554,4 +618,176 @@ fn interop_script_kvgate_hits_at_least_as_often_as_dynamos_own_router() {
         "kvgate's hit rate should be at least Dynamo's own router's: {v}"
     );
     assert!(hit("dynamo_hit") > hit("round_robin_hit"), "{v}");
+}
+
+/// A disaggregated Dynamo graph: a prefill worker (Dynamo registers it under the `prefill`
+/// component) and a decode worker. The EPP takes both from the store, reads both components'
+/// events, and routes each request disaggregated: the prefill worker computes the prompt (its
+/// events index it) and later turns find their history there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disaggregated_requests_through_dynamo_prefill_and_decode_workers() {
+    let seed = Seed::start_with(|store, nats| {
+        (
+            vec![
+                mockers_with(1, 1, store, nats, &["--disaggregation-mode", "prefill"]),
+                mockers_with(1, 1, store, nats, &["--disaggregation-mode", "decode"]),
+            ],
+            2,
+        )
+    })
+    .await;
+    let kinds: std::collections::BTreeMap<String, u64> = cards(&seed.store)
+        .iter()
+        .map(|c| {
+            (
+                c["card_json"]["worker_type"].as_str().unwrap().to_string(),
+                c["instance_id"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let prefill = kinds["prefill"];
+    assert!(kinds.contains_key("decode"), "{kinds:?}");
+    seed.events_flowing().await;
+    let gw = seed.envoy.url();
+    let mut cached_later_turns = 0;
+    for c in 0..3 {
+        let mut messages = vec![serde_json::json!({"role": "system",
+            "content": format!("disagg {c}: {}", words(&format!("pd{c}w"), 120))})];
+        for turn in 0..2 {
+            messages.push(serde_json::json!({"role": "user",
+                "content": format!("turn {turn}: {}", words(&format!("pd{c}t{turn}"), 30))}));
+            let body = serde_json::json!({"model": "qwen", "max_tokens": 6, "messages": messages});
+            let (status, v) = chat(&gw, &body).await;
+            assert_eq!(status, 200, "conversation {c} turn {turn}: {v}");
+            if turn > 0 {
+                cached_later_turns += v["usage"]["prompt_tokens_details"]["cached_tokens"]
+                    .as_u64()
+                    .unwrap_or(0);
+            }
+            let text = v["choices"][0]["message"]["content"].as_str().unwrap_or("");
+            messages.push(serde_json::json!({"role": "assistant", "content": text}));
+        }
+    }
+    // The prefill worker's own events (on the `prefill` component's subject) filled the index.
+    let index = get_json(&format!("{}/debug/index", seed.epp_http)).await;
+    let prefill_blocks = index["ranks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["worker_id"].as_u64() == Some(prefill))
+        .map(|r| r["blocks"].as_array().map_or(0, |b| b.len()))
+        .sum::<usize>();
+    assert!(
+        prefill_blocks >= 3 * 8,
+        "the prefill worker's blocks should be indexed: {index}"
+    );
+    assert!(
+        cached_later_turns > 0,
+        "later turns should hit the prefill worker's cache"
+    );
+    assert_eq!(
+        seed.metric("kvgate_kv_event_decode_errors_total").await,
+        0.0
+    );
+}
+
+/// Dynamo's etcd discovery backend: the EPP finds the workers in a real etcd, and a worker that
+/// stops (its lease revoked) leaves routing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_discovery_finds_the_dynamo_workers() {
+    let dir = TempDir::new("dynamo-etcd");
+    let etcd = Etcd::start(&dir.0);
+    let nats = Nats::start(free_port(), &dir.0.join("js"));
+    let store = dir.0.join("unused-file-store");
+    let env = [
+        ("ETCD_ENDPOINTS", etcd.url.as_str()),
+        ("ETCD_LEASE_TTL", "3"),
+    ];
+    let args = |n: &'static str| {
+        vec![
+            "--model-path".to_string(),
+            model_dir(),
+            "--model-name".into(),
+            "qwen".into(),
+            "--discovery-backend".into(),
+            "etcd".into(),
+            "--event-plane".into(),
+            "nats".into(),
+            "--request-plane".into(),
+            "tcp".into(),
+            "--num-workers".into(),
+            n.into(),
+            "--speedup-ratio".into(),
+            "20".into(),
+            "--block-size".into(),
+            "16".into(),
+        ]
+    };
+    let a2 = args("2");
+    let a2: Vec<&str> = a2.iter().map(String::as_str).collect();
+    let _two = dynamo_env("dynamo.mocker", &a2, &store, &nats.url(), &env);
+    let epp = Proc::start(
+        &[
+            "epp",
+            "--host",
+            "127.0.0.1",
+            "--grpc-port",
+            "0",
+            "--health-port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--secure-serving=false",
+            "--discovery-backend",
+            "etcd",
+            "--etcd-endpoints",
+            &etcd.url,
+            "--dynamo-sidecar-url",
+            "http://127.0.0.1:9",
+            "--event-plane",
+            "nats",
+            "--nats-url",
+            &nats.url(),
+            "--tokenizer",
+            &model_dir(),
+        ],
+        3,
+    );
+    let epp_http = epp
+        .lines
+        .iter()
+        .find_map(|l| l.split_whitespace().find(|w| w.starts_with("http://")))
+        .unwrap()
+        .to_string();
+    let t0 = Instant::now();
+    while known_ranks(&epp_http).await != 2 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "2 workers from etcd"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let a1 = args("1");
+    let a1: Vec<&str> = a1.iter().map(String::as_str).collect();
+    let mut one = dynamo_env("dynamo.mocker", &a1, &store, &nats.url(), &env);
+    while known_ranks(&epp_http).await != 3 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the third worker from etcd"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // SIGTERM: Dynamo revokes the worker's lease, its records go.
+    let _ = Command::new("kill")
+        .args(["-TERM", &one.child.id().to_string()])
+        .status();
+    let _ = one.child.wait();
+    let t1 = Instant::now();
+    while known_ranks(&epp_http).await != 2 {
+        assert!(
+            t1.elapsed() < Duration::from_secs(20),
+            "the stopped worker left etcd"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
