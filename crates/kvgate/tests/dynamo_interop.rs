@@ -116,6 +116,34 @@ fn mockers_with(n: u32, dp: u32, store: &Path, nats: &str, extra: &[&str]) -> Py
     dynamo("dynamo.mocker", &args, store, nats)
 }
 
+/// `kvgate epp` on loopback (ephemeral ports, plaintext), its workers from Dynamo's store
+/// (`discovery`: the backend flags), its events from NATS, tokenizing as the Dynamo workers do.
+fn dynamo_epp(discovery: &[&str], sidecar: &str, nats: &str) -> Proc {
+    let model = model_dir();
+    let mut args = vec![
+        "epp",
+        "--host",
+        "127.0.0.1",
+        "--grpc-port",
+        "0",
+        "--health-port",
+        "0",
+        "--metrics-port",
+        "0",
+        "--secure-serving=false",
+        "--dynamo-sidecar-url",
+        sidecar,
+        "--event-plane",
+        "nats",
+        "--nats-url",
+        nats,
+        "--tokenizer",
+        &model,
+    ];
+    args.extend_from_slice(discovery);
+    Proc::start(&args, 3)
+}
+
 /// A real etcd (Debian's etcd-server, installed by scripts/setup.sh) on loopback.
 struct Etcd {
     child: Child,
@@ -292,39 +320,17 @@ impl Seed {
         }
 
         let store_s = store.to_str().unwrap();
-        let epp = Proc::start(
+        let epp = dynamo_epp(
             &[
-                "epp",
-                "--host",
-                "127.0.0.1",
-                "--grpc-port",
-                "0",
-                "--health-port",
-                "0",
-                "--metrics-port",
-                "0",
-                "--secure-serving=false",
                 "--discovery-backend",
                 "file",
                 "--discovery-file-dir",
                 store_s,
-                "--dynamo-sidecar-url",
-                &side_url,
-                "--event-plane",
-                "nats",
-                "--nats-url",
-                &nats_url,
-                "--tokenizer",
-                &model_dir(),
             ],
-            3,
+            &side_url,
+            &nats_url,
         );
-        let epp_http = epp
-            .lines
-            .iter()
-            .find_map(|l| l.split_whitespace().find(|w| w.starts_with("http://")))
-            .unwrap()
-            .to_string();
+        let epp_http = epp.url();
         let grpc = epp.grpc();
         let (host, port) = grpc.rsplit_once(':').unwrap();
         let envoy = Envoy::start(
@@ -726,39 +732,12 @@ async fn etcd_discovery_finds_the_dynamo_workers() {
     let a2 = args("2");
     let a2: Vec<&str> = a2.iter().map(String::as_str).collect();
     let _two = dynamo_env("dynamo.mocker", &a2, &store, &nats.url(), &env);
-    let epp = Proc::start(
-        &[
-            "epp",
-            "--host",
-            "127.0.0.1",
-            "--grpc-port",
-            "0",
-            "--health-port",
-            "0",
-            "--metrics-port",
-            "0",
-            "--secure-serving=false",
-            "--discovery-backend",
-            "etcd",
-            "--etcd-endpoints",
-            &etcd.url,
-            "--dynamo-sidecar-url",
-            "http://127.0.0.1:9",
-            "--event-plane",
-            "nats",
-            "--nats-url",
-            &nats.url(),
-            "--tokenizer",
-            &model_dir(),
-        ],
-        3,
+    let epp = dynamo_epp(
+        &["--discovery-backend", "etcd", "--etcd-endpoints", &etcd.url],
+        "http://127.0.0.1:9",
+        &nats.url(),
     );
-    let epp_http = epp
-        .lines
-        .iter()
-        .find_map(|l| l.split_whitespace().find(|w| w.starts_with("http://")))
-        .unwrap()
-        .to_string();
+    let epp_http = epp.url();
     let t0 = Instant::now();
     while known_ranks(&epp_http).await != 2 {
         assert!(
