@@ -13,6 +13,8 @@ pub const GATEWAY_TLS: &str = include_str!("../../../deploy/envoy/gateway-tls.ya
 pub const GATEWAY_PLAIN: &str = include_str!("../../../deploy/envoy/gateway.yaml");
 /// A plain Envoy that routes straight to one upstream: the baseline.
 pub const DIRECT: &str = include_str!("../../../deploy/envoy/direct.yaml");
+/// The h2c gateway that fails open to plain load balancing while no EPP answers.
+pub const GATEWAY_FAIL_OPEN: &str = include_str!("../../../deploy/envoy/gateway-fail-open.yaml");
 
 /// A scratch directory removed on drop.
 pub struct TempDir(PathBuf);
@@ -112,6 +114,11 @@ impl Proc {
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
         let name = format!("kvgate {}", args.first().copied().unwrap_or(""));
         Proc::start(&name, &exe, args, n_lines, stderr_dir)
+    }
+
+    /// The stdout lines it printed at start-up.
+    pub fn lines(&self) -> &[String] {
+        &self.lines
     }
 
     pub fn pid(&self) -> u32 {
@@ -244,6 +251,66 @@ pub fn start_gateway(
         name,
         1,
     )
+}
+
+/// `deploy/envoy/gateway-fail-open.yaml` with its EPP cluster holding every picker in `pickers`
+/// (`host:port`, h2c) and its fallback cluster the pool's `endpoints`: each pod's direct-mode
+/// sidecar (`ip:port`, an `http://` prefix allowed; an IP, the cluster is `STATIC`) with its worker
+/// instance id. `LISTEN_PORT` and `ADMIN_PORT` are left for [`start_envoy`].
+pub fn fail_open_gateway_template(
+    pickers: &[&str],
+    endpoints: &[(&str, u64)],
+) -> Result<String, String> {
+    let split = |a: &str| -> Result<(String, u16), String> {
+        let a = a.strip_prefix("http://").unwrap_or(a).trim_end_matches('/');
+        let (h, p) = a
+            .rsplit_once(':')
+            .ok_or_else(|| format!("{a:?} is not host:port"))?;
+        let p = p.parse().map_err(|_| format!("{a:?}: bad port"))?;
+        Ok((h.to_string(), p))
+    };
+    if pickers.is_empty() || endpoints.is_empty() {
+        return Err("the fail-open gateway needs at least one picker and one endpoint".into());
+    }
+    let epp_line = "        - endpoint: {address: {socket_address: {address: ${EPP_HOST}, port_value: ${EPP_PORT}}}}\n";
+    if !GATEWAY_FAIL_OPEN.contains(epp_line) {
+        return Err("gateway-fail-open.yaml: the EPP endpoint line was not found".into());
+    }
+    let mut epps = String::new();
+    for p in pickers {
+        let (h, p) = split(p)?;
+        epps.push_str(&format!(
+            "        - endpoint: {{address: {{socket_address: {{address: {h}, port_value: {p}}}}}}}\n"
+        ));
+    }
+    let mut pool = Vec::new();
+    for (url, id) in endpoints {
+        let (h, p) = split(url)?;
+        pool.push(format!(
+            "{{endpoint: {{address: {{socket_address: {{address: {h}, port_value: {p}}}}}}}, metadata: {{filter_metadata: {{kvgate: {{worker_id: \"{id}\"}}}}}}}}"
+        ));
+    }
+    Ok(GATEWAY_FAIL_OPEN
+        .replace(epp_line, &epps)
+        .replace("${FALLBACK_ENDPOINTS}", &format!("[{}]", pool.join(", "))))
+}
+
+/// Starts the fail-open gateway of [`fail_open_gateway_template`] with `concurrency` worker
+/// threads; returns Envoy, its listener port and its admin port (`/stats` counts
+/// `http.gateway.ext_proc.failure_mode_allowed` and `cluster.fallback.upstream_rq_total`).
+pub fn start_fail_open_gateway(
+    bin: &Path,
+    pickers: &[&str],
+    endpoints: &[(&str, u64)],
+    dir: &Path,
+    name: &str,
+    concurrency: usize,
+) -> Result<(Proc, u16, u16), String> {
+    let template = fail_open_gateway_template(pickers, endpoints)?;
+    let admin = free_port()?;
+    let template = template.replace("${ADMIN_PORT}", &admin.to_string());
+    let (p, port) = start_envoy(bin, &template, &[], dir, name, concurrency)?;
+    Ok((p, port, admin))
 }
 
 /// The `q` quantile (nearest rank) of unsorted samples; NaN when there are none.

@@ -78,6 +78,11 @@ pub struct BenchReplayArgs {
     /// Policies to run, comma-separated.
     #[arg(long, value_delimiter = ',', default_values_t = POLICIES.map(String::from))]
     pub policies: Vec<String>,
+    /// Spread requests that share a timestamp evenly up to the next one (the bundled trace's
+    /// timestamps come in ~3 s steps, ~10 requests each: as recorded they arrive in exactly
+    /// simultaneous bursts).
+    #[arg(long)]
+    pub spread_ties: bool,
     /// Replay only the first N requests.
     #[arg(long)]
     pub requests: Option<usize>,
@@ -121,6 +126,25 @@ pub struct BenchReplayArgs {
     /// one).
     #[arg(long, env = "KVGATE_ENVOY", default_value = ".tools/bin/envoy")]
     pub envoy: PathBuf,
+    /// Replay through this many independent router replicas behind one gateway, and compare
+    /// them with one router (`--replica-base-policy` alone); with `--sweep`, their capacities.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub router_replicas: u32,
+    /// `--router-replicas`: the policy every replica runs.
+    #[arg(long, default_value = "kvgate")]
+    pub replica_base_policy: String,
+    /// `--router-replicas`: bookings reach the other replicas this many milliseconds after they
+    /// change; comma-separated for one row per delay.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    pub replica_sync_delay_ms: Vec<f64>,
+    /// `--router-replicas`: `on` (bookings shared, after each delay), `off` (each replica
+    /// counts only its own), or `on,off` for both rows.
+    #[arg(long, value_delimiter = ',', default_value = "on")]
+    pub replica_sync: Vec<String>,
+    /// `--router-replicas`: how the gateway spreads requests over replicas: round-robin or
+    /// random. Every replica sees every engine's KV events either way.
+    #[arg(long, default_value = "round-robin")]
+    pub replica_spread: String,
 }
 
 /// `--real` agreement bounds: hit rates within this much (absolute)...
@@ -371,6 +395,9 @@ fn svg(results: &[(String, PolicyResult)], bound: f64, title: &str) -> String {
 }
 
 fn policy(name: &str, cfg: &SimConfig, seed: u64) -> Result<Box<dyn Policy>, String> {
+    if let Some(v) = crate::replicas::Variant::parse(name) {
+        return v?.policy(cfg, seed);
+    }
     let fleet = fleet_view(cfg);
     let bs = cfg.engine.block_size;
     Ok(match name {
@@ -447,7 +474,14 @@ fn find_rate_scale(
     Ok((lo * hi).sqrt())
 }
 
-pub fn run(a: BenchReplayArgs) -> Result<(), String> {
+pub fn run(mut a: BenchReplayArgs) -> Result<(), String> {
+    let replicas = a.router_replicas > 1;
+    if replicas {
+        if a.real {
+            return Err("--router-replicas runs in the simulation only; `kvgate bench ha` runs replicas for real".into());
+        }
+        a.policies = crate::replicas::policies(&a)?;
+    }
     let (mut rows, trace_name) = match &a.trace_shape {
         Some(shape) => {
             let shape = Shape::parse(shape)?;
@@ -465,8 +499,16 @@ pub fn run(a: BenchReplayArgs) -> Result<(), String> {
     if let Some(n) = a.requests {
         rows.truncate(n.max(1));
     }
+    let trace_name = if a.spread_ties {
+        let moved = trace::spread_ties(&mut rows);
+        format!("{trace_name}, {moved} simultaneous arrivals spread")
+    } else {
+        trace_name
+    };
     for p in &a.policies {
-        if !POLICIES.contains(&p.as_str()) {
+        if let Some(v) = crate::replicas::Variant::parse(p) {
+            v?;
+        } else if !POLICIES.contains(&p.as_str()) {
             return Err(format!(
                 "unknown policy {p:?} (known: {})",
                 POLICIES.join(", ")
@@ -504,7 +546,7 @@ pub fn run(a: BenchReplayArgs) -> Result<(), String> {
         return Err("--rate-scale must be > 0".into());
     }
     if a.sweep {
-        return run_sweep(&a, &rows, &mut cfg, &trace_name, bound);
+        return run_sweep(&a, &rows, &mut cfg, &trace_name, bound, replicas);
     }
     if a.real {
         // The bundled trace's ~80%-busy scale on 16 engines; real runs are short checks.
@@ -538,12 +580,13 @@ pub fn run(a: BenchReplayArgs) -> Result<(), String> {
         std::fs::write(path, svg(&results, bound, &title))
             .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     }
+    let vs_single = replicas.then(|| crate::replicas::compare(&results));
     if a.json {
         let policies: serde_json::Map<String, serde_json::Value> = results
             .iter()
             .map(|(n, r)| (n.clone(), serde_json::to_value(r).unwrap_or_default()))
             .collect();
-        let out = serde_json::json!({
+        let mut out = serde_json::json!({
             "trace": trace_name,
             "requests": rows.len(),
             "workers": a.workers,
@@ -551,6 +594,11 @@ pub fn run(a: BenchReplayArgs) -> Result<(), String> {
             "reuse_bound": bound,
             "policies": policies,
         });
+        if let Some(v) = &vs_single {
+            out["router_replicas"] = a.router_replicas.into();
+            out["replica_spread"] = a.replica_spread.clone().into();
+            out["vs_single"] = serde_json::to_value(v).unwrap_or_default();
+        }
         println!("{out}");
         return Ok(());
     }
@@ -583,6 +631,13 @@ pub fn run(a: BenchReplayArgs) -> Result<(), String> {
             r.busy_fraction * 100.0
         );
     }
+    if let Some(v) = &vs_single {
+        println!(
+            "\n{} router replicas against one ({} spread):\n",
+            a.router_replicas, a.replica_spread
+        );
+        print!("{}", crate::replicas::table(v, &a.policies));
+    }
     Ok(())
 }
 
@@ -592,6 +647,7 @@ fn run_sweep(
     cfg: &mut SimConfig,
     trace_name: &str,
     bound: f64,
+    replicas: bool,
 ) -> Result<(), String> {
     if !(a.slo_ttft_p90_ms.is_finite() && a.slo_ttft_p90_ms > 0.0) {
         return Err("--slo-ttft-p90-ms must be > 0".into());
@@ -619,9 +675,14 @@ fn run_sweep(
     } else {
         a.scales[0]
     };
-    let default = kvgate_core::config::RouterPolicy::default().as_str();
+    let default = if replicas {
+        a.replica_base_policy.as_str()
+    } else {
+        kvgate_core::config::RouterPolicy::default().as_str()
+    };
     let sw = crate::sweep::sweep(a, rows, cfg, start, default)?;
     let v = crate::sweep::verdict(&sw);
+    let vs_single = replicas.then(|| crate::replicas::sweep_vs_single(&sw, default));
     let secs = started.elapsed().as_secs_f64();
     if let Some(path) = &a.plot {
         let title = format!(
@@ -643,6 +704,12 @@ fn run_sweep(
             "sweep": sw,
             "verdict": v,
         });
+        let mut out = out;
+        if let Some(r) = &vs_single {
+            out["router_replicas"] = a.router_replicas.into();
+            out["replica_spread"] = a.replica_spread.clone().into();
+            out["vs_single"] = serde_json::to_value(r).unwrap_or_default();
+        }
         println!("{out}");
         return Ok(());
     }
@@ -652,5 +719,17 @@ fn run_sweep(
         a.workers
     );
     print!("{}", crate::sweep::table(&sw, &v));
+    if let Some(r) = &vs_single {
+        match r.knee_rate_scale {
+            Some(k) => println!(
+                "\n{} router replicas against one ({} spread), at the single router's knee (x{k:.2}, its highest grid point within the objective):\n",
+                a.router_replicas, a.replica_spread
+            ),
+            None => println!(
+                "\nthe single router misses the objective at every grid point: no knee to compare at"
+            ),
+        }
+        print!("{}", crate::replicas::table(&r.variants, &a.policies));
+    }
     Ok(())
 }

@@ -725,6 +725,13 @@ impl PrefixIndex {
     /// left out: they cannot match. Each event carries the member's last applied event id.
     pub fn dump_events(&self) -> Vec<KvEvent> {
         let mut events = Vec::new();
+        self.dump_each(|e| events.push(e));
+        events
+    }
+
+    /// [`dump_events`](Self::dump_events) one event at a time, in the same order, without
+    /// holding the whole list (a snapshot of a large index is encoded as it is dumped).
+    pub fn dump_each(&self, mut f: impl FnMut(KvEvent)) {
         for member in &self.members {
             let Some(key) = member.key else { continue };
             let event_id = member.last_event_id.unwrap_or(0);
@@ -763,7 +770,7 @@ impl PrefixIndex {
             }
             rows.sort_unstable_by_key(|r| (r.0, r.1, r.2, r.3.hash));
             for (_, t, parent, block) in rows {
-                events.push(KvEvent {
+                f(KvEvent {
                     source: key,
                     event_id,
                     tier: StorageTier::from_index(t),
@@ -779,7 +786,7 @@ impl PrefixIndex {
         for (m, parent, orphan) in parked {
             let member = &self.members[m as usize];
             let Some(key) = member.key else { continue };
-            events.push(KvEvent {
+            f(KvEvent {
                 source: key,
                 event_id: member.last_event_id.unwrap_or(0),
                 tier: orphan.tier,
@@ -789,7 +796,6 @@ impl PrefixIndex {
                 },
             });
         }
-        events
     }
 
     /// Distance from the root, memoised so that dumping is linear in the number of blocks.

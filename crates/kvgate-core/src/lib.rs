@@ -10,6 +10,7 @@
 //! - [`scheduler`]: the cost function, selection, temperature, admission and explanations.
 //! - [`router`]: all of the above behind one type that books and frees requests.
 //! - [`replica`]: router replicas sharing their bookings (messages, gaps, states).
+//! - [`incarnation`]: engine restarts seen in the event stream; [`snapshot`]: the index snapshot format.
 //! - [`config`]: the router's knobs, validated, with Dynamo's names and defaults.
 
 mod blockmap;
@@ -20,6 +21,7 @@ pub mod fasthash;
 pub mod hashing;
 mod holders;
 pub mod ids;
+pub mod incarnation;
 pub mod index;
 pub mod latency;
 pub mod load;
@@ -31,6 +33,7 @@ pub mod router;
 pub mod scheduler;
 pub mod sequencer;
 pub mod sharded;
+pub mod snapshot;
 pub mod worker_id;
 
 pub use events::{KvEvent, KvEventData, StoredBlock};

@@ -171,6 +171,11 @@ pub async fn serve(
         .fallback(not_found)
         .with_state(state);
     on_bound(addr);
+    // Streamed responses are many small writes: without TCP_NODELAY each one after the first
+    // waits for the peer's delayed ACK (~40 ms on Linux) on a pooled connection.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, app).await.map_err(|e| e.to_string())
 }
 

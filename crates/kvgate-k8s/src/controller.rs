@@ -5,6 +5,8 @@
 //! changes, and every `requeue` in any case. The API client is injected, so tests run it against
 //! a mocked API server.
 
+use crate::election::{Campaign, ElectionConfig};
+use crate::lease::{Change, LostReason};
 use crate::operator::{self, Action, Condition, Kind, Live, Plan, reason};
 use crate::render::{MANAGED_BY, RenderOptions};
 use crate::{dgd, pool};
@@ -60,6 +62,14 @@ pub struct OperatorMetrics {
     pub istio_available: AtomicI64,
     /// The graph API answered a list at least once.
     pub ready: AtomicBool,
+    /// This copy reconciles: it holds the leader Lease, or runs without leader election.
+    pub leader: AtomicBool,
+    /// Times this copy became the leader, and stopped being it.
+    pub leadership_acquired: AtomicU64,
+    pub leadership_lost: AtomicU64,
+    /// Lease reads or writes that failed (or timed out), and writes refused with a 409.
+    pub lease_errors: AtomicU64,
+    pub lease_conflicts: AtomicU64,
 }
 
 impl OperatorMetrics {
@@ -360,43 +370,183 @@ fn api_error(k: Kind, ns: &str, name: &str, verb: &str, e: &kube::Error) -> Oper
     ))
 }
 
-/// Runs the controller until `shutdown` resolves: every graph is reconciled when it changes,
-/// when an object it owns changes, and every `requeue`; failures are retried after 10 s.
+fn graphs_api(op: &Operator) -> Api<DynamicObject> {
+    match &op.cfg.namespace {
+        Some(ns) => Api::namespaced_with(op.client.clone(), ns, &graph_resource()),
+        None => Api::all_with(op.client.clone(), &graph_resource()),
+    }
+}
+
+/// Readiness: the graph API answers (the DynamoGraphDeployment CRD is installed and RBAC allows
+/// listing). Checked by every copy, leader or not: a standby is ready to take over.
+fn spawn_readiness(op: &Arc<Operator>) {
+    let op = op.clone();
+    let graphs = graphs_api(&op);
+    tokio::spawn(async move {
+        loop {
+            match graphs
+                .list_metadata(&kube::api::ListParams::default().limit(1))
+                .await
+            {
+                Ok(_) => {
+                    op.metrics.ready.store(true, Ordering::Relaxed);
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot list DynamoGraphDeployments (is Dynamo's CRD installed, and may the operator list them?); retrying")
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(10)).await;
+        }
+    });
+}
+
+/// Runs the controller until `shutdown` resolves, without leader election: every graph is
+/// reconciled when it changes, when an object it owns changes, and every `requeue`; failures
+/// are retried after 10 s.
 pub async fn run(op: Arc<Operator>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
+    spawn_readiness(&op);
+    op.metrics.leader.store(true, Ordering::Relaxed);
+    reconcile_loop(op, shutdown).await;
+}
+
+/// Runs the controller only while this copy holds the leader Lease, until `shutdown` resolves.
+/// A standby keeps reading the Lease and takes over when it expires or is released. On losing
+/// the Lease the controller is dropped at once, in-flight reconciles included. On shutdown the
+/// leader stops reconciling, then releases the Lease so a standby need not wait for it to
+/// expire.
+pub async fn run_elected(
+    op: Arc<Operator>,
+    election: ElectionConfig,
+    shutdown: impl Future<Output = ()> + Send,
+) {
+    spawn_readiness(&op);
+    let m = op.metrics.clone();
+    let mut campaign = Campaign::new(op.client.clone(), election);
+    let lease = format!(
+        "{}/{}",
+        campaign.config().namespace,
+        campaign.config().lease_name
+    );
+    let identity = campaign.config().identity.clone();
+    tracing::info!(%lease, %identity, "leader election: standby until this copy holds the lease");
+    type Running = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+    let mut ctl: Option<Running> = None;
+    let mut last_holder: Option<String> = None;
+    let mut shutdown = std::pin::pin!(shutdown);
+    // Polled only while leading; never finishes unless the controller itself stops.
+    async fn running(ctl: &mut Option<Running>) {
+        match ctl {
+            Some(f) => f.await,
+            None => std::future::pending().await,
+        }
+    }
+    loop {
+        let report = tokio::select! {
+            _ = &mut shutdown => break,
+            _ = running(&mut ctl) => {
+                tracing::error!("the controller stopped by itself; starting it again while leading");
+                ctl = None;
+                continue;
+            }
+            r = campaign.round() => r,
+        };
+        if report.conflict {
+            m.lease_conflicts.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(%lease, "another copy wrote the lease first; backing off");
+        }
+        if let Some(e) = &report.error {
+            m.lease_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%lease, error = %e, "leader election");
+        }
+        for c in report.changes {
+            match c {
+                Change::Acquired { transitions } => {
+                    tracing::info!(%lease, %identity, transitions, "became the leader; reconciling");
+                    m.leadership_acquired.fetch_add(1, Ordering::Relaxed);
+                }
+                Change::Lost(why) => {
+                    let why = match why {
+                        LostReason::RenewDeadline => {
+                            "no renewal within the renew deadline".to_string()
+                        }
+                        LostReason::TakenBy(h) => format!("the lease is held by {h}"),
+                        LostReason::DuplicateIdentity => format!(
+                            "another copy writes the lease as {identity}: give every copy its own --leader-election-id"
+                        ),
+                        LostReason::Released => "the lease was released or deleted".to_string(),
+                    };
+                    tracing::warn!(%lease, reason = %why, "lost the lease; stopped reconciling");
+                    m.leadership_lost.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        let leading = campaign.is_leader();
+        match (leading, ctl.is_some()) {
+            (true, false) => {
+                m.leader.store(true, Ordering::Relaxed);
+                ctl = Some(Box::pin(reconcile_loop(op.clone(), std::future::pending())));
+            }
+            (false, true) => {
+                // Dropping the controller stops its watches and in-flight reconciles now.
+                ctl = None;
+                m.leader.store(false, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+        if !leading {
+            let holder = campaign.holder().map(str::to_string);
+            if holder != last_holder {
+                match &holder {
+                    Some(h) => {
+                        tracing::info!(%lease, holder = %h, "standby: the lease is held by another copy")
+                    }
+                    None => tracing::info!(%lease, "standby: the lease is free"),
+                }
+                last_holder = holder;
+            }
+        } else {
+            last_holder = None;
+        }
+        let next = tokio::time::Instant::from_std(campaign.next_round());
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = running(&mut ctl) => {
+                tracing::error!("the controller stopped by itself; starting it again while leading");
+                ctl = None;
+            }
+            _ = tokio::time::sleep_until(next) => {}
+        }
+        // A lead that ran out while waiting ends before the next round.
+        if let Some(c) = campaign.check() {
+            debug_assert!(matches!(c, Change::Lost(_)));
+            tracing::warn!(%lease, reason = "no renewal within the renew deadline", "lost the lease; stopped reconciling");
+            m.leadership_lost.fetch_add(1, Ordering::Relaxed);
+            ctl = None;
+            m.leader.store(false, Ordering::Relaxed);
+        }
+    }
+    ctl = None;
+    drop(ctl);
+    m.leader.store(false, Ordering::Relaxed);
+    if campaign.release().await.is_some() {
+        m.leadership_lost.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The kube-rs controller itself, until `shutdown`.
+async fn reconcile_loop(
+    op: Arc<Operator>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
     let client = op.client.clone();
-    let graphs: Api<DynamicObject> = match &op.cfg.namespace {
-        Some(ns) => Api::namespaced_with(client.clone(), ns, &graph_resource()),
-        None => Api::all_with(client.clone(), &graph_resource()),
-    };
+    let graphs = graphs_api(&op);
     let children = |k: Kind| -> Api<DynamicObject> {
         match &op.cfg.namespace {
             Some(ns) => Api::namespaced_with(client.clone(), ns, &resource(k)),
             None => Api::all_with(client.clone(), &resource(k)),
         }
     };
-    // Readiness: the graph API answers (the DynamoGraphDeployment CRD is installed and RBAC
-    // allows listing). The controller's own watch retries on its own.
-    {
-        let op = op.clone();
-        let graphs = graphs.clone();
-        tokio::spawn(async move {
-            loop {
-                match graphs
-                    .list_metadata(&kube::api::ListParams::default().limit(1))
-                    .await
-                {
-                    Ok(_) => {
-                        op.metrics.ready.store(true, Ordering::Relaxed);
-                        return;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot list DynamoGraphDeployments (is Dynamo's CRD installed, and may the operator list them?); retrying")
-                    }
-                }
-                tokio::time::sleep(Duration::from_secs(10)).await;
-            }
-        });
-    }
     let owned = watcher::Config::default().labels(&format!("{}={}", MANAGED_BY.0, MANAGED_BY.1));
     let mut ctl = Controller::new_with(graphs, watcher::Config::default(), graph_resource())
         .owns_with(

@@ -8,11 +8,15 @@
 //! - [`discovery`] (pods to endpoints, sans-IO) and [`watch`] (the kube-rs watcher around it):
 //!   the EPP's pod discovery;
 //! - [`operator`] (what to apply, delete and report for a graph, sans-IO) and [`controller`]
-//!   (the kube-rs controller around it): `kvgate operator`.
+//!   (the kube-rs controller around it): `kvgate operator`;
+//! - [`lease`] (leader election over a Lease, sans-IO) and [`election`] (its kube-rs reads and
+//!   writes): one active `kvgate operator` among several copies.
 
 pub mod controller;
 pub mod dgd;
 pub mod discovery;
+pub mod election;
+pub mod lease;
 pub mod meta;
 pub mod operator;
 pub mod pool;

@@ -40,6 +40,15 @@ pub struct EventStats {
     pub restore_seconds: Mutex<Option<f64>>,
     pub restored_events: AtomicU64,
     pub snapshots_written: AtomicU64,
+    /// Size of the last snapshot written or restored.
+    pub snapshot_bytes: AtomicU64,
+    /// Snapshot writes that failed; snapshots found at start-up and ignored (unreadable,
+    /// damaged, of another stream).
+    pub snapshot_failures: AtomicU64,
+    pub snapshots_discarded: AtomicU64,
+    /// Engine restarts nobody announced, by how they were seen
+    /// (`kvgate_kv_rank_restarts_total{reason}`, [`kvgate_core::incarnation`]).
+    pub restarts: Mutex<std::collections::BTreeMap<&'static str, u64>>,
     /// Seconds from a batch's publish time (its own timestamp: vLLM's `ts`, the Dynamo
     /// envelope's `published_at`, JetStream's stored time) to its events being in the index.
     pub apply_lag: ApplyLag,
@@ -79,6 +88,13 @@ impl EventStats {
         Self {
             plane_connected: AtomicBool::new(true),
             ..Default::default()
+        }
+    }
+
+    /// Counts one rank restart seen by `reason`.
+    pub fn restart(&self, reason: &'static str) {
+        if let Ok(mut m) = self.restarts.lock() {
+            *m.entry(reason).or_insert(0) += 1;
         }
     }
 

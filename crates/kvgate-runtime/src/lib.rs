@@ -6,7 +6,8 @@
 //! - [`routing`]: the routing service (router + tokenizer + bookings + decision log) that the
 //!   EPP and the kv-mode frontend share;
 //! - [`dynamo_discovery`]: workers from Dynamo's own discovery store (file or etcd);
-//! - [`nats`]: KV events over NATS / JetStream; [`replica`]: router replica sync over NATS.
+//! - [`nats`]: KV events over NATS / JetStream; [`snapshot`]: index snapshots in a file or a
+//!   JetStream object store; [`replica`]: router replica sync over NATS.
 
 pub mod dynamo_discovery;
 pub mod etcd;
@@ -16,5 +17,6 @@ pub mod nats;
 pub mod prom;
 pub mod replica;
 pub mod routing;
+pub mod snapshot;
 pub mod telemetry;
 pub mod workers;

@@ -12,17 +12,24 @@
 //! leave out everything before it). While the process lives, the durable consumer is what lets
 //! it ride out a NATS restart: the server keeps its position and redelivers what was not acked.
 //!
-//! Snapshots (`--kv-snapshot`): the index and the stream sequence it covers are written to a
-//! file every few seconds; a restarted router restores it and reads the stream from the next
+//! Snapshots (`--kv-snapshot FILE` or `--kv-snapshot-bucket BUCKET`, [`crate::snapshot`]): the
+//! index, the stream sequence it covers and the ranks' publishers are written every few
+//! seconds; a restarted (or replacement) router restores it and reads the stream from the next
 //! sequence, instead of replaying everything (and losing what `max_age` already dropped).
+//!
+//! Engine restarts: besides `cleared` events and envelope sequences, a rank's events from a
+//! new publisher or with an event id gone back drop the rank's blocks
+//! ([`kvgate_core::incarnation`]), also across a snapshot restore.
 //!
 //! Blindness: while the connection to NATS is down the router cannot know what workers cache;
 //! it then routes on load alone ([`Router::set_events_blind`]) and says so in its metrics.
 
 use crate::events::{EventStats, apply_sequenced};
+pub use crate::snapshot::SnapshotTarget;
 use async_nats::jetstream;
 use futures::StreamExt;
 use kvgate_core::envelope::{EnvelopeCheck, EnvelopeTracker};
+use kvgate_core::incarnation::Incarnations;
 use kvgate_core::router::Router;
 use kvgate_core::sequencer::EventSequencer;
 use kvgate_wire::dynamo::{
@@ -50,102 +57,11 @@ pub struct NatsEventConfig {
     pub consumer: String,
     /// How long the stream keeps events.
     pub max_age: Duration,
-    /// Index snapshot file (JetStream only): restored at start-up, then the stream is read
-    /// from the sequence after the snapshot's; rewritten every `snapshot_every`.
-    pub snapshot: Option<std::path::PathBuf>,
+    /// Index snapshot, in a file or a JetStream object store (JetStream only): restored at
+    /// start-up, then the stream is read from the sequence after the snapshot's; rewritten
+    /// every `snapshot_every`.
+    pub snapshot: Option<SnapshotTarget>,
     pub snapshot_every: Duration,
-}
-
-/// What a snapshot file holds: the index as `RouterEvent`s and the last stream sequence they
-/// include.
-#[derive(serde::Serialize, serde::Deserialize)]
-struct Snapshot {
-    version: u32,
-    stream: String,
-    stream_sequence: u64,
-    events: Vec<RouterEvent>,
-}
-
-/// Restores the index from `path`; returns the stream sequence to resume after.
-fn restore(
-    router: &Mutex<Router>,
-    stats: &EventStats,
-    path: &std::path::Path,
-    stream: &str,
-) -> Option<u64> {
-    let t0 = Instant::now();
-    let bytes = match std::fs::read(path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
-        Err(e) => {
-            tracing::warn!(path = %path.display(), error = %e, "cannot read the index snapshot; rebuilding from the stream");
-            return None;
-        }
-    };
-    let snap: Snapshot = match serde_json::from_slice(&bytes) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(path = %path.display(), error = %e, "bad index snapshot; rebuilding from the stream");
-            return None;
-        }
-    };
-    if snap.version != 1 || snap.stream != stream {
-        tracing::warn!(path = %path.display(), "index snapshot of another stream or version; rebuilding from the stream");
-        return None;
-    }
-    let Ok(mut r) = router.lock() else {
-        return None;
-    };
-    for e in &snap.events {
-        r.apply_event(&e.to_kv_event());
-    }
-    drop(r);
-    let secs = t0.elapsed().as_secs_f64();
-    if let Ok(mut m) = stats.restore_seconds.lock() {
-        *m = Some(secs);
-    }
-    stats
-        .restored_events
-        .store(snap.events.len() as u64, Ordering::Relaxed);
-    tracing::info!(
-        events = snap.events.len(),
-        seconds = secs,
-        stream_sequence = snap.stream_sequence,
-        "index restored from snapshot"
-    );
-    Some(snap.stream_sequence)
-}
-
-/// Writes the index and the last applied stream sequence, atomically (temp file + rename).
-fn write_snapshot(
-    router: &Mutex<Router>,
-    stats: &EventStats,
-    path: &std::path::Path,
-    stream: &str,
-    stream_sequence: u64,
-) {
-    let events = match router.lock() {
-        Ok(r) => r.index().dump_events(),
-        Err(_) => return,
-    };
-    let snap = Snapshot {
-        version: 1,
-        stream: stream.to_string(),
-        stream_sequence,
-        events: events.iter().map(RouterEvent::from_kv_event).collect(),
-    };
-    let Ok(bytes) = serde_json::to_vec(&snap) else {
-        return;
-    };
-    let tmp = path.with_extension("tmp");
-    match std::fs::write(&tmp, &bytes).and_then(|()| std::fs::rename(&tmp, path)) {
-        Ok(()) => {
-            stats.snapshots_written.fetch_add(1, Ordering::Relaxed);
-        }
-        Err(e) => {
-            tracing::warn!(path = %path.display(), error = %e, "cannot write the index snapshot")
-        }
-    }
 }
 
 impl NatsEventConfig {
@@ -306,6 +222,7 @@ pub fn consume(
         let mut order = EventOrder {
             seq: EventSequencer::new(1024, Duration::from_secs(2)),
             envelopes: EnvelopeTracker::new(65_536),
+            incarnations: Incarnations::new(),
         };
         if cfg.durable {
             run_jetstream(&client, &router, &stats, &cfg, &mut order).await;
@@ -325,10 +242,12 @@ fn set_connected(router: &Mutex<Router>, stats: &EventStats, connected: bool) {
     }
 }
 
-/// Per-subscription state: event-id order per rank and envelope order per publisher.
+/// Per-subscription state: event-id order per rank, envelope order per publisher, and each
+/// rank's publishers (to see engine restarts nobody announced).
 struct EventOrder {
     seq: EventSequencer,
     envelopes: EnvelopeTracker,
+    incarnations: Incarnations,
 }
 
 /// `redelivered`: JetStream delivered this message before (its ack was lost). Its events that
@@ -375,11 +294,11 @@ fn handle(
                     ranks = ranks.len(),
                     "KV event messages lost (envelope sequence jumped); dropping the publisher's ranks to rebuild them from new events"
                 );
-                resync_ranks(router, stats, &mut order.seq, &ranks);
+                resync_ranks(router, stats, order, &ranks);
             }
             EnvelopeCheck::Restarted { ranks } => {
                 tracing::info!(publisher = p.id, "KV event publisher started over");
-                resync_ranks(router, stats, &mut order.seq, &ranks);
+                resync_ranks(router, stats, order, &ranks);
             }
         }
     }
@@ -408,6 +327,26 @@ fn handle(
             }
             continue;
         }
+        // A restart nobody announced (a new publisher for the rank, its ids back): the old
+        // process's blocks go, and this event is the new process's first.
+        let publisher = decoded.publisher.map(|p| p.id);
+        if let Some(reason) = order
+            .incarnations
+            .check(e.source, publisher, e.event_id, redelivered)
+        {
+            tracing::info!(
+                worker = e.source.worker.0,
+                dp_rank = e.source.dp_rank.0,
+                reason = reason.as_str(),
+                "KV event publisher restarted; dropping the rank's indexed blocks"
+            );
+            stats.restart(reason.as_str());
+            order.seq.reset(e.source);
+            if let Ok(mut r) = router.lock() {
+                crate::events::clear_rank(&mut r, e.source, e.event_id);
+            }
+            stats.resyncs.fetch_add(1, Ordering::Relaxed);
+        }
         let out = order.seq.offer(e, now);
         apply_sequenced(router, stats, out);
     }
@@ -418,12 +357,13 @@ fn handle(
 fn resync_ranks(
     router: &Mutex<Router>,
     stats: &EventStats,
-    seq: &mut EventSequencer,
+    order: &mut EventOrder,
     ranks: &[kvgate_core::WorkerRank],
 ) {
     let Ok(mut r) = router.lock() else { return };
     for &rank in ranks {
-        seq.reset(rank);
+        order.seq.reset(rank);
+        order.incarnations.forget(rank);
         if r.is_target(rank) {
             crate::events::clear_rank(&mut r, rank, 0);
             stats.resyncs.fetch_add(1, Ordering::Relaxed);
@@ -439,6 +379,7 @@ fn poll_gaps(router: &Mutex<Router>, stats: &EventStats, order: &mut EventOrder)
     if let Ok(r) = router.lock() {
         order.seq.retain(|s| r.is_target(s));
         order.envelopes.retain_ranks(|s| r.is_target(s));
+        order.incarnations.retain(|s| r.is_target(s));
     }
 }
 
@@ -481,19 +422,92 @@ async fn run_core(
     }
 }
 
+/// Restores the index from the snapshot, if there is a good one; returns the stream sequence
+/// to resume after. A missing snapshot is a cold start; an unreadable, damaged or foreign one is
+/// logged, counted and ignored (the index is rebuilt from the stream).
+async fn restore(
+    js: &jetstream::Context,
+    router: &Mutex<Router>,
+    stats: &EventStats,
+    order: &mut EventOrder,
+    target: &SnapshotTarget,
+    stream: &str,
+) -> Option<u64> {
+    let t0 = Instant::now();
+    let mut attempt = 0;
+    let bytes = loop {
+        attempt += 1;
+        match crate::snapshot::load(Some(js), target).await {
+            Ok(Some(b)) => break b,
+            Ok(None) => {
+                tracing::info!(%target, "no index snapshot yet; reading the whole stream");
+                return None;
+            }
+            // A read can race a replica replacing the object, or NATS can be slow: retry.
+            Err(e) if attempt < 3 => {
+                tracing::debug!(%target, error = %e, "index snapshot read failed; retrying");
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            Err(e) => {
+                tracing::warn!(%target, error = %e, "cannot read the index snapshot; rebuilding from the stream");
+                stats.snapshots_discarded.fetch_add(1, Ordering::Relaxed);
+                return None;
+            }
+        }
+    };
+    let fetched = t0.elapsed().as_secs_f64();
+    let len = bytes.len();
+    let restored = {
+        let Ok(mut r) = router.lock() else {
+            return None;
+        };
+        crate::snapshot::restore_router(&mut r, &bytes, stream)
+    };
+    drop(bytes);
+    let restored = match restored {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::warn!(%target, error = %e, "index snapshot ignored; rebuilding from the stream");
+            stats.snapshots_discarded.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+    };
+    order
+        .incarnations
+        .import(restored.incarnations.iter().copied());
+    let secs = t0.elapsed().as_secs_f64();
+    if let Ok(mut m) = stats.restore_seconds.lock() {
+        *m = Some(secs);
+    }
+    stats
+        .restored_events
+        .store(restored.events, Ordering::Relaxed);
+    stats.snapshot_bytes.store(len as u64, Ordering::Relaxed);
+    tracing::info!(
+        %target,
+        events = restored.events,
+        bytes = len,
+        seconds = secs,
+        fetch_seconds = fetched,
+        stream_sequence = restored.stream_sequence,
+        "index restored from snapshot"
+    );
+    Some(restored.stream_sequence)
+}
+
 async fn run_jetstream(
     client: &async_nats::Client,
     router: &Mutex<Router>,
-    stats: &EventStats,
+    stats: &Arc<EventStats>,
     cfg: &NatsEventConfig,
     order: &mut EventOrder,
 ) {
     let js = jetstream::new(client.clone());
     let mut fresh_start = true;
-    let mut resume_after = cfg
-        .snapshot
-        .as_deref()
-        .and_then(|p| restore(router, stats, p, &cfg.stream()));
+    let mut resume_after = match &cfg.snapshot {
+        Some(target) => restore(&js, router, stats, order, target, &cfg.stream()).await,
+        None => None,
+    };
     let mut last_applied = resume_after.unwrap_or(0);
     let mut backoff = Duration::from_millis(200);
     loop {
@@ -526,7 +540,7 @@ async fn run_jetstream(
 async fn jetstream_session(
     js: &jetstream::Context,
     router: &Mutex<Router>,
-    stats: &EventStats,
+    stats: &Arc<EventStats>,
     cfg: &NatsEventConfig,
     order: &mut EventOrder,
     // Some: a new process (Some(Some(s)): its index was restored up to stream sequence s).
@@ -555,6 +569,9 @@ async fn jetstream_session(
                     crate::events::clear_rank(&mut r, w, 0);
                 }
             }
+            // The stream is read from its start: what the snapshot knew of publishers and
+            // event ids would take the old events for restarts.
+            order.incarnations.clear();
             *last_applied = 0;
             fresh_start = Some(None);
         }
@@ -595,16 +612,27 @@ async fn jetstream_session(
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let mut snap_tick = tokio::time::interval(cfg.snapshot_every.max(Duration::from_millis(100)));
     let mut snapped = *last_applied;
+    // One write at a time, in the background: reading events goes on during an upload.
+    let mut writing: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         tokio::select! {
             _ = snap_tick.tick() => {
                 // Not while events wait for missing ones: the snapshot's sequence would cover
                 // messages whose events it does not hold.
-                if let Some(path) = &cfg.snapshot
+                if let Some(target) = &cfg.snapshot
                     && *last_applied != snapped
                     && !order.seq.holding()
+                    && writing.as_ref().is_none_or(|w| w.is_finished())
                 {
-                    write_snapshot(router, stats, path, &cfg.stream(), *last_applied);
+                    let incarnations = order.incarnations.export();
+                    let bytes = match router.lock() {
+                        Ok(r) => crate::snapshot::encode_router(&r, &cfg.stream(), *last_applied, &incarnations),
+                        Err(_) => continue,
+                    };
+                    // The stored snapshot was unusable: replace it whatever sequence it claims.
+                    let force = stats.snapshots_discarded.load(Ordering::Relaxed) > 0
+                        && stats.snapshots_written.load(Ordering::Relaxed) == 0;
+                    writing = Some(spawn_write(js.clone(), stats.clone(), target.clone(), cfg.stream(), *last_applied, bytes, force));
                     snapped = *last_applied;
                 }
             }
@@ -632,4 +660,36 @@ async fn jetstream_session(
             _ = tick.tick() => poll_gaps(router, stats, order),
         }
     }
+}
+
+/// Writes one snapshot in the background, counting the outcome.
+fn spawn_write(
+    js: jetstream::Context,
+    stats: Arc<EventStats>,
+    target: SnapshotTarget,
+    stream: String,
+    stream_sequence: u64,
+    bytes: Vec<u8>,
+    force: bool,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let len = bytes.len() as u64;
+        let t0 = Instant::now();
+        match crate::snapshot::store(Some(&js), &target, &stream, stream_sequence, bytes, force)
+            .await
+        {
+            Ok(crate::snapshot::Stored::Written) => {
+                stats.snapshots_written.fetch_add(1, Ordering::Relaxed);
+                stats.snapshot_bytes.store(len, Ordering::Relaxed);
+                tracing::debug!(%target, bytes = len, stream_sequence, seconds = t0.elapsed().as_secs_f64(), "index snapshot written");
+            }
+            Ok(crate::snapshot::Stored::AlreadyNewer) => {
+                tracing::debug!(%target, stream_sequence, "index snapshot not written: the stored one is as new");
+            }
+            Err(e) => {
+                stats.snapshot_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%target, error = %e, "cannot write the index snapshot");
+            }
+        }
+    })
 }

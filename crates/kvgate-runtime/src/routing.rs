@@ -949,6 +949,36 @@ impl RoutingService {
             &[],
             e.snapshots_written.load(Ordering::Relaxed) as f64,
         );
+        for (name, help, v) in [
+            (
+                "kvgate_kv_index_snapshot_write_failures_total",
+                "Index snapshot writes that failed.",
+                &e.snapshot_failures,
+            ),
+            (
+                "kvgate_kv_index_snapshots_discarded_total",
+                "Index snapshots found at start-up and ignored (unreadable, damaged, another stream's).",
+                &e.snapshots_discarded,
+            ),
+        ] {
+            p.counter(name, help, &[], v.load(Ordering::Relaxed) as f64);
+        }
+        p.gauge(
+            "kvgate_kv_index_snapshot_bytes",
+            "Size of the last index snapshot written or restored.",
+            &[],
+            e.snapshot_bytes.load(Ordering::Relaxed) as f64,
+        );
+        if let Ok(restarts) = e.restarts.lock() {
+            for (reason, n) in restarts.iter() {
+                p.counter(
+                    "kvgate_kv_rank_restarts_total",
+                    "Engine restarts seen in the KV events without a cleared event (new publisher, event ids back); the rank's blocks were dropped.",
+                    &[("reason", reason)],
+                    *n as f64,
+                );
+            }
+        }
         if lock(&self.nats).is_some() {
             p.gauge(
                 "kvgate_kv_event_plane_connected",

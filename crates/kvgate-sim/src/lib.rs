@@ -8,9 +8,11 @@
 //!   picker, SGLang's cache-aware router, llm-d's default profile, LMetric) and the router core
 //!   itself under either of its policies (Dynamo's cost function, kvgate's): the core's code is
 //!   not copied here, it is called;
+//! - [`replicas`]: N router replicas behind one gateway, sharing bookings after a delay or not;
 //! - [`sim`]: the discrete-event simulation and the figures per policy.
 
 pub mod policy;
+pub mod replicas;
 pub mod sim;
 pub mod trace;
 pub mod tracegen;

@@ -61,6 +61,11 @@ pub trait Policy {
     fn finished(&mut self, _id: u64, _now: Instant) {}
     /// A worker's KV events (for policies fed by them).
     fn cache_events(&mut self, _worker: usize, _events: &[CacheEvent]) {}
+    /// Bookings still held once the run is over (for policies that book): anything but 0 is
+    /// a leak.
+    fn open_bookings(&mut self) -> Option<usize> {
+        None
+    }
 }
 
 /// Uniformly random among the indices where `better` finds no better one.
@@ -409,6 +414,10 @@ impl KvRouter {
     pub fn router(&self) -> &Router {
         &self.router
     }
+
+    pub fn router_mut(&mut self) -> &mut Router {
+        &mut self.router
+    }
 }
 
 impl Policy for KvRouter {
@@ -450,6 +459,10 @@ impl Policy for KvRouter {
             self.router
                 .apply_event(&e.to_kv_event(worker_rank(worker), self.events));
         }
+    }
+
+    fn open_bookings(&mut self) -> Option<usize> {
+        Some(self.router.load().bookings().count())
     }
 }
 

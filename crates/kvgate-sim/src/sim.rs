@@ -60,6 +60,10 @@ pub struct PolicyResult {
     pub busy_fraction: f64,
     pub makespan_s: f64,
     pub preemptions: u64,
+    /// Bookings the router still held after the last request finished (policies that book;
+    /// anything but 0 is a leak).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub open_bookings_at_end: Option<usize>,
     /// Every completed request's TTFT, sorted (for CDFs).
     #[serde(skip)]
     pub ttft_ms: Vec<f64>,
@@ -238,7 +242,9 @@ pub fn simulate(
         }
     }
     progress(rows.len(), rows.len());
-    Ok(summarise(&records, &workers, cfg.workers, window))
+    let mut r = summarise(&records, &workers, cfg.workers, window);
+    r.open_bookings_at_end = policy.open_bookings();
+    Ok(r)
 }
 
 fn start_pass(w: &mut WorkerSim, now: f64, window: f64) {
@@ -306,6 +312,7 @@ fn summarise(records: &[Record], workers: &[WorkerSim], n: usize, window: f64) -
         },
         makespan_s: makespan,
         preemptions: workers.iter().map(|w| w.engine.stats().preemptions).sum(),
+        open_bookings_at_end: None,
         ttft_ms: ttft,
     }
 }

@@ -98,6 +98,37 @@ pub fn reuse_bound(rows: &[TraceRow], per_block: usize) -> f64 {
     hit as f64 / total.max(1) as f64
 }
 
+/// Spreads requests that share a timestamp evenly over the time to the next timestamp (the
+/// last group over the mean gap), in trace order. Traces published with coarse timestamps (the
+/// bundled one counts in ~3 s steps, ~10 requests per step) otherwise arrive in bursts of exactly
+/// simultaneous requests, which no gateway sees: its requests are at least microseconds apart.
+/// Returns how many requests moved.
+pub fn spread_ties(rows: &mut [TraceRow]) -> usize {
+    let distinct: Vec<f64> = {
+        let mut d: Vec<f64> = rows.iter().map(|r| r.timestamp).collect();
+        d.dedup();
+        d
+    };
+    let mean_gap = match (distinct.first(), distinct.last()) {
+        (Some(a), Some(b)) if distinct.len() > 1 => (b - a) / (distinct.len() - 1) as f64,
+        _ => 0.0,
+    };
+    let mut moved = 0;
+    let mut i = 0;
+    while i < rows.len() {
+        let t = rows[i].timestamp;
+        let j = i + rows[i..].iter().take_while(|r| r.timestamp == t).count();
+        let next = rows.get(j).map_or(t + mean_gap, |r| r.timestamp);
+        let n = (j - i) as f64;
+        for (k, r) in rows[i..j].iter_mut().enumerate().skip(1) {
+            r.timestamp = t + (next - t) * k as f64 / n;
+            moved += 1;
+        }
+        i = j;
+    }
+    moved
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -123,6 +154,26 @@ mod tests {
         let c = prompt(&row(0.0, 1024, &[1, 2]), 64);
         assert_eq!(c.len(), 128);
         assert_eq!(c[..64], block_tokens(1, 64).collect::<Vec<_>>()[..]);
+    }
+
+    #[test]
+    fn spread_ties_keeps_order_and_stays_before_the_next_timestamp() {
+        let mut rows = vec![
+            row(0.0, 16, &[1]),
+            row(0.0, 16, &[2]),
+            row(0.0, 16, &[3]),
+            row(0.0, 16, &[4]),
+            row(3000.0, 16, &[5]),
+            row(6000.0, 16, &[6]),
+            row(6000.0, 16, &[7]),
+        ];
+        assert_eq!(spread_ties(&mut rows), 4);
+        let ts: Vec<f64> = rows.iter().map(|r| r.timestamp).collect();
+        assert_eq!(ts, vec![0.0, 750.0, 1500.0, 2250.0, 3000.0, 6000.0, 7500.0]);
+        let ids: Vec<u64> = rows.iter().map(|r| r.hash_ids[0]).collect();
+        assert_eq!(ids, (1..=7).collect::<Vec<_>>());
+        // Nothing to spread: nothing moves.
+        assert_eq!(spread_ties(&mut rows), 0);
     }
 
     #[test]

@@ -59,11 +59,18 @@ pub enum BenchCommand {
     /// bodies, unknown models, a KV event flood, a garbage replica-sync peer) with well-formed
     /// requests alongside: panics, leaked bookings, EPP memory growth, failed good requests.
     Abuse(Box<kvgate_bench::abuse::BenchAbuseArgs>),
+    /// Several EPP replicas behind one real Envoy, through failures: one SIGKILLed and
+    /// restarted, NATS restarted, every replica down (fail-open), all back; hit rate and TTFT
+    /// per phase against one replica, failed requests, leaked bookings.
+    Ha(Box<kvgate_bench::ha::BenchHaArgs>),
     /// Aggregated vs disaggregated prefill/decode on the same simulated engines and trace,
     /// through Envoy + EPP + sidecars (TTFT, end-to-end latency, throughput).
     Disagg(Box<kvgate_bench::disagg::BenchDisaggArgs>),
     /// KV events applied per second: decoding, the index, NATS JetStream and vLLM ZMQ paths.
     Events(Box<kvgate_bench::events::BenchEventsArgs>),
+    /// Index snapshots at scale (1M blocks): size, encode, object store put/get, and restore
+    /// time and memory peak in a fresh process.
+    Snapshot(Box<kvgate_bench::snapshot::BenchSnapshotArgs>),
     /// The router at 1,000 and 10,000 worker ranks: decision time, memory per rank, and the
     /// cost of a workers-file reload and of a discovery update.
     Fleet(Box<kvgate_bench::fleet::BenchFleetArgs>),
@@ -269,11 +276,17 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Bench(BenchCommand::Fleet(args)) => {
             kvgate_bench::fleet::run(*args).map_err(CliError)
         }
+        Command::Bench(BenchCommand::Snapshot(args)) => {
+            kvgate_bench::snapshot::run(*args).map_err(CliError)
+        }
         Command::Bench(BenchCommand::Events(args)) => quiet_runtime()?
             .block_on(kvgate_bench::events::run(*args))
             .map_err(CliError),
         Command::Bench(BenchCommand::Disagg(args)) => quiet_runtime()?
             .block_on(kvgate_bench::disagg::run(*args))
+            .map_err(CliError),
+        Command::Bench(BenchCommand::Ha(args)) => quiet_runtime()?
+            .block_on(kvgate_bench::ha::run(*args))
             .map_err(CliError),
         Command::Bench(BenchCommand::Abuse(args)) => quiet_runtime()?
             .block_on(kvgate_bench::abuse::run(*args))

@@ -4,6 +4,7 @@ use clap::{Args, ValueEnum};
 use kvgate_runtime::nats::NatsEventConfig;
 use kvgate_runtime::replica::ReplicaSyncConfig;
 use kvgate_runtime::routing::EventPlane;
+use kvgate_runtime::snapshot::{SnapshotTarget, check_bucket_name, check_object_key};
 use std::time::Duration;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -57,6 +58,20 @@ pub struct EventPlaneArgs {
     /// where the snapshot ends) and rewritten every `--kv-snapshot-interval-secs`.
     #[arg(long, env = "KVGATE_KV_SNAPSHOT")]
     pub kv_snapshot: Option<std::path::PathBuf>,
+    /// Keep the index snapshot in this JetStream object store bucket instead of a file (created
+    /// when missing): a replacement pod without a volume restores it. Replicas of one router
+    /// deployment share one object (`--kv-snapshot-key`).
+    #[arg(
+        long,
+        env = "KVGATE_KV_SNAPSHOT_BUCKET",
+        conflicts_with = "kv_snapshot"
+    )]
+    pub kv_snapshot_bucket: Option<String>,
+    /// Object name of the snapshot in `--kv-snapshot-bucket`: one per router deployment whose
+    /// replicas read the same workers (default: the event stream's name,
+    /// `namespace-{ns}-component-{c}-kv-events`).
+    #[arg(long, env = "KVGATE_KV_SNAPSHOT_KEY", requires = "kv_snapshot_bucket")]
+    pub kv_snapshot_key: Option<String>,
     #[arg(long, default_value_t = 30.0)]
     pub kv_snapshot_interval_secs: f64,
 }
@@ -110,11 +125,17 @@ impl EventPlaneArgs {
         if !(self.kv_snapshot_interval_secs.is_finite() && self.kv_snapshot_interval_secs >= 0.1) {
             return Err("--kv-snapshot-interval-secs must be >= 0.1".into());
         }
-        if self.kv_snapshot.is_some() && !self.durable_kv_events {
-            return Err(
-                "--kv-snapshot needs --durable-kv-events (a JetStream stream to resume from)"
-                    .into(),
-            );
+        if (self.kv_snapshot.is_some() || self.kv_snapshot_bucket.is_some())
+            && !self.durable_kv_events
+        {
+            let flag = if self.kv_snapshot.is_some() {
+                "--kv-snapshot"
+            } else {
+                "--kv-snapshot-bucket"
+            };
+            return Err(format!(
+                "{flag} needs --durable-kv-events (a JetStream stream to resume from)"
+            ));
         }
         if self.nats_stream_max_age == 0 {
             return Err("--nats-stream-max-age must be > 0".into());
@@ -140,7 +161,7 @@ impl EventPlaneArgs {
                 }
             })
             .collect();
-        Ok(NatsEventConfig {
+        let mut cfg = NatsEventConfig {
             url: self.nats_url.clone(),
             namespace: self.namespace.clone(),
             component: self.component.clone(),
@@ -149,9 +170,19 @@ impl EventPlaneArgs {
             durable: self.durable_kv_events,
             consumer,
             max_age: Duration::from_secs(self.nats_stream_max_age),
-            snapshot: self.kv_snapshot.clone(),
+            snapshot: self.kv_snapshot.clone().map(SnapshotTarget::File),
             snapshot_every: Duration::from_secs_f64(self.kv_snapshot_interval_secs),
-        })
+        };
+        if let Some(bucket) = &self.kv_snapshot_bucket {
+            check_bucket_name(bucket).map_err(|e| format!("--kv-snapshot-bucket: {e}"))?;
+            let key = self.kv_snapshot_key.clone().unwrap_or_else(|| cfg.stream());
+            check_object_key(&key).map_err(|e| format!("--kv-snapshot-key: {e}"))?;
+            cfg.snapshot = Some(SnapshotTarget::Object {
+                bucket: bucket.clone(),
+                key,
+            });
+        }
+        Ok(cfg)
     }
 
     /// Where a router reads its events.

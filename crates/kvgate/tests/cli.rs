@@ -292,6 +292,80 @@ fn bench_replay_names_what_is_wrong() {
 }
 
 #[test]
+fn bench_replay_compares_router_replicas_with_one() {
+    let (ok, out, err) = kvgate(&[
+        "bench",
+        "replay",
+        "--router-replicas",
+        "4",
+        "--replica-sync",
+        "on,off",
+        "--replica-sync-delay-ms",
+        "0,200",
+        "--requests",
+        "600",
+        "--workers",
+        "4",
+        "--tokens-per-trace-block",
+        "64",
+        "--num-gpu-blocks",
+        "4096",
+        "--max-output-tokens",
+        "32",
+        "--rate-scale",
+        "1",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(v["router_replicas"], 4, "{v}");
+    let rows = v["vs_single"].as_object().unwrap();
+    let names: Vec<&str> = rows.keys().map(String::as_str).collect();
+    for n in [
+        "kvgate",
+        "kvgate@4/sync-0ms/round-robin",
+        "kvgate@4/sync-200ms/round-robin",
+        "kvgate@4/unsynced/round-robin",
+    ] {
+        assert!(names.contains(&n), "{n} missing: {names:?}");
+        // Every replica's bookings, own and synced, return to zero once all is finished.
+        assert_eq!(rows[n]["open_bookings_at_end"], 0, "{n}: {v}");
+        assert_eq!(v["policies"][n]["completed"], 600, "{n}");
+    }
+    assert_eq!(rows["kvgate"]["hit_ratio_vs_single"], 1.0);
+    // Synced at once, four replicas see what one sees: the same events and the same load.
+    let synced = rows["kvgate@4/sync-0ms/round-robin"]["hit_ratio_vs_single"]
+        .as_f64()
+        .unwrap();
+    assert!(synced > 0.9, "{v}");
+    let (ok, _, err) = kvgate(&[
+        "bench",
+        "replay",
+        "--router-replicas",
+        "4",
+        "--replica-base-policy",
+        "round-robin",
+        "--requests",
+        "5",
+    ]);
+    assert!(
+        !ok && err.contains("only kvgate and dynamo can run as replicas"),
+        "{err}"
+    );
+    let (ok, _, err) = kvgate(&[
+        "bench",
+        "replay",
+        "--router-replicas",
+        "4",
+        "--replica-sync",
+        "sometimes",
+        "--requests",
+        "5",
+    ]);
+    assert!(!ok && err.contains("--replica-sync \"sometimes\""), "{err}");
+}
+
+#[test]
 fn bench_replay_real_agrees_with_the_simulation_on_real_engines() {
     // Needs `.tools/bin/envoy` (scripts/setup.sh) for the gateway path; fails without it.
     let envoy = concat!(env!("CARGO_MANIFEST_DIR"), "/../../.tools/bin/envoy");
@@ -375,7 +449,11 @@ fn render_prints_the_objects_for_a_graph_and_names_bad_input() {
 
 #[test]
 fn operator_options_are_checked_before_it_needs_a_cluster() {
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 5] = [
+        (
+            &["operator", "--leader-election-renew-deadline-seconds", "20"],
+            "must be longer than the renew deadline",
+        ),
         (
             &["operator", "--service-mesh", "--istio-tls-mode", "MUTUAL"],
             "MUTUAL needs --istio-client-certificate",

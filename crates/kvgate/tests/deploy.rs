@@ -197,3 +197,81 @@ fn the_nats_example_runs_jetstream_and_its_probe_answers() {
         "JetStream with the example's limits: {jsz}"
     );
 }
+
+// ---------- deploy/envoy ----------
+
+/// Every bootstrap template in deploy/envoy (not `tracing.yaml`, whose fragments are spliced into
+/// the gateways elsewhere), rendered with sample values for its placeholders, passes Envoy's own
+/// `--mode validate`; the fail-open one also as `kvgate_bench::procs` renders it for benches.
+#[test]
+fn every_envoy_config_renders_and_passes_envoy_validate() {
+    let envoy = root().join(".tools/bin/envoy");
+    assert!(
+        envoy.exists(),
+        "{} missing: run scripts/setup.sh",
+        envoy.display()
+    );
+    let dir = std::env::temp_dir().join(format!("kvgate-envoy-validate-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let endpoints = "[{endpoint: {address: {socket_address: {address: 10.0.0.7, port_value: 8000}}}, metadata: {filter_metadata: {kvgate: {worker_id: \"1001\"}}}}]";
+    let vars = [
+        ("LISTEN_PORT", "10000"),
+        ("ADMIN_PORT", "10001"),
+        ("EPP_HOST", "127.0.0.1"),
+        ("EPP_PORT", "9002"),
+        ("FAILURE_MODE_ALLOW", "false"),
+        ("UPSTREAM_HOST", "127.0.0.1"),
+        ("UPSTREAM_PORT", "8001"),
+        ("WORKER_ID", "1"),
+        ("FALLBACK_ENDPOINTS", endpoints),
+    ];
+    let mut files: Vec<(String, String)> = std::fs::read_dir(root().join("deploy/envoy"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .filter(|p| !p.ends_with("tracing.yaml"))
+        .map(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().to_string();
+            (name, std::fs::read_to_string(&p).unwrap())
+        })
+        .collect();
+    files.sort();
+    let names: Vec<&str> = files.iter().map(|(n, _)| n.as_str()).collect();
+    for expected in [
+        "direct.yaml",
+        "gateway-fail-open.yaml",
+        "gateway-tls.yaml",
+        "gateway.yaml",
+    ] {
+        assert!(names.contains(&expected), "{expected} not in {names:?}");
+    }
+    let bench = kvgate_bench::procs::fail_open_gateway_template(
+        &["127.0.0.1:9002", "127.0.0.1:9004"],
+        &[("http://127.0.0.1:8001", 1001), ("127.0.0.1:8002", 1002)],
+    )
+    .unwrap();
+    assert_eq!(bench.matches("port_value: 9004").count(), 1);
+    assert_eq!(bench.matches("worker_id: \"1002\"").count(), 1);
+    files.push(("bench-rendered-gateway-fail-open.yaml".into(), bench));
+    for (name, text) in &files {
+        let mut cfg = text.clone();
+        for (k, v) in vars {
+            cfg = cfg.replace(&format!("${{{k}}}"), v);
+        }
+        assert!(!cfg.contains("${"), "{name}: a placeholder is left");
+        let path = dir.join(name);
+        std::fs::write(&path, &cfg).unwrap();
+        let out = Command::new(&envoy)
+            .args(["--mode", "validate", "-l", "error", "-c"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("OK"),
+            "{name}: envoy --mode validate failed:\n{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

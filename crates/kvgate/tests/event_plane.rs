@@ -589,3 +589,340 @@ async fn zmq_publisher_restart_is_noticed() {
         "the old process's blocks must be gone"
     );
 }
+
+/// A mocker on NATS on a fixed HTTP port (so that it can be restarted under the same URL).
+fn nats_mocker_on(port: &str, id: &str, url: &str) -> Proc {
+    let mut args = vec![
+        "mocker",
+        "--port",
+        port,
+        "--block-size",
+        "16",
+        "--num-gpu-blocks",
+        "160",
+        "--worker-id",
+        id,
+        "--speedup-ratio",
+        "50",
+    ];
+    args.extend(nats_flags(url, "unused"));
+    Proc::start(&args, 2)
+}
+
+/// One chat request; the prompt tokens the worker served from its cache.
+async fn cached_tokens(frontend: &str, prompt: &str) -> u64 {
+    let v: serde_json::Value = reqwest::Client::new()
+        .post(format!("{frontend}/v1/chat/completions"))
+        .json(&chat_body(prompt, 2, false))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+/// Warm start without a volume: a router keeps its index snapshot in a JetStream object store;
+/// a replacement router (another pod: new consumer, no file) restores it, routes to the
+/// workers that hold a prompt before any new event arrives, and reads only the newer events.
+/// A corrupted snapshot object is ignored (counted) and the index rebuilt from the stream;
+/// a restarted engine's old blocks leave the index.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn object_store_snapshot_warm_starts_a_replacement_router() {
+    let dir = TempDir::new("objsnap");
+    let nats = Nats::start(free_port(), &dir.0.join("js"));
+    let url = nats.url();
+    let (p1, p2) = (free_port().to_string(), free_port().to_string());
+    let m1 = nats_mocker_on(&p1, "1001", &url);
+    let m2 = nats_mocker_on(&p2, "1002", &url);
+    let workers = workers_yaml(&dir, &[(&m1, 1001, 1), (&m2, 1002, 1)]);
+    let router = |consumer: &'static str| {
+        let mut flags = nats_flags(&url, consumer);
+        flags.extend([
+            "--kv-snapshot-bucket",
+            "kvgate-test-snapshots",
+            "--kv-snapshot-interval-secs",
+            "0.2",
+        ]);
+        frontend(&workers, "kv", &flags)
+    };
+    let a = router("fe-a");
+    assert_eq!(workload(&a.url(), 16, 0).await, 16);
+    // Four long prompts, each cached on whichever worker A picked.
+    let prompts: Vec<String> = (0..4).map(|i| text(&format!("warm{i}"), 60)).collect();
+    for p in &prompts {
+        cached_tokens(&a.url(), p).await;
+    }
+    assert_converges("router a", &a.url(), &[&m1, &m2]);
+    // Each is cached now (a second request through A hits).
+    for p in &prompts {
+        let hit = cached_tokens(&a.url(), p).await;
+        assert!(hit >= 48, "through router a: {hit} tokens cached");
+    }
+    assert_converges("router a", &a.url(), &[&m1, &m2]);
+    std::thread::sleep(Duration::from_millis(800)); // the last snapshot lands
+    let t = metrics(&a.url());
+    assert!(
+        metric(&t, "kvgate_kv_index_snapshots_written_total").unwrap() >= 1.0,
+        "{t}"
+    );
+    assert!(metric(&t, "kvgate_kv_index_snapshot_bytes").unwrap() > 0.0);
+    let applied_before = metric(&t, "kvgate_kv_events_applied_total").unwrap();
+    drop(a);
+
+    // The replacement: another consumer, nothing on disk.
+    let b = router("fe-b");
+    let b_url = b.url();
+    wait_metric(&b_url, "kvgate_kv_index_restored_events", |v| v > 0.0);
+    let restored = index_blocks(&b_url);
+    let cached = mocker_blocks(&[&m1, &m2]);
+    assert!(!restored.is_empty());
+    assert!(
+        restored.is_subset(&cached),
+        "restored blocks the workers do not hold"
+    );
+    let applied_after = metric(&metrics(&b_url), "kvgate_kv_events_applied_total").unwrap();
+    assert!(
+        applied_after < applied_before / 4.0,
+        "the replacement re-applied {applied_after} of {applied_before} events"
+    );
+    // Routed on the restored index: each prompt lands where its prefix is cached.
+    for (i, p) in prompts.iter().enumerate() {
+        let hit = cached_tokens(&b_url, p).await;
+        assert!(hit >= 48, "prompt {i}: only {hit} tokens cached");
+    }
+    assert_eq!(
+        metric(
+            &metrics(&b_url),
+            "kvgate_kv_index_snapshots_discarded_total"
+        ),
+        Some(0.0)
+    );
+    std::thread::sleep(Duration::from_millis(800));
+    drop(b);
+
+    // A corrupted object: ignored with a warning, counted, the index rebuilt from the stream,
+    // and the object replaced by a good snapshot.
+    let client = kvgate_runtime::nats::connect(&url, "test", |_| {})
+        .await
+        .unwrap();
+    let js = kvgate_runtime::snapshot::context(client);
+    let target = kvgate_runtime::snapshot::SnapshotTarget::Object {
+        bucket: "kvgate-test-snapshots".into(),
+        key: "namespace-kvtest-component-backend-kv-events".into(),
+    };
+    let good = kvgate_runtime::snapshot::load(Some(&js), &target)
+        .await
+        .unwrap()
+        .expect("a snapshot object");
+    let mut bad = good.clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0x55;
+    kvgate_runtime::snapshot::store(
+        Some(&js),
+        &target,
+        "namespace-kvtest-component-backend-kv-events",
+        u64::MAX,
+        bad,
+        true,
+    )
+    .await
+    .unwrap();
+    let c = router("fe-c");
+    let c_url = c.url();
+    assert_converges("router c rebuilt from the stream", &c_url, &[&m1, &m2]);
+    let t = metrics(&c_url);
+    assert_eq!(
+        metric(&t, "kvgate_kv_index_snapshots_discarded_total"),
+        Some(1.0)
+    );
+    assert!(
+        metric(&t, "kvgate_kv_index_restored_events").is_none(),
+        "{t}"
+    );
+    assert!(metric(&t, "kvgate_kv_events_applied_total").unwrap() >= applied_before);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(&metrics(&c_url), "kvgate_kv_index_snapshots_written_total").unwrap_or(0.0) < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the bad object was never replaced"
+        );
+        assert_eq!(workload(&c_url, 2, 9).await, 2);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let replaced = kvgate_runtime::snapshot::load(Some(&js), &target)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(kvgate_core::snapshot::decode(&replaced).is_ok());
+
+    // An engine restarts (same id and URL, empty cache): its old blocks leave the index.
+    let before = index_blocks(&c_url);
+    assert!(before.iter().any(|(w, _, _)| *w == 1001));
+    drop(m1);
+    let m1 = nats_mocker_on(&p1, "1001", &url);
+    assert_eq!(workload(&c_url, 8, 5).await, 8);
+    assert_converges("after the engine restart", &c_url, &[&m1, &m2]);
+}
+
+/// Restarted engines whose restart nobody announced: a Dynamo 1.6 worker sends no `cleared`
+/// (or it was lost), and a bare `RouterEvent` publisher's ids start over. Each time the old
+/// process's blocks must leave the index, also across a router restart from its snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_engines_without_cleared_leave_no_stale_blocks() {
+    use kvgate_core::{ExternalHash, KvEvent, KvEventData, LocalHash, StorageTier, StoredBlock};
+    use kvgate_wire::dynamo::RouterEvent;
+    use kvgate_wire::dynamo_plane::PlanePublisher;
+    let dir = TempDir::new("restarts");
+    let nats = Nats::start(free_port(), &dir.0.join("js"));
+    let url = nats.url();
+    let y = format!(
+        "model: qwen3\nblock_size: 16\nworkers:\n  - name: a\n    id: 77\n    url: http://127.0.0.1:{}\n  - name: b\n    id: 78\n    url: http://127.0.0.1:{}\n",
+        free_port(),
+        free_port()
+    );
+    let workers = dir.0.join("workers.yaml");
+    std::fs::write(&workers, y).unwrap();
+    let mut args = vec![
+        "--secure-serving=false",
+        "--kv-snapshot-bucket",
+        "snaps",
+        "--kv-snapshot-interval-secs",
+        "0.2",
+    ];
+    args.extend(nats_flags(&url, "epp"));
+    let e = epp(&workers, &args);
+    wait_metric(&e.url(), "kvgate_kv_event_plane_connected", |v| v == 1.0);
+    std::thread::sleep(Duration::from_millis(300)); // the stream exists
+    let stored = |w: u64, id: u64, parent: Option<u64>, hashes: &[u64]| {
+        RouterEvent::from_kv_event(&KvEvent {
+            source: kvgate_core::WorkerRank::new(w, 0),
+            event_id: id,
+            tier: StorageTier::Device,
+            data: KvEventData::Stored {
+                parent: parent.map(ExternalHash),
+                blocks: hashes
+                    .iter()
+                    .map(|&h| StoredBlock {
+                        hash: ExternalHash(h),
+                        local: LocalHash(h + 1_000_000),
+                    })
+                    .collect(),
+            },
+        })
+    };
+    let dynamo = "namespace.kvtest.component.backend.endpoint.generate.kv-events";
+    let bare = "namespace-kvtest-component-backend-kv-events.queue";
+    let blocks_of = |w: u64| -> BTreeSet<u64> {
+        index_blocks(&e.url())
+            .into_iter()
+            .filter(|(x, _, _)| *x == w)
+            .map(|(_, _, h)| h)
+            .collect()
+    };
+    let wait_blocks = |w: u64, want: &[u64]| {
+        let want: BTreeSet<u64> = want.iter().copied().collect();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let got = blocks_of(w);
+            if got == want {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "worker {w}: {got:?}, want {want:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    // Worker 77, first process (Dynamo envelope, publisher A), no `cleared`.
+    let mut pa = PlanePublisher::new(0xA);
+    nats.publish_raw(dynamo, &pa.kv_events(&[stored(77, 1, None, &[1, 2, 3])]));
+    nats.publish_raw(dynamo, &pa.kv_events(&[stored(77, 2, Some(3), &[4])]));
+    // Worker 78, a bare RouterEvent publisher (kvgate's older layout).
+    for (id, h) in [(1u64, 50u64), (2, 51), (3, 52)] {
+        let parent = (h > 50).then_some(h - 1);
+        nats.publish_raw(
+            bare,
+            &serde_json::to_vec(&stored(78, id, parent, &[h])).unwrap(),
+        );
+    }
+    wait_blocks(77, &[1, 2, 3, 4]);
+    wait_blocks(78, &[50, 51, 52]);
+
+    // (b) Worker 77 restarts: a new publisher, event ids from 1 again, no `cleared`.
+    let mut pb = PlanePublisher::new(0xB);
+    nats.publish_raw(dynamo, &pb.kv_events(&[stored(77, 1, None, &[100, 101])]));
+    wait_blocks(77, &[100, 101]);
+    // (c) Worker 78's ids start over without `cleared`.
+    nats.publish_raw(
+        bare,
+        &serde_json::to_vec(&stored(78, 1, None, &[60])).unwrap(),
+    );
+    wait_blocks(78, &[60]);
+    let t = metrics(&e.url());
+    assert_eq!(
+        metric(
+            &t,
+            "kvgate_kv_rank_restarts_total{reason=\"new_publisher\"}"
+        ),
+        Some(1.0),
+        "{t}"
+    );
+    assert_eq!(
+        metric(
+            &t,
+            "kvgate_kv_rank_restarts_total{reason=\"event_id_reset\"}"
+        ),
+        Some(1.0)
+    );
+
+    // The router restarts from its snapshot; meanwhile worker 77 restarts again (publisher C,
+    // ids from 1, no `cleared`) and worker 78's ids start over again: the snapshot's blocks
+    // of both must not come back.
+    wait_metric(&e.url(), "kvgate_kv_index_snapshots_written_total", |v| {
+        v >= 1.0
+    });
+    std::thread::sleep(Duration::from_millis(600));
+    drop(e);
+    let mut pc = PlanePublisher::new(0xC);
+    nats.publish_raw(dynamo, &pc.kv_events(&[stored(77, 1, None, &[200])]));
+    nats.publish_raw(
+        bare,
+        &serde_json::to_vec(&stored(78, 1, None, &[70])).unwrap(),
+    );
+    let e = epp(&workers, &args);
+    let blocks_of = |w: u64| -> BTreeSet<u64> {
+        index_blocks(&e.url())
+            .into_iter()
+            .filter(|(x, _, _)| *x == w)
+            .map(|(_, _, h)| h)
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (a, b) = (blocks_of(77), blocks_of(78));
+        if a == BTreeSet::from([200]) && b == BTreeSet::from([70]) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "after the restore: 77 {a:?}, 78 {b:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let t = metrics(&e.url());
+    assert!(
+        metric(&t, "kvgate_kv_index_restored_events").unwrap() > 0.0,
+        "{t}"
+    );
+    // Only the two newer messages were read.
+    assert_eq!(
+        metric(&t, "kvgate_kv_events_applied_total"),
+        Some(2.0),
+        "{t}"
+    );
+}

@@ -99,14 +99,12 @@ fn env(c: &Value) -> Vec<(String, String)> {
         .map(|e| {
             let v = match e.get("value") {
                 Some(v) => v.as_str().unwrap().to_string(),
-                // The only valueFrom: the pod's namespace.
-                None => {
-                    assert_eq!(
-                        e["valueFrom"]["fieldRef"]["fieldPath"],
-                        "metadata.namespace"
-                    );
-                    "llm".to_string()
-                }
+                // The only valueFroms: the pod's namespace and name.
+                None => match e["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
+                    Some("metadata.namespace") => "llm".to_string(),
+                    Some("metadata.name") => "t-kvgate-operator-5d9c7b-x2x7k".to_string(),
+                    other => panic!("unexpected valueFrom {other:?} in {e}"),
+                },
             };
             (e["name"].as_str().unwrap().to_string(), v)
         })
@@ -425,13 +423,104 @@ fn the_operator_gets_cluster_wide_or_namespaced_rbac_and_the_mesh_settings() {
     );
     let deploy = find(&objs, "Deployment", "t-kvgate-operator");
     assert_eq!(deploy["spec"]["replicas"], 1);
-    // Never two operators at once, not even during an upgrade.
-    assert_eq!(deploy["spec"]["strategy"]["type"], "Recreate");
+    // Leader election on: a new pod may start beside the old one, as a standby.
+    assert_eq!(deploy["spec"]["strategy"]["type"], "RollingUpdate");
     let c = container(deploy, "operator");
     assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
     assert_eq!(
         env_value(c, "DYNAMO_SERVICE_MESH_ENABLED").as_deref(),
         Some("false")
+    );
+    for (k, v) in [
+        ("KVGATE_LEADER_ELECT", "true"),
+        ("KVGATE_LEADER_ELECTION_LEASE_NAME", "t-kvgate-operator"),
+        ("KVGATE_LEADER_ELECTION_NAMESPACE", "llm"),
+        ("KVGATE_LEADER_ELECTION_LEASE_DURATION_SECONDS", "15"),
+        ("KVGATE_LEADER_ELECTION_RENEW_DEADLINE_SECONDS", "10"),
+        ("KVGATE_LEADER_ELECTION_RETRY_PERIOD_SECONDS", "2"),
+    ] {
+        assert_eq!(env_value(c, k).as_deref(), Some(v), "{k}");
+    }
+    let pod_name = c["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "POD_NAME")
+        .unwrap();
+    assert_eq!(
+        pod_name["valueFrom"]["fieldRef"]["fieldPath"],
+        "metadata.name"
+    );
+    // The Lease, in the release namespace: create, and get/update of that one name.
+    let lease_role = find(&objs, "Role", "t-kvgate-operator-leader-election");
+    assert_eq!(lease_role["metadata"]["namespace"], "llm");
+    let lease_rules = lease_role["rules"].as_array().unwrap();
+    for v in ["create", "get", "update"] {
+        assert!(
+            lease_rules
+                .iter()
+                .any(|r| r["apiGroups"] == json!(["coordination.k8s.io"])
+                    && r["resources"] == json!(["leases"])
+                    && r["verbs"].as_array().unwrap().iter().any(|x| x == v)
+                    && (v == "create" || r["resourceNames"] == json!(["t-kvgate-operator"]))),
+            "{v} on the Lease: {lease_rules:?}"
+        );
+    }
+    let lease_binding = find(&objs, "RoleBinding", "t-kvgate-operator-leader-election");
+    assert_eq!(lease_binding["metadata"]["namespace"], "llm");
+    assert_eq!(
+        lease_binding["roleRef"]["name"],
+        "t-kvgate-operator-leader-election"
+    );
+    assert_eq!(lease_binding["subjects"], binding["subjects"]);
+
+    // Several copies with leader election; without it, one copy and no overlap on upgrades.
+    let objs = render(&[
+        "--set",
+        "operator.enabled=true",
+        "--set",
+        "operator.replicas=3",
+    ]);
+    assert_eq!(
+        find(&objs, "Deployment", "t-kvgate-operator")["spec"]["replicas"],
+        3
+    );
+    let off = [
+        "--set",
+        "operator.enabled=true",
+        "--set",
+        "operator.leaderElection.enabled=false",
+    ];
+    let objs = render(&off);
+    let deploy = find(&objs, "Deployment", "t-kvgate-operator");
+    assert_eq!(deploy["spec"]["strategy"]["type"], "Recreate");
+    assert_eq!(
+        env_value(container(deploy, "operator"), "KVGATE_LEADER_ELECT").as_deref(),
+        Some("false")
+    );
+    assert!(
+        !objs
+            .iter()
+            .any(|o| o["metadata"]["name"] == "t-kvgate-operator-leader-election"),
+        "{:?}",
+        kinds(&objs)
+    );
+    let mut two = off.to_vec();
+    two.extend(["--set", "operator.replicas=2"]);
+    let err = render_err(&two);
+    assert!(
+        err.contains("needs operator.leaderElection.enabled"),
+        "{err}"
+    );
+    let err = render_err(&[
+        "--set",
+        "operator.enabled=true",
+        "--set",
+        "operator.leaderElection.renewDeadlineSeconds=20",
+    ]);
+    assert!(
+        err.contains("leaseDurationSeconds > renewDeadlineSeconds"),
+        "{err}"
     );
 
     let objs = render(&[
@@ -496,6 +585,12 @@ fn the_containers_get_arguments_kvgate_accepts() {
         "operator.enabled=true",
         "--set",
         "operator.failureMode=FailOpen",
+        "--set",
+        "operator.replicas=2",
+        "--set",
+        "operator.leaderElection.renewDeadlineSeconds=7.5",
+        "--set",
+        "operator.leaderElection.retryPeriodSeconds=0.5",
         "--set",
         "dynamo.serviceMesh.enabled=true",
         "--set",

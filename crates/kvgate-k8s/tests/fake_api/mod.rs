@@ -1,8 +1,11 @@
 //! An in-memory Kubernetes API server behind tower-test's mock service, enough for the
 //! operator: get, list (label selectors), watch (held open), server-side apply, JSON merge patch
 //! of `/status` with a resourceVersion precondition, delete with a uid precondition, and API
-//! discovery for Istio. Every request is logged so tests can assert what was written, and the
-//! store can be edited by hand between reconciles (someone's `kubectl edit`).
+//! discovery for Istio, and create (POST) and replace (PUT) with resourceVersion conflicts, as
+//! leader election does with Leases. Every request is logged (with the client that sent it, the
+//! time and the status answered) so tests can assert what was written, and the store can be
+//! edited by hand between reconciles (someone's `kubectl edit`). Several clients may share one
+//! fake ([`Fake::client`]): copies of the operator against one cluster.
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
@@ -15,6 +18,11 @@ use std::sync::{Arc, Mutex};
 
 #[derive(Clone, Debug)]
 pub struct Logged {
+    /// Which client sent it ([`Fake::client`]'s name; empty for the one of [`Fake::new`]).
+    pub client: String,
+    pub at: std::time::Instant,
+    /// The status answered (0: not answered yet, e.g. a held watch).
+    pub status: u16,
     pub method: String,
     pub path: String,
     pub query: String,
@@ -46,8 +54,19 @@ pub struct State {
     history: Vec<(u64, Key, String, Value)>,
     /// Lists of these plurals wait for [`Fake::release`].
     hold_lists: std::collections::BTreeSet<String>,
-    held_lists: Vec<(Logged, tower_test::mock::SendResponse<Response<Body>>)>,
+    held_lists: Vec<Waiting>,
+    /// Named GETs of this plural are held until this many wait, then answered together.
+    gate: Option<(String, usize, Vec<Waiting>)>,
+    /// Stored just before the next create or replace of this plural is handled: a write of
+    /// someone else's that lands first.
+    races: Vec<(String, Value)>,
+    /// Requests of these clients for these plurals are answered 503, as if the API server
+    /// were out of reach for them: (client, plural).
+    pub cut_off: std::collections::BTreeSet<(String, String)>,
 }
+
+/// A request waiting for its answer.
+type Waiting = (Logged, tower_test::mock::SendResponse<Response<Body>>);
 
 /// A watch request waiting for a change.
 struct Held {
@@ -181,13 +200,20 @@ fn merge_patch(into: &mut Value, patch: &Value) {
 
 impl Fake {
     pub fn new(istio: bool) -> (Self, kube::Client) {
-        let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
         let fake = Fake(Arc::new(Mutex::new(State {
             istio,
             pools: true,
             ..State::default()
         })));
-        let f = fake.clone();
+        let client = fake.client("");
+        (fake, client)
+    }
+
+    /// Another client of the same cluster; its requests are logged as `name`'s.
+    pub fn client(&self, name: &str) -> kube::Client {
+        let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let f = self.clone();
+        let who = name.to_string();
         tokio::spawn(async move {
             while let Some((req, send)) = handle.next_request().await {
                 let (parts, body) = req.into_parts();
@@ -198,6 +224,9 @@ impl Fake {
                     .unwrap_or_default();
                 let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
                 let logged = Logged {
+                    client: who.clone(),
+                    at: std::time::Instant::now(),
+                    status: 0,
                     method: parts.method.to_string(),
                     path: parts.uri.path().to_string(),
                     query: parts.uri.query().unwrap_or_default().to_string(),
@@ -211,6 +240,17 @@ impl Fake {
                 };
                 let mut st = f.0.lock().unwrap();
                 st.log.push(logged.clone());
+                let (_, rest) = split(&logged.path);
+                let cut = rest
+                    .iter()
+                    .any(|seg| st.cut_off.contains(&(who.clone(), seg.clone())));
+                if cut {
+                    if let Some(l) = st.log.last_mut() {
+                        l.status = 503;
+                    }
+                    send.send_response(status(503, "ServiceUnavailable", "cut off by the test"));
+                    continue;
+                }
                 if logged.method == "GET"
                     && query_param(&logged.query, "watch").as_deref() == Some("true")
                 {
@@ -263,13 +303,53 @@ impl Fake {
                         st.held_lists.push((logged, send));
                         continue;
                     }
+                    if let [_, _, p, _] = rest.as_slice()
+                        && let Some((gated, n, waiting)) = st.gate.as_mut()
+                        && gated == p
+                    {
+                        waiting.push((logged, send));
+                        if waiting.len() >= *n {
+                            let (_, _, waiting) = st.gate.take().unwrap();
+                            for (l, send) in waiting {
+                                let resp = st.handle(&l);
+                                st.set_status(&l, resp.status().as_u16());
+                                send.send_response(resp);
+                            }
+                        }
+                        continue;
+                    }
                 }
                 let resp = st.handle(&logged);
+                if let Some(l) = st.log.last_mut() {
+                    l.status = resp.status().as_u16();
+                }
                 send.send_response(resp);
             }
         });
-        let client = kube::Client::new(svc, "default");
-        (fake, client)
+        kube::Client::new(svc, "default")
+    }
+
+    /// Answers `client`'s requests for `plural` with 503 (`cut`), or again normally.
+    pub fn cut_off(&self, client: &str, plural: &str, cut: bool) {
+        let k = (client.to_string(), plural.to_string());
+        let mut st = self.state();
+        if cut {
+            st.cut_off.insert(k);
+        } else {
+            st.cut_off.remove(&k);
+        }
+    }
+
+    /// Holds named GETs of `plural` until `n` of them wait, then answers them together: `n`
+    /// clients that all read the same thing before any writes.
+    pub fn gate_gets(&self, plural: &str, n: usize) {
+        self.state().gate = Some((plural.to_string(), n, Vec::new()));
+    }
+
+    /// Stores `o` just before the next create or replace of `plural` is handled, as if another
+    /// client's write landed first.
+    pub fn race_next_write(&self, plural: &str, o: Value) {
+        self.state().races.push((plural.to_string(), o));
     }
 
     pub fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -284,33 +364,8 @@ impl Fake {
     }
 
     /// Stores `o` as a client's create/update would (uid and resourceVersion assigned).
-    pub fn put(&self, plural: &str, mut o: Value) {
-        let mut st = self.state();
-        let ns = o["metadata"]["namespace"]
-            .as_str()
-            .unwrap_or("default")
-            .to_string();
-        let name = o["metadata"]["name"].as_str().unwrap().to_string();
-        let key = (plural.to_string(), ns, name);
-        if o["metadata"]["uid"].is_null() {
-            let old_uid = st.objects.get(&key).map(|x| x["metadata"]["uid"].clone());
-            o["metadata"]["uid"] = match old_uid {
-                Some(u) => u,
-                None => {
-                    st.uids += 1;
-                    json!(format!("uid-{}", st.uids))
-                }
-            };
-        }
-        st.rv += 1;
-        o["metadata"]["resourceVersion"] = json!(st.rv.to_string());
-        let event = if st.objects.contains_key(&key) {
-            "MODIFIED"
-        } else {
-            "ADDED"
-        };
-        st.objects.insert(key.clone(), o.clone());
-        st.notify(&key, event, &o);
+    pub fn put(&self, plural: &str, o: Value) {
+        self.state().put(plural, o);
     }
 
     /// Changes an object in place (a hand edit).
@@ -374,6 +429,46 @@ impl Held {
 }
 
 impl State {
+    /// Stores `o` as a client's create/update would (uid and resourceVersion assigned).
+    fn put(&mut self, plural: &str, mut o: Value) {
+        let ns = o["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("default")
+            .to_string();
+        let name = o["metadata"]["name"].as_str().unwrap().to_string();
+        let key = (plural.to_string(), ns, name);
+        if o["metadata"]["uid"].is_null() {
+            let old_uid = self.objects.get(&key).map(|x| x["metadata"]["uid"].clone());
+            o["metadata"]["uid"] = match old_uid {
+                Some(u) => u,
+                None => {
+                    self.uids += 1;
+                    json!(format!("uid-{}", self.uids))
+                }
+            };
+        }
+        self.rv += 1;
+        o["metadata"]["resourceVersion"] = json!(self.rv.to_string());
+        let event = if self.objects.contains_key(&key) {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        self.objects.insert(key.clone(), o.clone());
+        self.notify(&key, event, &o);
+    }
+
+    fn set_status(&mut self, l: &Logged, status: u16) {
+        if let Some(x) = self
+            .log
+            .iter_mut()
+            .rev()
+            .find(|x| x.at == l.at && x.path == l.path && x.client == l.client)
+        {
+            x.status = status;
+        }
+    }
+
     /// Records a change and answers the held watches that select `o`.
     fn notify(&mut self, key: &Key, event: &str, o: &Value) {
         self.history
@@ -434,6 +529,32 @@ impl State {
             ),
             _ => return status(404, "NotFound", "no such path"),
         };
+        if matches!(r.method.as_str(), "POST" | "PUT") {
+            // Someone else's write that lands first.
+            if let Some(i) = self.races.iter().position(|(p, _)| *p == plural) {
+                let (_, o) = self.races.remove(i);
+                self.put(&plural, o);
+            }
+        }
+        if r.method == "POST" && name.is_none() {
+            let ns = ns.unwrap_or_default();
+            let Some(name) = r.body["metadata"]["name"].as_str() else {
+                return status(422, "Invalid", "metadata.name: Required value");
+            };
+            let key = (plural.clone(), ns.clone(), name.to_string());
+            if self.objects.contains_key(&key) {
+                return status(
+                    409,
+                    "AlreadyExists",
+                    &format!("{plural} \"{name}\" already exists"),
+                );
+            }
+            let mut o = r.body.clone();
+            o["metadata"]["namespace"] = json!(ns);
+            o["metadata"]["uid"] = Value::Null;
+            self.put(&plural, o);
+            return respond(201, &self.objects[&key]);
+        }
         let Some(name) = name else {
             // A list.
             let selector = query_param(&r.query, "labelSelector").unwrap_or_default();
@@ -462,6 +583,27 @@ impl State {
                 Some(o) => respond(200, o),
                 None => status(404, "NotFound", &format!("{plural} \"{name}\" not found")),
             },
+            ("PUT", None) => {
+                let Some(old) = self.objects.get(&key) else {
+                    return status(404, "NotFound", &format!("{plural} \"{name}\" not found"));
+                };
+                if let Some(want) = r.body["metadata"]["resourceVersion"].as_str()
+                    && old["metadata"]["resourceVersion"] != want
+                {
+                    return status(
+                        409,
+                        "Conflict",
+                        &format!(
+                            "Operation cannot be fulfilled on {plural} \"{name}\": the object has been modified; please apply your changes to the latest version and try again"
+                        ),
+                    );
+                }
+                let mut o = r.body.clone();
+                o["metadata"]["uid"] = old["metadata"]["uid"].clone();
+                o["metadata"]["namespace"] = json!(ns);
+                self.put(&plural, o);
+                respond(200, &self.objects[&key])
+            }
             ("PATCH", None) if r.content_type.starts_with("application/apply-patch") => {
                 let created = !self.objects.contains_key(&key);
                 let mut o = self.objects.get(&key).cloned().unwrap_or(json!({}));

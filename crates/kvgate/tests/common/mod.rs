@@ -67,6 +67,11 @@ impl Proc {
             .to_string()
     }
 
+    /// The process id (to signal it, e.g. SIGSTOP).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The first `tcp://...` address printed.
     pub fn zmq(&self) -> String {
         self.lines
@@ -278,16 +283,29 @@ impl Envoy {
         vars: &[(&str, &str)],
         edit: impl FnOnce(String) -> String,
     ) -> Envoy {
+        let src = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../deploy/envoy")
+            .join(template);
+        let text = std::fs::read_to_string(&src).unwrap();
+        Self::start_text(template, &text, vars, edit)
+    }
+
+    /// [`start_edited`](Self::start_edited) with the template's text given (e.g. one rendered by
+    /// `kvgate_bench::procs`); `name` only labels errors.
+    pub fn start_text(
+        name: &str,
+        text: &str,
+        vars: &[(&str, &str)],
+        edit: impl FnOnce(String) -> String,
+    ) -> Envoy {
+        let template = name;
         let bin = tools_dir().join("bin/envoy");
         assert!(
             bin.exists(),
             "Envoy is not installed at {}: run scripts/setup.sh (the README's test command does)",
             bin.display()
         );
-        let src = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../../deploy/envoy")
-            .join(template);
-        let mut cfg = std::fs::read_to_string(&src).unwrap();
+        let mut cfg = text.to_string();
         let (port, admin) = (free_port(), free_port());
         let (p, a) = (port.to_string(), admin.to_string());
         let mut all: Vec<(&str, &str)> = vec![("LISTEN_PORT", &p), ("ADMIN_PORT", &a)];
