@@ -111,45 +111,6 @@ fn messages(events: &[KvEvent], batch: usize) -> Vec<Vec<u8>> {
         .collect()
 }
 
-struct NatsServer(std::process::Child, PathBuf);
-
-impl Drop for NatsServer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-        let _ = std::fs::remove_dir_all(&self.1);
-    }
-}
-
-fn start_nats(bin: &PathBuf) -> Result<(NatsServer, String), String> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_err(|e| e.to_string())?
-        .port();
-    let store = std::env::temp_dir().join(format!("kvgate-bench-js-{}", std::process::id()));
-    let child = std::process::Command::new(bin)
-        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-        .arg(&store)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .map_err(|e| {
-            format!(
-                "cannot start {} ({e}); run scripts/setup.sh or pass --nats-url",
-                bin.display()
-            )
-        })?;
-    let server = NatsServer(child, store);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if Instant::now() > deadline {
-            return Err("nats-server did not start listening".into());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok((server, format!("nats://127.0.0.1:{port}")))
-}
-
 async fn wait_applied(stats: &EventStats, n: u64, timeout: Duration) -> (u64, Duration) {
     let t0 = Instant::now();
     loop {
@@ -200,7 +161,12 @@ pub async fn run(a: BenchEventsArgs) -> Result<(), String> {
     let (_server, url) = match &a.nats_url {
         Some(u) => (None, u.clone()),
         None => {
-            let (s, u) = start_nats(&a.nats_server)?;
+            let s = crate::procs::NatsServer::start(
+                &a.nats_server,
+                "bench-events",
+                "run scripts/setup.sh or pass --nats-url",
+            )?;
+            let u = s.url();
             (Some(s), u)
         }
     };

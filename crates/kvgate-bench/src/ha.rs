@@ -28,7 +28,7 @@
 //! `hit_after_recovery_ratio` (and `phases`, `restarted_hit_ratio`).
 
 use crate::demo::{DemoRequest, Outcome, one, pct};
-use crate::procs::{Proc, TempDir, free_port, metric_value, start_fail_open_gateway};
+use crate::procs::{NatsServer, Proc, TempDir, free_port, metric_value, start_fail_open_gateway};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -131,54 +131,6 @@ pub struct Summary {
     /// kill (from its own counters; `null` when it routed nothing with usage).
     pub restarted_hit_ratio: Option<f64>,
     pub phases: Vec<Phase>,
-}
-
-struct Nats {
-    bin: PathBuf,
-    port: u16,
-    store: PathBuf,
-    dir: PathBuf,
-    proc: Option<Proc>,
-}
-
-impl Nats {
-    fn start(bin: &Path, dir: &Path) -> Result<Self, String> {
-        let mut n = Self {
-            bin: bin.to_path_buf(),
-            port: free_port()?,
-            store: dir.join("nats-store"),
-            dir: dir.to_path_buf(),
-            proc: None,
-        };
-        n.restart()?;
-        Ok(n)
-    }
-
-    fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-
-    fn restart(&mut self) -> Result<(), String> {
-        self.proc = None;
-        let port = self.port.to_string();
-        let store = self.store.to_string_lossy().to_string();
-        let p = Proc::start(
-            "nats-server",
-            &self.bin,
-            &["-js", "-a", "127.0.0.1", "-p", &port, "-sd", &store],
-            0,
-            Some(&self.dir),
-        )?;
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            if Instant::now() > deadline {
-                return Err("nats-server did not listen".into());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        self.proc = Some(p);
-        Ok(())
-    }
 }
 
 /// One EPP replica: fixed ports, so a restart takes its old place in Envoy's cluster.
@@ -377,7 +329,7 @@ async fn drive(a: &BenchHaArgs, gateway: &str, p: u64) -> Result<(Outcome, usize
 
 struct Rig {
     dir: TempDir,
-    nats: Nats,
+    nats: NatsServer,
     epps: Vec<Epp>,
     _workers: Vec<Proc>,
     _envoys: Vec<Proc>,
@@ -396,7 +348,7 @@ fn setup(a: &BenchHaArgs) -> Result<Rig, String> {
         }
     }
     let dir = TempDir::new("bench-ha")?;
-    let nats = Nats::start(&a.nats_server, dir.path())?;
+    let nats = NatsServer::start(&a.nats_server, "bench-ha", "run scripts/setup.sh")?;
     let url = nats.url();
     let ids: Vec<u64> = (0..u64::from(a.workers)).map(|i| 2001 + i).collect();
     let (blocks, speedup) = (a.kv_blocks.to_string(), a.speedup.to_string());
@@ -592,7 +544,7 @@ pub async fn run(a: BenchHaArgs) -> Result<(), String> {
         tokio::spawn(async move { drive(&a2, &gw, 4).await })
     };
     tokio::time::sleep(Duration::from_secs_f64(a.phase_secs * 0.5)).await;
-    rig.nats.proc = None;
+    rig.nats.stop();
     tokio::time::sleep(Duration::from_secs(1)).await;
     rig.nats.restart()?;
     let (o, n) = load.await.map_err(|e| e.to_string())??;

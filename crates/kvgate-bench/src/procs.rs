@@ -37,6 +37,75 @@ impl Drop for TempDir {
     }
 }
 
+/// A nats-server with JetStream on a free loopback port, its store in a scratch directory that
+/// outlives restarts and is removed on drop (with the server).
+pub struct NatsServer {
+    bin: PathBuf,
+    port: u16,
+    child: Option<Child>,
+    store: TempDir,
+}
+
+impl NatsServer {
+    /// Starts it and waits until it listens; `hint` ends the error when it cannot be run.
+    pub fn start(bin: &Path, tag: &str, hint: &str) -> Result<Self, String> {
+        let mut n = Self {
+            bin: bin.to_path_buf(),
+            port: free_port()?,
+            child: None,
+            store: TempDir::new(&format!("{tag}-js"))?,
+        };
+        n.restart().map_err(|e| format!("{e}; {hint}"))?;
+        Ok(n)
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILL, keeping the store.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// (Re)starts it on the same port and store, and waits until it listens.
+    pub fn restart(&mut self) -> Result<(), String> {
+        self.stop();
+        let child = Command::new(&self.bin)
+            .args([
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-sd",
+            ])
+            .arg(self.store.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start {} ({e})", self.bin.display()))?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            if Instant::now() > deadline {
+                return Err("nats-server did not start listening".into());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// A child process, killed on drop, with the stdout lines it printed at start-up. Its stderr
 /// goes to a file when a directory is given (so that panics can be found afterwards), else to
 /// the bench's own stderr.

@@ -13,7 +13,7 @@ use kvgate_core::{
 };
 use kvgate_runtime::snapshot::SnapshotTarget;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 #[derive(clap::Args, Debug)]
 pub struct BenchSnapshotArgs {
@@ -170,7 +170,12 @@ pub fn run(a: BenchSnapshotArgs) -> Result<(), String> {
         let (server, url) = match &a.nats_url {
             Some(u) => (None, u.clone()),
             None => {
-                let (s, u) = start_nats(&a.nats_server)?;
+                let s = crate::procs::NatsServer::start(
+                    &a.nats_server,
+                    "bench-snapshot",
+                    "run scripts/setup.sh, pass --nats-url or --no-nats",
+                )?;
+                let u = s.url();
                 (Some(s), u)
             }
         };
@@ -277,43 +282,4 @@ pub fn run(a: BenchSnapshotArgs) -> Result<(), String> {
         );
     }
     Ok(())
-}
-
-struct NatsServer(std::process::Child, PathBuf);
-
-impl Drop for NatsServer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-        let _ = std::fs::remove_dir_all(&self.1);
-    }
-}
-
-fn start_nats(bin: &PathBuf) -> Result<(NatsServer, String), String> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_err(|e| e.to_string())?
-        .port();
-    let store = std::env::temp_dir().join(format!("kvgate-bench-snap-js-{}", std::process::id()));
-    let child = std::process::Command::new(bin)
-        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-        .arg(&store)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .map_err(|e| {
-            format!(
-                "cannot start {} ({e}); run scripts/setup.sh, pass --nats-url or --no-nats",
-                bin.display()
-            )
-        })?;
-    let server = NatsServer(child, store);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if Instant::now() > deadline {
-            return Err("nats-server did not start listening".into());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok((server, format!("nats://127.0.0.1:{port}")))
 }
