@@ -145,6 +145,14 @@ pub struct BenchReplayArgs {
     /// random. Every replica sees every engine's KV events either way.
     #[arg(long, default_value = "round-robin")]
     pub replica_spread: String,
+    /// `--router-replicas`: the replicas' home discount against herding, as the product's
+    /// `--replica-home-discount` (0: off).
+    #[arg(long, default_value_t = kvgate_runtime::replica::DEFAULT_HOME_DISCOUNT)]
+    pub replica_home_discount: f64,
+    /// `--router-replicas`: the herding measure's window, as the product's
+    /// `--replica-herd-window-ms` (default: twice each sync delay, as an operator would set it).
+    #[arg(long)]
+    pub replica_herd_window_ms: Option<f64>,
 }
 
 /// `--real` agreement bounds: hit rates within this much (absolute)...
@@ -597,6 +605,7 @@ pub fn run(mut a: BenchReplayArgs) -> Result<(), String> {
         if let Some(v) = &vs_single {
             out["router_replicas"] = a.router_replicas.into();
             out["replica_spread"] = a.replica_spread.clone().into();
+            out["replica_home_discount"] = a.replica_home_discount.into();
             out["vs_single"] = serde_json::to_value(v).unwrap_or_default();
         }
         println!("{out}");
@@ -708,6 +717,7 @@ fn run_sweep(
         if let Some(r) = &vs_single {
             out["router_replicas"] = a.router_replicas.into();
             out["replica_spread"] = a.replica_spread.clone().into();
+            out["replica_home_discount"] = a.replica_home_discount.into();
             out["vs_single"] = serde_json::to_value(r).unwrap_or_default();
         }
         println!("{out}");

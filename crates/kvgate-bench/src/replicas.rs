@@ -27,7 +27,13 @@ pub struct Variant {
     /// `None`: sync off.
     pub delay_ms: Option<f64>,
     pub spread: Spread,
+    /// Replica homes against herding (0: off) and their window (`None`: twice the sync
+    /// delay); named only when not the defaults (`/home-off`, `/home-D` or `/home-D-Wms`).
+    pub home_discount: f64,
+    pub herd_window_ms: Option<f64>,
 }
+
+use kvgate_runtime::replica::DEFAULT_HOME_DISCOUNT;
 
 impl Variant {
     pub fn name(&self) -> String {
@@ -35,8 +41,17 @@ impl Variant {
             Some(d) => format!("sync-{d}ms"),
             None => "unsynced".to_string(),
         };
+        let home = if self.home_discount == 0.0 {
+            "/home-off".to_string()
+        } else if let Some(w) = self.herd_window_ms {
+            format!("/home-{}-{w}ms", self.home_discount)
+        } else if self.home_discount != DEFAULT_HOME_DISCOUNT {
+            format!("/home-{}", self.home_discount)
+        } else {
+            String::new()
+        };
         format!(
-            "{}@{}/{sync}/{}",
+            "{}@{}/{sync}/{}{home}",
             self.base,
             self.replicas,
             self.spread.as_str()
@@ -62,10 +77,33 @@ impl Variant {
             ));
         }
         let mut parts = rest.split('/');
-        let (Some(n), Some(sync), Some(spread), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
+        let (Some(n), Some(sync), Some(spread), home, None) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) else {
             return Err(bad());
+        };
+        let (home_discount, herd_window_ms) = match home {
+            None => (DEFAULT_HOME_DISCOUNT, None),
+            Some("home-off") => (0.0, None),
+            Some(h) => {
+                let h = h.strip_prefix("home-").ok_or_else(bad)?;
+                let (d, w) = match h.split_once('-') {
+                    Some((d, w)) => (d, w.strip_suffix("ms").ok_or_else(bad)?),
+                    None => (h, ""),
+                };
+                let d: f64 = d.parse().map_err(|_| bad())?;
+                let w: Option<f64> = if w.is_empty() {
+                    None
+                } else {
+                    Some(w.parse().map_err(|_| bad())?)
+                };
+                check_home(d, w)?;
+                (d, w)
+            }
         };
         let replicas: usize = n.parse().map_err(|_| bad())?;
         let delay_ms = match sync {
@@ -83,6 +121,8 @@ impl Variant {
             replicas,
             delay_ms,
             spread: Spread::parse(spread)?,
+            home_discount,
+            herd_window_ms,
         })
     }
 
@@ -99,14 +139,39 @@ impl Variant {
             |i| {
                 // Each replica its own tie-break stream, as separate processes would have.
                 let s = seed.wrapping_add(i as u64);
-                match base.as_str() {
+                let r = match base.as_str() {
                     "dynamo" => KvRouter::dynamo(&fleet, bs, s),
                     _ => KvRouter::kvgate(&fleet, bs, s),
-                }
+                }?;
+                Ok(r)
             },
-        )?;
+        )?
+        .with_home(
+            (self.home_discount > 0.0).then_some(self.home_discount),
+            Duration::from_secs_f64(
+                self.herd_window_ms
+                    .unwrap_or(2.0 * self.delay_ms.unwrap_or(0.0))
+                    .max(1e-3)
+                    / 1000.0,
+            ),
+        );
         Ok(Box::new(p))
     }
+}
+
+/// Refuses a home discount or herd window the product would refuse.
+pub fn check_home(discount: f64, window_ms: Option<f64>) -> Result<(), String> {
+    if !(discount.is_finite() && (0.0..1.0).contains(&discount)) {
+        return Err(format!(
+            "replica home discount {discount}: must be >= 0 and < 1"
+        ));
+    }
+    if let Some(w) = window_ms
+        && !(w.is_finite() && w > 0.0)
+    {
+        return Err(format!("replica herd window {w} ms: must be > 0"));
+    }
+    Ok(())
 }
 
 /// The policies a replica comparison runs: the base alone, then its variants.
@@ -122,6 +187,7 @@ pub fn policies(a: &BenchReplayArgs) -> Result<Vec<String>, String> {
         return Err("--router-replicas must be >= 2 to compare replicas with one router".into());
     }
     let spread = Spread::parse(&a.replica_spread)?;
+    check_home(a.replica_home_discount, a.replica_herd_window_ms)?;
     let mut out = vec![base.to_string()];
     for s in &a.replica_sync {
         match s.as_str() {
@@ -141,6 +207,8 @@ pub fn policies(a: &BenchReplayArgs) -> Result<Vec<String>, String> {
                             replicas: a.router_replicas as usize,
                             delay_ms: Some(d),
                             spread,
+                            home_discount: a.replica_home_discount,
+                            herd_window_ms: a.replica_herd_window_ms,
                         }
                         .name(),
                     );
@@ -152,6 +220,8 @@ pub fn policies(a: &BenchReplayArgs) -> Result<Vec<String>, String> {
                     replicas: a.router_replicas as usize,
                     delay_ms: None,
                     spread,
+                    home_discount: a.replica_home_discount,
+                    herd_window_ms: a.replica_herd_window_ms,
                 }
                 .name(),
             ),
@@ -275,6 +345,8 @@ mod tests {
             replicas: 4,
             delay_ms: Some(2.5),
             spread: Spread::Random,
+            home_discount: DEFAULT_HOME_DISCOUNT,
+            herd_window_ms: None,
         };
         assert_eq!(v.name(), "kvgate@4/sync-2.5ms/random");
         assert_eq!(Variant::parse(&v.name()), Some(Ok(v)));
@@ -288,6 +360,15 @@ mod tests {
             }))
         ));
         assert_eq!(Variant::parse("kvgate"), None);
+        for (name, d, w) in [
+            ("kvgate@4/sync-1ms/random/home-off", 0.0, None),
+            ("kvgate@4/sync-1ms/random/home-0.2", 0.2, None),
+            ("kvgate@4/sync-1ms/random/home-0.2-5ms", 0.2, Some(5.0)),
+        ] {
+            let v = Variant::parse(name).unwrap().unwrap();
+            assert_eq!((v.home_discount, v.herd_window_ms), (d, w), "{name}");
+            assert_eq!(v.name(), name);
+        }
         for bad in [
             "round-robin@4/unsynced/random",
             "kvgate@x/unsynced/random",
@@ -295,6 +376,10 @@ mod tests {
             "kvgate@4/sync--1ms/random",
             "kvgate@4/unsynced/sideways",
             "kvgate@4/unsynced",
+            "kvgate@4/unsynced/random/home-1.5",
+            "kvgate@4/unsynced/random/home-0.2-0ms",
+            "kvgate@4/unsynced/random/homes",
+            "kvgate@4/unsynced/random/home-off/x",
         ] {
             assert!(matches!(Variant::parse(bad), Some(Err(_))), "{bad}");
         }

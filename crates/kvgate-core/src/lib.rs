@@ -19,6 +19,7 @@ pub mod envelope;
 pub mod events;
 pub mod fasthash;
 pub mod hashing;
+pub mod herding;
 mod holders;
 pub mod ids;
 pub mod incarnation;

@@ -18,9 +18,10 @@
 //!
 //! Transport (NATS in `kvgate-runtime`) and timers live outside; this is plain data.
 
+use crate::herding::HerdGuard;
 use crate::ids::{LocalHash, RequestId, SeqHash, WorkerRank};
 use crate::load::{Booking, NewBooking};
-use crate::router::Router;
+use crate::router::{ReplicaHome, Router};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -242,7 +243,11 @@ pub struct ReplicaView {
     me: ReplicaId,
     peers: HashMap<ReplicaId, Peer>,
     pub counters: SyncCounters,
+    herd: HerdGuard,
 }
+
+/// Default [`HerdGuard`] window: a few times replica sync's delivery on one network (~1 ms).
+pub const DEFAULT_HERD_WINDOW: Duration = Duration::from_millis(5);
 
 impl ReplicaView {
     pub fn new(me: ReplicaId) -> Self {
@@ -250,7 +255,44 @@ impl ReplicaView {
             me,
             peers: HashMap::new(),
             counters: SyncCounters::default(),
+            herd: HerdGuard::new(DEFAULT_HERD_WINDOW),
         }
+    }
+
+    /// The herding measure's window (about the sync delay; [`DEFAULT_HERD_WINDOW`] otherwise).
+    pub fn with_herd_window(mut self, window: Duration) -> Self {
+        self.herd = HerdGuard::new(window);
+        self
+    }
+
+    /// This replica made a routing decision (see [`HerdGuard`]).
+    pub fn decided(&mut self, now: Instant) {
+        self.herd.decided(now);
+    }
+
+    /// Smoothed peer decisions unseen at each own decision (see [`HerdGuard`]).
+    pub fn herd_level(&mut self, now: Instant) -> f64 {
+        self.herd.level(now)
+    }
+
+    /// This replica's home share of the fleet as of `now`: its rank among itself and the
+    /// peers it follows, and `discount` scaled by how often peers decide alongside it. `None`
+    /// when alone or when peers' decisions come apart from its own: then it routes exactly as
+    /// a single router.
+    pub fn home(&mut self, now: Instant, discount: f64) -> Option<ReplicaHome> {
+        if self.peers.is_empty() || discount <= 0.0 {
+            return None;
+        }
+        let level = self.herd.level(now).min(1.0);
+        if level < 0.01 {
+            return None;
+        }
+        let rank = self.peers.keys().filter(|p| **p < self.me).count();
+        Some(ReplicaHome {
+            rank,
+            of: self.peers.len() + 1,
+            discount: discount * level,
+        })
     }
 
     pub fn me(&self) -> ReplicaId {
@@ -331,6 +373,12 @@ impl ReplicaView {
             return Received::NeedState(from);
         }
         peer.last_seq = msg.seq;
+        let booked = msg
+            .ops
+            .iter()
+            .filter(|op| matches!(op, SyncOp::Booked(_)))
+            .count();
+        self.herd.peer_decided(booked as u32, now);
         self.counters.ops_applied += msg.ops.len() as u64;
         self.counters.messages_applied += 1;
         for op in msg.ops {

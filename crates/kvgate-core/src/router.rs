@@ -108,6 +108,19 @@ pub struct Router {
     parked: FastMap<WorkerId, (WorkerInfo, Instant)>,
     /// The kvgate policy's learned prefill rate and residency.
     latency: LatencyModel,
+    /// This replica's home share of the fleet, when replicas route side by side.
+    home: Option<ReplicaHome>,
+}
+
+/// One of `of` router replicas, number `rank`: targets at positions `rank, rank + of, ...` of
+/// the sorted fleet are its home and cost `discount` less. Replicas that decide the same
+/// instant on the same view would otherwise all pick the same worker; homes make their
+/// first choices differ while a cache hit or a real load gap still outweighs the discount.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ReplicaHome {
+    pub rank: usize,
+    pub of: usize,
+    pub discount: f64,
 }
 
 /// The most data-parallel ranks a worker may announce.
@@ -146,7 +159,17 @@ impl Router {
             events_unknown_worker: 0,
             events_blind: false,
             parked: FastMap::default(),
+            home: None,
         })
+    }
+
+    /// Sets (or with `None` or a single replica, clears) this replica's home workers.
+    pub fn set_replica_home(&mut self, home: Option<ReplicaHome>) {
+        self.home = home.filter(|h| h.of > 1 && h.rank < h.of && h.discount > 0.0);
+    }
+
+    pub fn replica_home(&self) -> Option<ReplicaHome> {
+        self.home
     }
 
     pub fn config(&self) -> &RouterConfig {
@@ -386,13 +409,19 @@ impl Router {
         }
         let overlaps = self.overlaps(req.hashes, now);
         let seqs = req.hashes.seqs();
+        let home = self.home;
         let candidates: Vec<CandidateInput> = self
             .targets
             .iter()
-            .filter(|t| roles.contains(&t.1) && allowed.as_ref().is_none_or(|a| a.contains(&t.0)))
-            .map(|&(t, _, capacity)| {
+            .enumerate()
+            .filter(|(_, t)| {
+                roles.contains(&t.1) && allowed.as_ref().is_none_or(|a| a.contains(&t.0))
+            })
+            .map(|(i, &(t, _, capacity))| {
                 let load = self.load.load(&t);
                 CandidateInput {
+                    home_discount: home
+                        .map_or(0.0, |h| if i % h.of == h.rank { h.discount } else { 0.0 }),
                     worker: t,
                     overlap: overlaps.get(&t),
                     active_prefill_tokens: load.map_or(0, |l| l.prefill_tokens),

@@ -77,6 +77,9 @@ pub struct CandidateInput {
     /// Requests booked on the worker (running or queued).
     pub requests: usize,
     pub capacity: WorkerCapacity,
+    /// Fraction taken off this candidate's cost: its share of a replica's home workers
+    /// ([`crate::router::Router::set_replica_home`]); 0 when not home or alone.
+    pub home_discount: f64,
 }
 
 /// Why admission control skipped a worker.
@@ -287,6 +290,13 @@ pub fn schedule(
                 // Near-equal candidates tie, so that the cache decides between them.
                 ((p.total_ms() * 10.0).round() / 10.0, Some(p))
             }
+        };
+        // A share of the whole predicted cost, queue included: under load, replicas that
+        // decide at once on one view differ mainly in which queue looks shortest.
+        let cost = if c.home_discount > 0.0 {
+            cost * (1.0 - c.home_discount)
+        } else {
+            cost
         };
         CandidateScore {
             worker: c.worker,

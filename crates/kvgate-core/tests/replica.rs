@@ -481,3 +481,193 @@ fn the_wire_format_is_stable_and_limits_are_checked() {
         assert!(serde_json::from_str::<SyncMessage>(bad).is_err(), "{bad}");
     }
 }
+
+// ---------------- herding: replica homes ----------------
+
+/// Routes one cold request on replica `r` at `now` with homes at `discount`; the worker chosen.
+fn route_with_home(r: &mut Replica, h: &BlockHashes, discount: f64, now: Instant) -> u64 {
+    let home = r.view.home(now, discount);
+    r.router.set_replica_home(home);
+    r.book(h, now);
+    r.view.decided(now);
+    let id = r.live.last().unwrap().clone();
+    r.router.load().booking(&id).unwrap().worker.worker.0
+}
+
+/// Rounds of one request per replica; `gap` apart within a round (zero: a simultaneous burst).
+/// Every message arrives 1 ms after it was sent, and each round's requests end before the next.
+/// Returns, per round, the workers chosen.
+fn rounds(discount: f64, gap: Duration, n: usize) -> (Vec<Vec<u64>>, Vec<Replica>) {
+    let t0 = Instant::now();
+    let mut reps: Vec<Replica> = (1..=3).map(|i| Replica::new(i, true)).collect();
+    for r in &mut reps {
+        r.view = ReplicaView::new(r.id).with_herd_window(Duration::from_millis(2));
+    }
+    let mut out = Vec::new();
+    for round in 0..n {
+        let start = t0 + Duration::from_secs(round as u64);
+        let mut chosen = Vec::new();
+        for k in 0..reps.len() {
+            let at = start + gap * k as u32;
+            let h = prompt((round * 10 + k) as u32 + 1000, 4);
+            chosen.push(route_with_home(&mut reps[k], &h, discount, at));
+            if !gap.is_zero() {
+                // Spaced: this decision reaches the others before the next one is made.
+                let m = reps[k].flush().unwrap();
+                for to in 0..reps.len() {
+                    if to != k {
+                        deliver(&mut reps, to, m.clone(), at + Duration::from_millis(1));
+                    }
+                }
+            }
+        }
+        if gap.is_zero() {
+            let msgs: Vec<SyncMessage> = reps.iter_mut().filter_map(|r| r.flush()).collect();
+            for m in msgs {
+                for to in 0..reps.len() {
+                    if reps[to].id != m.from {
+                        deliver(&mut reps, to, m.clone(), start + Duration::from_millis(1));
+                    }
+                }
+            }
+        }
+        // The round's requests end: each replica frees its own and tells the others.
+        let end = start + Duration::from_millis(500);
+        for k in 0..reps.len() {
+            while !reps[k].live.is_empty() {
+                reps[k].free(0);
+            }
+            if let Some(m) = reps[k].flush() {
+                for to in 0..reps.len() {
+                    if to != k {
+                        deliver(&mut reps, to, m.clone(), end);
+                    }
+                }
+            }
+        }
+        out.push(chosen);
+    }
+    (out, reps)
+}
+
+fn distinct(ws: &[u64]) -> bool {
+    let mut v = ws.to_vec();
+    v.sort_unstable();
+    v.dedup();
+    v.len() == ws.len()
+}
+
+#[test]
+fn simultaneous_replicas_spread_a_burst_over_their_homes_and_without_them_collide() {
+    let (with, mut reps) = rounds(0.4, Duration::ZERO, 30);
+    // After the first burst has taught the replicas that peers decide alongside them, every
+    // burst lands on three different workers.
+    assert!(with[1..].iter().all(|ws| distinct(ws)), "{with:?}");
+    let level = reps[0]
+        .view
+        .herd_level(Instant::now() + Duration::from_secs(60));
+    assert!(level > 1.0, "{level}");
+    let (without, _) = rounds(0.0, Duration::ZERO, 30);
+    assert!(without.iter().any(|ws| !distinct(ws)), "{without:?}");
+}
+
+#[test]
+fn replicas_deciding_apart_have_no_home_and_route_as_one_router() {
+    let (_, mut reps) = rounds(0.4, Duration::from_millis(100), 20);
+    for r in &mut reps {
+        let now = Instant::now() + Duration::from_secs(60);
+        assert_eq!(r.view.herd_level(now), 0.0);
+        assert_eq!(r.view.home(now, 0.4), None);
+    }
+}
+
+#[test]
+fn a_home_wins_ties_but_not_a_cache_hit_and_bad_homes_are_refused() {
+    use kvgate_core::events::{KvEvent, KvEventData, StoredBlock};
+    use kvgate_core::router::ReplicaHome;
+    let now = Instant::now();
+    let mut r = router(true);
+    for bad in [
+        ReplicaHome {
+            rank: 0,
+            of: 1,
+            discount: 0.4,
+        },
+        ReplicaHome {
+            rank: 3,
+            of: 3,
+            discount: 0.4,
+        },
+        ReplicaHome {
+            rank: 0,
+            of: 3,
+            discount: 0.0,
+        },
+    ] {
+        r.set_replica_home(Some(bad));
+        assert_eq!(r.replica_home(), None, "{bad:?}");
+    }
+    // Rank 2 of 3: the third worker of the sorted fleet (id 3) is home.
+    r.set_replica_home(Some(ReplicaHome {
+        rank: 2,
+        of: 3,
+        discount: 0.4,
+    }));
+    let mut rng = SplitMix64::new(1);
+    for i in 0..20u32 {
+        let id = RequestId::from(format!("cold-{i}"));
+        let d = r
+            .route(
+                RouteRequest {
+                    request: &id,
+                    hashes: &prompt(i + 1, 4),
+                    expected_output_tokens: None,
+                    allowed: None,
+                    book: false,
+                },
+                now,
+                &mut rng,
+            )
+            .unwrap();
+        assert_eq!(
+            d.worker.worker,
+            WorkerId(3),
+            "idle fleet: the home wins the tie"
+        );
+    }
+    // Worker 1 caches the whole prompt: the hit outweighs the home's discount.
+    let h = prompt(77, 8);
+    let stored = KvEvent {
+        source: WorkerRank::new(1, 0),
+        event_id: 1,
+        tier: Default::default(),
+        data: KvEventData::Stored {
+            parent: None,
+            blocks: h
+                .seqs()
+                .iter()
+                .zip(h.locals())
+                .map(|(s, l)| StoredBlock {
+                    hash: kvgate_core::ExternalHash(s.0),
+                    local: *l,
+                })
+                .collect(),
+        },
+    };
+    assert!(r.apply_event(&stored));
+    let id = RequestId::from("warm");
+    let d = r
+        .route(
+            RouteRequest {
+                request: &id,
+                hashes: &h,
+                expected_output_tokens: None,
+                allowed: None,
+                book: false,
+            },
+            now,
+            &mut rng,
+        )
+        .unwrap();
+    assert_eq!(d.worker.worker, WorkerId(1));
+}

@@ -41,6 +41,7 @@ fn cand(
             total_kv_blocks: Some(1000),
             max_num_batched_tokens: Some(8192),
         },
+        home_discount: 0.0,
     }
 }
 
@@ -374,6 +375,7 @@ fn arb_cand(i: u64) -> impl Strategy<Value = CandidateInput> {
                 total_kv_blocks: Some(1000),
                 max_num_batched_tokens: Some(8192),
             },
+            home_discount: 0.0,
         },
     )
 }

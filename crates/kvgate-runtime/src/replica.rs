@@ -14,7 +14,7 @@ use crate::nats::connect;
 use kvgate_core::replica::{
     Received, ReplicaId, ReplicaView, SyncMessage, SyncOp, SyncState, own_state,
 };
-use kvgate_core::router::Router;
+use kvgate_core::router::{ReplicaHome, Router};
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -31,7 +31,17 @@ pub struct ReplicaSyncConfig {
     pub peer_timeout: Duration,
     /// Longest wait for peers' states before reporting ready anyway.
     pub bootstrap_timeout: Duration,
+    /// The replica home's discount while peers decide alongside ([`ReplicaView::home`]).
+    pub home_discount: f64,
+    /// The herding measure's window ([`kvgate_core::herding`]).
+    pub herd_window: Duration,
 }
+
+/// `--replica-home-discount`'s default: the best of those measured in docs/ha.md#bursts.
+pub const DEFAULT_HOME_DISCOUNT: f64 = 0.4;
+/// `--replica-herd-window-ms`'s default: twice sync's delivery on one network (~1 ms). Much
+/// wider, and steady traffic counts as concurrent: homes switch on where they cost hit rate.
+pub const DEFAULT_HERD_WINDOW_MS: f64 = 2.0;
 
 impl ReplicaSyncConfig {
     pub fn new(url: &str, namespace: &str, component: &str) -> Self {
@@ -42,6 +52,8 @@ impl ReplicaSyncConfig {
             heartbeat: Duration::from_secs(1),
             peer_timeout: Duration::from_secs(10),
             bootstrap_timeout: Duration::from_secs(10),
+            home_discount: DEFAULT_HOME_DISCOUNT,
+            herd_window: Duration::from_secs_f64(DEFAULT_HERD_WINDOW_MS / 1000.0),
         }
     }
 
@@ -105,12 +117,13 @@ impl ReplicaSync {
         let me = ReplicaId(random_id());
         let (tx, rx) = mpsc::unbounded_channel();
         let (ready, _) = watch::channel(false);
+        let view = ReplicaView::new(me).with_herd_window(config.herd_window);
         let sync = Arc::new(Self {
             me,
             config,
             tx,
             published: AtomicU64::new(0),
-            view: Mutex::new(ReplicaView::new(me)),
+            view: Mutex::new(view),
             fetching: Mutex::new(HashSet::new()),
             ready,
             stats: SyncStats::default(),
@@ -140,6 +153,21 @@ impl ReplicaSync {
     /// Runs `f` on the view (for metrics and the debug endpoint).
     pub fn with_view<R>(&self, f: impl FnOnce(&ReplicaView) -> R) -> R {
         f(&lock(&self.view))
+    }
+
+    /// The home share to route the next decision with (lock the view before the router).
+    pub fn home(&self, now: Instant) -> Option<ReplicaHome> {
+        lock(&self.view).home(now, self.config.home_discount)
+    }
+
+    /// A decision was made (call after releasing the router).
+    pub fn decided(&self, now: Instant) {
+        lock(&self.view).decided(now);
+    }
+
+    /// Smoothed peer decisions unseen at each own decision (the herding measure).
+    pub fn herd_level(&self) -> f64 {
+        lock(&self.view).herd_level(Instant::now())
     }
 
     pub fn stop(&self) {

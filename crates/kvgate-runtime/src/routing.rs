@@ -605,9 +605,16 @@ impl RoutingService {
         weights: Option<CostWeights>,
     ) -> Result<Decision, RouteError> {
         let started = Instant::now();
+        // Replica homes against herding: read before the router lock (the view's lock comes
+        // first), told of the decision after it.
+        let sync = self.replica.get().filter(|_| book);
+        let home = sync.and_then(|s| s.home(started));
         let decision = {
             // Lock order: router, then rng.
             let mut router = lock(&self.router);
+            if sync.is_some() {
+                router.set_replica_home(home);
+            }
             let mut rng = lock(&self.rng);
             let weights = weights.unwrap_or_else(|| CostWeights::from(router.config()));
             let req = RouteRequest {
@@ -656,6 +663,9 @@ impl RoutingService {
             }
             d
         };
+        if let Some(s) = sync {
+            s.decided(started);
+        }
         let took = started.elapsed().as_secs_f64();
         crate::prom::observe_traced(&self.decision_seconds, took);
         self.decision_ms.observe(took * 1000.0);
@@ -1187,6 +1197,11 @@ fn render_replica_metrics(sync: &ReplicaSync, p: &mut Scrape) {
             peer_bookings as f64,
         ),
         (
+            "kvgate_replica_herd_level",
+            "Peer routing decisions made alongside each of this replica's, unseen (smoothed); above 0, replica homes are on.",
+            sync.herd_level(),
+        ),
+        (
             "kvgate_replica_sync_connected",
             "1 while connected to NATS for replica sync.",
             f64::from(u8::from(st.connected.load(Ordering::Relaxed))),
@@ -1284,11 +1299,19 @@ impl RoutingService {
         drop(r);
         let replica = self.replica.get().map(|s| {
             let (peers, unsynced) = s.with_view(|v| (v.peers(), v.unsynced()));
+            let home = s.home(Instant::now());
             serde_json::json!({
                 "id": s.me.to_string(),
                 "ready": s.is_ready(),
                 "peers": peers,
                 "unsynced_peers": unsynced,
+                "herd_level": s.herd_level(),
+                // The home share the next decision would use (null: none, routing as one).
+                "home": home.map(|h| serde_json::json!({
+                    "rank": h.rank,
+                    "of": h.of,
+                    "discount": h.discount,
+                })),
             })
         });
         serde_json::json!({

@@ -77,6 +77,8 @@ pub struct Replicated {
     /// Peer states fetched because a view could not follow a peer (never, with this in-order
     /// transport; counted so a test can say so).
     state_fetches: u64,
+    /// `Some(d)`: replica homes with discount `d` (see [`Replicated::with_home`]).
+    home_discount: Option<f64>,
 }
 
 fn request_id(id: u64) -> RequestId {
@@ -117,7 +119,19 @@ impl Replicated {
             queue: VecDeque::new(),
             owner: HashMap::new(),
             state_fetches: 0,
+            home_discount: None,
         })
+    }
+
+    /// Replica homes against herding ([`kvgate_core::herding`]): each replica's herd window is
+    /// `window` (the sync delay is what a deployment would measure).
+    pub fn with_home(mut self, discount: Option<f64>, window: Duration) -> Self {
+        self.home_discount = discount;
+        for r in &mut self.replicas {
+            let view = std::mem::replace(&mut r.view, ReplicaView::new(r.me));
+            r.view = view.with_herd_window(window);
+        }
+        self
     }
 
     /// Bookings each replica holds (its own and its peers'), after every message in flight
@@ -164,7 +178,8 @@ impl Replicated {
             let Some(m) = self.queue.pop_front() else {
                 break;
             };
-            let at = now.unwrap_or(m.at);
+            // Applied at its arrival time, though the simulation only looks now.
+            let at = m.at;
             let to = &mut self.replicas[m.to];
             let got = to.view.on_message(to.router.router_mut(), m.msg, at);
             if let Received::NeedState(peer) = got {
@@ -201,7 +216,13 @@ impl Policy for Replicated {
             }
             Spread::Random => self.rng.below(n),
         };
+        if let Some(d) = self.home_discount {
+            let rep = &mut self.replicas[r];
+            let home = rep.view.home(now, d);
+            rep.router.router_mut().set_replica_home(home);
+        }
         let w = self.replicas[r].router.route(req, fleet, now);
+        self.replicas[r].view.decided(now);
         self.owner.insert(req.id, r);
         if let Some(op) = booked_op(self.replicas[r].router.router(), &request_id(req.id)) {
             self.publish(r, op, now);
@@ -342,5 +363,49 @@ mod tests {
         let b = simulate(&rows(), &c, &mut one, |_, _| {}).unwrap();
         assert_eq!(a.hit_rate, b.hit_rate);
         assert_eq!(a.ttft_ms, b.ttft_ms);
+    }
+
+    /// Bursts of cold prompts, each burst's requests at one instant.
+    fn bursts() -> Vec<TraceRow> {
+        let mut rows = Vec::new();
+        for b in 0..40u64 {
+            for k in 0..8u64 {
+                let hash_ids: Vec<u64> = (0..8).map(|j| (b * 8 + k) * 100 + j).collect();
+                rows.push(TraceRow {
+                    timestamp: b as f64 * 400.0,
+                    input_length: 8 * 64,
+                    output_length: 8,
+                    hash_ids,
+                });
+            }
+        }
+        rows
+    }
+
+    #[test]
+    fn homes_undo_the_herd_of_simultaneous_bursts() {
+        let c = cfg(8);
+        let fleet = fleet_view(&c);
+        let run = |home: Option<f64>, n: usize| {
+            let mut p = Replicated::new(
+                "r",
+                n,
+                Spread::RoundRobin,
+                Some(Duration::from_millis(1)),
+                7,
+                |i| KvRouter::kvgate(&fleet, 16, 7 + i as u64),
+            )
+            .unwrap()
+            .with_home(home, Duration::from_millis(2));
+            let r = simulate(&bursts(), &c, &mut p, |_, _| {}).unwrap();
+            assert_eq!(p.bookings_per_replica(), vec![0; n]);
+            r.ttft_p90_ms
+        };
+        let single = run(None, 1);
+        let herd = run(None, 4);
+        let homes = run(Some(0.4), 4);
+        assert!(herd > 1.3 * single, "herd {herd} single {single}");
+        assert!(homes < 0.8 * herd, "homes {homes} herd {herd}");
+        assert!(homes < 1.15 * single, "homes {homes} single {single}");
     }
 }

@@ -74,6 +74,23 @@ pub struct EventPlaneArgs {
     pub kv_snapshot_key: Option<String>,
     #[arg(long, default_value_t = 30.0)]
     pub kv_snapshot_interval_secs: f64,
+    /// With replica sync: how much cheaper this replica's home share of the workers is while
+    /// its peers decide at the same moment (bursts spread over replicas faster than sync
+    /// delivers). 0 turns it off. See docs/ha.md#bursts.
+    #[arg(
+        long,
+        env = "KVGATE_REPLICA_HOME_DISCOUNT",
+        default_value_t = kvgate_runtime::replica::DEFAULT_HOME_DISCOUNT
+    )]
+    pub replica_home_discount: f64,
+    /// With replica sync: a peer decision heard within this many milliseconds of one of this
+    /// replica's counts as made at the same moment (set it above the sync delay).
+    #[arg(
+        long,
+        env = "KVGATE_REPLICA_HERD_WINDOW_MS",
+        default_value_t = kvgate_runtime::replica::DEFAULT_HERD_WINDOW_MS
+    )]
+    pub replica_herd_window_ms: f64,
 }
 
 impl EventPlaneArgs {
@@ -113,11 +130,22 @@ impl EventPlaneArgs {
             return Ok(None);
         }
         self.check_subject_tokens()?;
-        Ok(Some(ReplicaSyncConfig::new(
-            &self.nats_url,
-            &self.namespace,
-            &self.component,
-        )))
+        let d = self.replica_home_discount;
+        if !(d.is_finite() && (0.0..1.0).contains(&d)) {
+            return Err(format!(
+                "--replica-home-discount {d}: must be >= 0 and < 1 (a share of the cost)"
+            ));
+        }
+        let w = self.replica_herd_window_ms;
+        if !(w.is_finite() && w > 0.0 && w <= 60_000.0) {
+            return Err(format!(
+                "--replica-herd-window-ms {w}: must be > 0 and at most 60000"
+            ));
+        }
+        let mut c = ReplicaSyncConfig::new(&self.nats_url, &self.namespace, &self.component);
+        c.home_discount = d;
+        c.herd_window = Duration::from_secs_f64(w / 1000.0);
+        Ok(Some(c))
     }
 
     fn nats_config(&self) -> Result<NatsEventConfig, String> {

@@ -782,6 +782,9 @@ async fn epp_replicas_behind_one_gateway_share_one_load_view_and_a_late_one_boot
         );
         assert!(own > 0 && peers > 0 && own + peers == 8, "{v}");
         assert_eq!(v["replica"]["peers"], 1, "{v}");
+        // Requests a few ms apart, sync ~1 ms: no herding, no home (routing as one router).
+        assert!(v["replica"]["herd_level"].as_f64().unwrap() >= 0.0, "{v}");
+        assert!(v["replica"].get("home").is_some(), "{v}");
     }
     assert!(
         view.as_array()
