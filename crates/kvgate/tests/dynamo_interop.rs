@@ -498,7 +498,9 @@ async fn envoy_epp_dynamo_sidecar_and_dynamo_workers_route_as_one() {
     }
 
     seed.events_flowing().await;
-    let hit = seed.conversations("a", 8).await;
+    // First turns are cold on an idle fleet, so they tie over the 4 ranks at random: 8 of them
+    // land on 2 ranks or fewer ~2% of the time (seen in CI), 12 about 0.15%.
+    let hit = seed.conversations("a", 12).await;
     assert!(hit > 0.4, "hit rate {hit:.3}");
     // Events came from the real workers, none failed to decode or was skipped.
     let applied = seed.metric("kvgate_kv_events_applied_total").await;
