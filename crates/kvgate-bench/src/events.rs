@@ -258,6 +258,7 @@ async fn replica_path(a: &BenchEventsArgs, url: &str) -> Result<(), String> {
                     expected_output_tokens: None,
                     allowed: None,
                     book: true,
+                    home: None,
                 },
                 Instant::now(),
                 &mut rng,

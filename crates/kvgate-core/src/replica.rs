@@ -295,6 +295,16 @@ impl ReplicaView {
         })
     }
 
+    /// A decision is being made at `now`: its home (as [`home`](Self::home)), and the decision
+    /// recorded for the herd measure (as [`decided`](Self::decided)) in the same call, so that
+    /// an adapter takes the view's lock once per decision. An attempt that then fails (no
+    /// worker, overload) still counts: peers deciding alongside it are as much a herd.
+    pub fn deciding(&mut self, now: Instant, discount: f64) -> Option<ReplicaHome> {
+        let home = self.home(now, discount);
+        self.herd.decided(now);
+        home
+    }
+
     pub fn me(&self) -> ReplicaId {
         self.me
     }

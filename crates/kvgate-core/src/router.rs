@@ -48,6 +48,10 @@ pub struct RouteRequest<'a> {
     pub allowed: Option<&'a [WorkerRank]>,
     /// Book the request's load on the chosen worker (false: just answer, e.g. a dry run).
     pub book: bool,
+    /// This replica's home share of the fleet for this decision, when replicas route side by
+    /// side and the herd measure says they decide together ([`crate::replica::ReplicaView::home`]).
+    /// `None`, a single replica or a zero discount: no home.
+    pub home: Option<ReplicaHome>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -108,8 +112,6 @@ pub struct Router {
     parked: FastMap<WorkerId, (WorkerInfo, Instant)>,
     /// The kvgate policy's learned prefill rate and residency.
     latency: LatencyModel,
-    /// This replica's home share of the fleet, when replicas route side by side.
-    home: Option<ReplicaHome>,
 }
 
 /// One of `of` router replicas, number `rank`: targets at positions `rank, rank + of, ...` of
@@ -121,6 +123,14 @@ pub struct ReplicaHome {
     pub rank: usize,
     pub of: usize,
     pub discount: f64,
+}
+
+impl ReplicaHome {
+    /// Whether this home changes anything: more than one replica, a rank among them, and a
+    /// discount in (0, 1). Others are ignored, as if no home were given.
+    pub fn is_usable(&self) -> bool {
+        self.of > 1 && self.rank < self.of && self.discount > 0.0 && self.discount < 1.0
+    }
 }
 
 /// The most data-parallel ranks a worker may announce.
@@ -159,17 +169,7 @@ impl Router {
             events_unknown_worker: 0,
             events_blind: false,
             parked: FastMap::default(),
-            home: None,
         })
-    }
-
-    /// Sets (or with `None` or a single replica, clears) this replica's home workers.
-    pub fn set_replica_home(&mut self, home: Option<ReplicaHome>) {
-        self.home = home.filter(|h| h.of > 1 && h.rank < h.of && h.discount > 0.0);
-    }
-
-    pub fn replica_home(&self) -> Option<ReplicaHome> {
-        self.home
     }
 
     pub fn config(&self) -> &RouterConfig {
@@ -409,7 +409,7 @@ impl Router {
         }
         let overlaps = self.overlaps(req.hashes, now);
         let seqs = req.hashes.seqs();
-        let home = self.home;
+        let home = req.home.filter(ReplicaHome::is_usable);
         let candidates: Vec<CandidateInput> = self
             .targets
             .iter()

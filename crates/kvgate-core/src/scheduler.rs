@@ -78,7 +78,7 @@ pub struct CandidateInput {
     pub requests: usize,
     pub capacity: WorkerCapacity,
     /// Fraction taken off this candidate's cost: its share of a replica's home workers
-    /// ([`crate::router::Router::set_replica_home`]); 0 when not home or alone.
+    /// ([`crate::router::RouteRequest::home`]); 0 when not home or alone.
     pub home_discount: f64,
 }
 

@@ -11,7 +11,7 @@ use kvgate_core::replica::{
     MAX_SYNC_BLOCKS, Received, ReplicaId, ReplicaView, SyncBooking, SyncMessage, SyncOp, SyncState,
     booked_op, is_peer_key, own_state, peer_key,
 };
-use kvgate_core::router::{RouteRequest, Router, WorkerInfo, WorkerRole};
+use kvgate_core::router::{ReplicaHome, RouteRequest, Router, WorkerInfo, WorkerRole};
 use kvgate_core::scheduler::WorkerCapacity;
 use kvgate_core::{LocalHash, RequestId, SeqHash, WorkerId, WorkerRank};
 use proptest::prelude::*;
@@ -73,6 +73,10 @@ impl Replica {
     }
 
     fn book(&mut self, h: &BlockHashes, now: Instant) {
+        self.book_home(h, None, now);
+    }
+
+    fn book_home(&mut self, h: &BlockHashes, home: Option<ReplicaHome>, now: Instant) {
         // Every replica numbers its requests the same way: ids collide across replicas.
         self.next += 1;
         let id = RequestId::from(format!("epp-{}", self.next));
@@ -84,6 +88,7 @@ impl Replica {
                     expected_output_tokens: None,
                     allowed: None,
                     book: true,
+                    home,
                 },
                 now,
                 &mut self.rng,
@@ -486,10 +491,8 @@ fn the_wire_format_is_stable_and_limits_are_checked() {
 
 /// Routes one cold request on replica `r` at `now` with homes at `discount`; the worker chosen.
 fn route_with_home(r: &mut Replica, h: &BlockHashes, discount: f64, now: Instant) -> u64 {
-    let home = r.view.home(now, discount);
-    r.router.set_replica_home(home);
-    r.book(h, now);
-    r.view.decided(now);
+    let home = r.view.deciding(now, discount);
+    r.book_home(h, home, now);
     let id = r.live.last().unwrap().clone();
     r.router.load().booking(&id).unwrap().worker.worker.0
 }
@@ -584,7 +587,6 @@ fn replicas_deciding_apart_have_no_home_and_route_as_one_router() {
 #[test]
 fn a_home_wins_ties_but_not_a_cache_hit_and_bad_homes_are_refused() {
     use kvgate_core::events::{KvEvent, KvEventData, StoredBlock};
-    use kvgate_core::router::ReplicaHome;
     let now = Instant::now();
     let mut r = router(true);
     for bad in [
@@ -603,16 +605,40 @@ fn a_home_wins_ties_but_not_a_cache_hit_and_bad_homes_are_refused() {
             of: 3,
             discount: 0.0,
         },
+        // A full discount would make the home free and blind to cache and load.
+        ReplicaHome {
+            rank: 0,
+            of: 3,
+            discount: 1.0,
+        },
     ] {
-        r.set_replica_home(Some(bad));
-        assert_eq!(r.replica_home(), None, "{bad:?}");
+        assert!(!bad.is_usable(), "{bad:?}");
+        // Ignored: the same choice as without a home, from the same random state.
+        let id = RequestId::from("bad-home");
+        let mut choose = |home| {
+            r.route(
+                RouteRequest {
+                    request: &id,
+                    hashes: &prompt(5, 4),
+                    expected_output_tokens: None,
+                    allowed: None,
+                    book: false,
+                    home,
+                },
+                now,
+                &mut SplitMix64::new(9),
+            )
+            .unwrap()
+        };
+        let (with_bad, without) = (choose(Some(bad)), choose(None));
+        assert_eq!(with_bad, without, "{bad:?}");
     }
     // Rank 2 of 3: the third worker of the sorted fleet (id 3) is home.
-    r.set_replica_home(Some(ReplicaHome {
+    let home = Some(ReplicaHome {
         rank: 2,
         of: 3,
         discount: 0.4,
-    }));
+    });
     let mut rng = SplitMix64::new(1);
     for i in 0..20u32 {
         let id = RequestId::from(format!("cold-{i}"));
@@ -624,6 +650,7 @@ fn a_home_wins_ties_but_not_a_cache_hit_and_bad_homes_are_refused() {
                     expected_output_tokens: None,
                     allowed: None,
                     book: false,
+                    home,
                 },
                 now,
                 &mut rng,
@@ -664,6 +691,7 @@ fn a_home_wins_ties_but_not_a_cache_hit_and_bad_homes_are_refused() {
                 expected_output_tokens: None,
                 allowed: None,
                 book: false,
+                home,
             },
             now,
             &mut rng,

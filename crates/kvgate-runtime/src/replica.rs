@@ -155,14 +155,15 @@ impl ReplicaSync {
         f(&lock(&self.view))
     }
 
-    /// The home share to route the next decision with (lock the view before the router).
-    pub fn home(&self, now: Instant) -> Option<ReplicaHome> {
+    /// The home share a decision at `now` would get, without recording one (for the debug view).
+    pub fn next_home(&self, now: Instant) -> Option<ReplicaHome> {
         lock(&self.view).home(now, self.config.home_discount)
     }
 
-    /// A decision was made (call after releasing the router).
-    pub fn decided(&self, now: Instant) {
-        lock(&self.view).decided(now);
+    /// A decision starts at `now`: the home share to route it with, and the decision recorded
+    /// for the herd measure (call before taking the router: the view's lock comes first).
+    pub fn deciding(&self, now: Instant) -> Option<ReplicaHome> {
+        lock(&self.view).deciding(now, self.config.home_discount)
     }
 
     /// Smoothed peer decisions unseen at each own decision (the herding measure).

@@ -605,16 +605,16 @@ impl RoutingService {
         weights: Option<CostWeights>,
     ) -> Result<Decision, RouteError> {
         let started = Instant::now();
-        // Replica homes against herding: read before the router lock (the view's lock comes
-        // first), told of the decision after it.
-        let sync = self.replica.get().filter(|_| book);
-        let home = sync.and_then(|s| s.home(started));
+        // Replica homes against herding: read (and the decision recorded) before the router
+        // lock, since the view's lock comes first.
+        let home = self
+            .replica
+            .get()
+            .filter(|_| book)
+            .and_then(|s| s.deciding(started));
         let decision = {
             // Lock order: router, then rng.
             let mut router = lock(&self.router);
-            if sync.is_some() {
-                router.set_replica_home(home);
-            }
             let mut rng = lock(&self.rng);
             let weights = weights.unwrap_or_else(|| CostWeights::from(router.config()));
             let req = RouteRequest {
@@ -624,6 +624,7 @@ impl RoutingService {
                 allowed,
                 // Booked below, in a span of its own, under the same lock.
                 book: false,
+                home,
             };
             let score = tracing::info_span!(
                 "score",
@@ -653,6 +654,7 @@ impl RoutingService {
                     expected_output_tokens,
                     allowed,
                     book: true,
+                    home: None,
                 };
                 router.book_chosen(&req, &d, Instant::now())?;
                 if self.replica.get().is_some()
@@ -663,9 +665,6 @@ impl RoutingService {
             }
             d
         };
-        if let Some(s) = sync {
-            s.decided(started);
-        }
         let took = started.elapsed().as_secs_f64();
         crate::prom::observe_traced(&self.decision_seconds, took);
         self.decision_ms.observe(took * 1000.0);
@@ -1299,7 +1298,7 @@ impl RoutingService {
         drop(r);
         let replica = self.replica.get().map(|s| {
             let (peers, unsynced) = s.with_view(|v| (v.peers(), v.unsynced()));
-            let home = s.home(Instant::now());
+            let home = s.next_home(Instant::now());
             serde_json::json!({
                 "id": s.me.to_string(),
                 "ready": s.is_ready(),

@@ -23,7 +23,7 @@
 use kvgate_core::config::{RouterConfig, RouterPolicy};
 use kvgate_core::hashing::BlockHashes;
 use kvgate_core::random::{RandomSource, SplitMix64};
-use kvgate_core::router::{RouteRequest, Router, WorkerInfo, WorkerRole};
+use kvgate_core::router::{ReplicaHome, RouteRequest, Router, WorkerInfo, WorkerRole};
 use kvgate_core::scheduler::WorkerCapacity;
 use kvgate_core::{RequestId, SeqHash, WorkerId, WorkerRank};
 use kvgate_engine::CacheEvent;
@@ -418,14 +418,15 @@ impl KvRouter {
     pub fn router_mut(&mut self) -> &mut Router {
         &mut self.router
     }
-}
 
-impl Policy for KvRouter {
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    fn route(&mut self, req: &Arrival<'_>, _: &[WorkerView], now: Instant) -> usize {
+    /// Routes (and books) `req` as [`Policy::route`] does, with a replica home for this one
+    /// decision (see [`ReplicaHome`]).
+    pub fn route_home(
+        &mut self,
+        req: &Arrival<'_>,
+        home: Option<ReplicaHome>,
+        now: Instant,
+    ) -> usize {
         let id = request_id(req.id);
         let decision = self.router.route(
             RouteRequest {
@@ -434,6 +435,7 @@ impl Policy for KvRouter {
                 expected_output_tokens: Some(req.max_output_tokens),
                 allowed: None,
                 book: true,
+                home,
             },
             now,
             &mut self.rng,
@@ -443,6 +445,16 @@ impl Policy for KvRouter {
             // Admission control is off: only an empty fleet can refuse.
             Err(_) => 0,
         }
+    }
+}
+
+impl Policy for KvRouter {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn route(&mut self, req: &Arrival<'_>, _: &[WorkerView], now: Instant) -> usize {
+        self.route_home(req, None, now)
     }
 
     fn first_token(&mut self, id: u64, now: Instant) {
@@ -630,6 +642,7 @@ impl Policy for Lmetric {
                 expected_output_tokens: Some(req.max_output_tokens),
                 allowed: Some(&allowed),
                 book: true,
+                home: None,
             },
             now,
             &mut self.inner.rng,

@@ -206,7 +206,7 @@ impl Policy for Replicated {
         &self.name
     }
 
-    fn route(&mut self, req: &Arrival<'_>, fleet: &[WorkerView], now: Instant) -> usize {
+    fn route(&mut self, req: &Arrival<'_>, _: &[WorkerView], now: Instant) -> usize {
         self.deliver(Some(now));
         let n = self.replicas.len();
         let r = match self.spread {
@@ -216,13 +216,9 @@ impl Policy for Replicated {
             }
             Spread::Random => self.rng.below(n),
         };
-        if let Some(d) = self.home_discount {
-            let rep = &mut self.replicas[r];
-            let home = rep.view.home(now, d);
-            rep.router.router_mut().set_replica_home(home);
-        }
-        let w = self.replicas[r].router.route(req, fleet, now);
-        self.replicas[r].view.decided(now);
+        let rep = &mut self.replicas[r];
+        let home = rep.view.deciding(now, self.home_discount.unwrap_or(0.0));
+        let w = rep.router.route_home(req, home, now);
         self.owner.insert(req.id, r);
         if let Some(op) = booked_op(self.replicas[r].router.router(), &request_id(req.id)) {
             self.publish(r, op, now);
