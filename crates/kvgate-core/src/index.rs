@@ -137,6 +137,10 @@ pub struct OverlapScores {
 
 impl OverlapScores {
     pub fn get(&self, worker: &WorkerRank) -> TierOverlap {
+        // Most of a big fleet holds nothing of a prompt: skip hashing for an empty answer.
+        if self.scores.is_empty() {
+            return TierOverlap::default();
+        }
         self.scores.get(worker).copied().unwrap_or_default()
     }
     pub fn device(&self, worker: &WorkerRank) -> u32 {

@@ -175,37 +175,112 @@ pub struct PredictInput {
 
 /// The prediction for one candidate.
 pub fn predict(input: &PredictInput, est: &Estimates) -> Predicted {
-    let rate_ms = (est.prefill_tokens_per_sec / 1e3).max(RATE_BOUNDS.0 / 1e3);
-    let cached_f = (input.credited_blocks * input.block_size as f64).max(0.0);
-    let cached = if cached_f >= input.isl_tokens as f64 {
-        input.isl_tokens
-    } else {
-        cached_f as u64
-    };
-    let uncached = input.isl_tokens - cached;
-    let queued = input.queued_prefill_tokens as f64;
-    let min_q = (input.min_queued_prefill_tokens as f64).min(queued);
-    let saturation = rate_ms * SATURATION_QUEUE_MS;
-    let effective = min_q + (queued - min_q) / (1.0 + min_q / saturation);
-    let prefill_ms = input.prefill_load_scale * (effective + uncached as f64) / rate_ms;
-    let batch_ms = BATCH_PENALTY * uncached as f64 / rate_ms * (1.0 + input.requests as f64);
-    let (memory_wait_ms, memory_excess_blocks) = match input.memory {
-        Some((demand, active, total)) if total > 0 && demand > total as f64 => {
-            let excess = demand - total as f64;
-            (excess / active.max(1) as f64 * est.residency_ms, excess)
+    Predictor::new(
+        est,
+        input.isl_tokens,
+        input.block_size,
+        input.min_queued_prefill_tokens,
+        input.prefill_load_scale,
+    )
+    .predict(
+        input.credited_blocks,
+        input.queued_prefill_tokens,
+        input.requests,
+        input.memory,
+    )
+}
+
+/// [`predict`] for one request over many candidates: what does not depend on the candidate
+/// (the rate, the saturation discount, a cold prompt's batch term) is computed once, with the
+/// same operations in the same order, so the answers are bit for bit [`predict`]'s.
+#[derive(Clone, Copy, Debug)]
+pub struct Predictor {
+    isl_tokens: u64,
+    block_size: f64,
+    prefill_load_scale: f64,
+    residency_ms: f64,
+    rate_ms: f64,
+    saturation: f64,
+    min_queued: f64,
+    /// `1 + min_queued / saturation`: the divisor of every queue at or above the shortest.
+    divisor: f64,
+    /// The batch term's per-request unit for a prompt with nothing cached.
+    cold_batch_unit: f64,
+}
+
+impl Predictor {
+    pub fn new(
+        est: &Estimates,
+        isl_tokens: u64,
+        block_size: u64,
+        min_queued_prefill_tokens: u64,
+        prefill_load_scale: f64,
+    ) -> Self {
+        let rate_ms = (est.prefill_tokens_per_sec / 1e3).max(RATE_BOUNDS.0 / 1e3);
+        let saturation = rate_ms * SATURATION_QUEUE_MS;
+        let min_queued = min_queued_prefill_tokens as f64;
+        Self {
+            isl_tokens,
+            block_size: block_size as f64,
+            prefill_load_scale,
+            residency_ms: est.residency_ms,
+            rate_ms,
+            saturation,
+            min_queued,
+            divisor: 1.0 + min_queued / saturation,
+            cold_batch_unit: BATCH_PENALTY * isl_tokens as f64 / rate_ms,
         }
-        _ => (0.0, 0.0),
-    };
-    Predicted {
-        cached_tokens: cached,
-        uncached_tokens: uncached,
-        queued_prefill_tokens: input.queued_prefill_tokens,
-        effective_queued_tokens: effective,
-        requests: input.requests,
-        prefill_ms,
-        batch_ms,
-        memory_wait_ms,
-        memory_excess_blocks,
+    }
+
+    #[inline(always)]
+    /// One candidate: `credited_blocks` of the prompt credited as cached, `queued` prefill
+    /// tokens ahead, `requests` running or queued, and `memory` as [`PredictInput::memory`].
+    pub fn predict(
+        &self,
+        credited_blocks: f64,
+        queued_prefill_tokens: u64,
+        requests: usize,
+        memory: Option<(f64, usize, u64)>,
+    ) -> Predicted {
+        let cached_f = (credited_blocks * self.block_size).max(0.0);
+        let cached = if cached_f >= self.isl_tokens as f64 {
+            self.isl_tokens
+        } else {
+            cached_f as u64
+        };
+        let uncached = self.isl_tokens - cached;
+        let queued = queued_prefill_tokens as f64;
+        let (min_q, divisor) = if queued >= self.min_queued {
+            (self.min_queued, self.divisor)
+        } else {
+            (queued, 1.0 + queued / self.saturation)
+        };
+        let effective = min_q + (queued - min_q) / divisor;
+        let prefill_ms = self.prefill_load_scale * (effective + uncached as f64) / self.rate_ms;
+        let batch_unit = if cached == 0 {
+            self.cold_batch_unit
+        } else {
+            BATCH_PENALTY * uncached as f64 / self.rate_ms
+        };
+        let batch_ms = batch_unit * (1.0 + requests as f64);
+        let (memory_wait_ms, memory_excess_blocks) = match memory {
+            Some((demand, active, total)) if total > 0 && demand > total as f64 => {
+                let excess = demand - total as f64;
+                (excess / active.max(1) as f64 * self.residency_ms, excess)
+            }
+            _ => (0.0, 0.0),
+        };
+        Predicted {
+            cached_tokens: cached,
+            uncached_tokens: uncached,
+            queued_prefill_tokens,
+            effective_queued_tokens: effective,
+            requests,
+            prefill_ms,
+            batch_ms,
+            memory_wait_ms,
+            memory_excess_blocks,
+        }
     }
 }
 
@@ -342,5 +417,73 @@ mod tests {
         m.observe_residency(Duration::from_secs(20));
         let r = m.estimates().residency_ms;
         assert!((r - (10_000.0 + 0.01 * 10_000.0)).abs() < 1e-9);
+    }
+
+    /// The formula as first written, one candidate at a time: what [`Predictor`] must equal.
+    fn reference(input: &PredictInput, est: &Estimates) -> Predicted {
+        let rate_ms = (est.prefill_tokens_per_sec / 1e3).max(RATE_BOUNDS.0 / 1e3);
+        let cached_f = (input.credited_blocks * input.block_size as f64).max(0.0);
+        let cached = if cached_f >= input.isl_tokens as f64 {
+            input.isl_tokens
+        } else {
+            cached_f as u64
+        };
+        let uncached = input.isl_tokens - cached;
+        let queued = input.queued_prefill_tokens as f64;
+        let min_q = (input.min_queued_prefill_tokens as f64).min(queued);
+        let saturation = rate_ms * SATURATION_QUEUE_MS;
+        let effective = min_q + (queued - min_q) / (1.0 + min_q / saturation);
+        let prefill_ms = input.prefill_load_scale * (effective + uncached as f64) / rate_ms;
+        let batch_ms = BATCH_PENALTY * uncached as f64 / rate_ms * (1.0 + input.requests as f64);
+        let (memory_wait_ms, memory_excess_blocks) = match input.memory {
+            Some((demand, active, total)) if total > 0 && demand > total as f64 => {
+                let excess = demand - total as f64;
+                (excess / active.max(1) as f64 * est.residency_ms, excess)
+            }
+            _ => (0.0, 0.0),
+        };
+        Predicted {
+            cached_tokens: cached,
+            uncached_tokens: uncached,
+            queued_prefill_tokens: input.queued_prefill_tokens,
+            effective_queued_tokens: effective,
+            requests: input.requests,
+            prefill_ms,
+            batch_ms,
+            memory_wait_ms,
+            memory_excess_blocks,
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(5_000))]
+        #[test]
+        fn the_per_decision_predictor_is_bit_for_bit_the_formula(
+            isl in 0u64..200_000,
+            credited in proptest::prop_oneof![proptest::strategy::Just(0.0f64), 0.0f64..20_000.0],
+            bs in 1u64..128,
+            queued in 0u64..2_000_000,
+            min_queued in 0u64..2_000_000,
+            requests in 0usize..500,
+            scale in 0.0f64..4.0,
+            rate in 50.0f64..1e7,
+            memory in proptest::option::of((0.0f64..1e6, 0usize..100_000, 0u64..200_000)),
+        ) {
+            let input = PredictInput {
+                isl_tokens: isl,
+                credited_blocks: credited,
+                block_size: bs,
+                queued_prefill_tokens: queued,
+                min_queued_prefill_tokens: min_queued,
+                requests,
+                prefill_load_scale: scale,
+                memory,
+            };
+            let e = est(rate);
+            let (got, want) = (predict(&input, &e), reference(&input, &e));
+            proptest::prop_assert_eq!(got.total_ms().to_bits(), want.total_ms().to_bits());
+            proptest::prop_assert_eq!(got.effective_queued_tokens.to_bits(), want.effective_queued_tokens.to_bits());
+            proptest::prop_assert_eq!(got, want);
+        }
     }
 }

@@ -120,6 +120,58 @@ pub struct LoadTracker {
     /// when one of these starts with it: a decision probes only those workers' block maps,
     /// not all of a 10,000-rank fleet's.
     first_blocks: FastMap<SeqHash, FastMap<WorkerRank, u32>>,
+    /// Workers whose figures changed since the last [`LoadTracker::take_changed`]; `None`
+    /// when more than [`MAX_CHANGED`] did (the reader then refreshes every worker).
+    changed: Option<Vec<WorkerRank>>,
+}
+
+/// Changed workers remembered between two reads before the list gives up and says "all".
+pub const MAX_CHANGED: usize = 4096;
+
+/// A worker's load in the numbers a decision reads ([`LoadTracker::figures`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct LoadFigures {
+    pub prefill_tokens: u64,
+    pub active_blocks: usize,
+    pub output_blocks: f64,
+    pub requests: usize,
+}
+
+/// What changed since the last read ([`LoadTracker::take_changed`]).
+#[derive(Debug, PartialEq)]
+pub enum Changed {
+    /// These workers (repeats possible).
+    Some(Vec<WorkerRank>),
+    /// Too many to list: every worker may have changed.
+    All,
+}
+
+/// One request's blocks, ready to count what each worker lacks ([`LoadTracker::new_blocks_probe`]).
+pub struct NewBlocksProbe<'a> {
+    workers: &'a FastMap<WorkerRank, WorkerLoad>,
+    seqs: &'a [SeqHash],
+    /// Workers whose active bookings start with the request's first block (`None`: nobody's).
+    holders: Option<&'a FastMap<WorkerRank, u32>>,
+}
+
+impl NewBlocksProbe<'_> {
+    /// The workers whose active bookings start like the request (all others have none of
+    /// its blocks active).
+    pub fn holders(&self) -> impl Iterator<Item = &WorkerRank> {
+        self.holders.into_iter().flat_map(|h| h.keys())
+    }
+
+    /// Blocks of the request not active on `worker` (its load map is read only when one of
+    /// its bookings starts like the request).
+    pub fn of(&self, worker: &WorkerRank) -> usize {
+        match self.holders {
+            Some(h) if h.contains_key(worker) => self
+                .workers
+                .get(worker)
+                .map_or(self.seqs.len(), |l| l.new_blocks(self.seqs)),
+            _ => self.seqs.len(),
+        }
+    }
 }
 
 /// A booking request: what the router decided to send where.
@@ -148,6 +200,38 @@ impl LoadTracker {
             workers: FastMap::default(),
             bookings: HashMap::new(),
             first_blocks: FastMap::default(),
+            changed: Some(Vec::new()),
+        }
+    }
+
+    /// `worker`'s figures (zero when it carries no load).
+    pub fn figures(&self, worker: &WorkerRank) -> LoadFigures {
+        self.workers
+            .get(worker)
+            .map_or_else(LoadFigures::default, |l| LoadFigures {
+                prefill_tokens: l.prefill_tokens,
+                active_blocks: l.active_blocks(),
+                output_blocks: l.output_blocks,
+                requests: l.requests,
+            })
+    }
+
+    /// The workers whose [`figures`](Self::figures) may have changed since the last call, so
+    /// that a reader can keep its own copy of them up to date without reading every worker.
+    pub fn take_changed(&mut self) -> Changed {
+        match self.changed.replace(Vec::new()) {
+            Some(v) => Changed::Some(v),
+            None => Changed::All,
+        }
+    }
+
+    fn note_changed(&mut self, worker: WorkerRank) {
+        if let Some(v) = &mut self.changed {
+            if v.len() >= MAX_CHANGED {
+                self.changed = None;
+            } else {
+                v.push(worker);
+            }
         }
     }
 
@@ -159,12 +243,16 @@ impl LoadTracker {
     /// Blocks of `seqs` that `worker` does not hold active, [`WorkerLoad::new_blocks`] without
     /// touching the worker's map when its first block is not active there.
     pub fn new_blocks(&self, worker: &WorkerRank, seqs: &[SeqHash]) -> usize {
-        let Some(first) = seqs.first() else {
-            return 0;
-        };
-        match (self.first_blocks.get(first), self.workers.get(worker)) {
-            (Some(h), Some(load)) if h.contains_key(worker) => load.new_blocks(seqs),
-            _ => seqs.len(),
+        self.new_blocks_probe(seqs).of(worker)
+    }
+
+    /// [`new_blocks`](Self::new_blocks) for one request over many workers: the request's
+    /// first-block holders are looked up once, not once per candidate.
+    pub fn new_blocks_probe<'a>(&'a self, seqs: &'a [SeqHash]) -> NewBlocksProbe<'a> {
+        NewBlocksProbe {
+            workers: &self.workers,
+            seqs,
+            holders: seqs.first().and_then(|f| self.first_blocks.get(f)),
         }
     }
 
@@ -253,6 +341,7 @@ impl LoadTracker {
         load.output_blocks += booking.output_blocks(self.block_size);
         load.requests += 1;
         self.note_first(b.worker, b.seqs, true);
+        self.note_changed(b.worker);
         self.bookings.insert(b.request, booking);
         Ok(())
     }
@@ -281,7 +370,9 @@ impl LoadTracker {
         if let Some(load) = self.workers.get_mut(&b.worker) {
             load.prefill_tokens = load.prefill_tokens.saturating_sub(b.prefill_tokens);
         }
-        Some(b)
+        let worker = b.worker;
+        self.note_changed(worker);
+        self.bookings.get(request)
     }
 
     /// The request has generated `total_output_tokens` so far (moves predicted output load).
@@ -295,6 +386,8 @@ impl LoadTracker {
         if let Some(load) = self.workers.get_mut(&b.worker) {
             load.output_blocks = (load.output_blocks - before + after).max(0.0);
         }
+        let worker = b.worker;
+        self.note_changed(worker);
         Change::Applied
     }
 
@@ -319,6 +412,7 @@ impl LoadTracker {
         load.output_blocks += moved.output_blocks(self.block_size);
         load.requests += 1;
         self.note_first(to, &moved.seqs, true);
+        self.note_changed(to);
         self.bookings.insert(request.clone(), moved);
         Change::Applied
     }
@@ -339,6 +433,7 @@ impl LoadTracker {
     fn remove_booking(&mut self, request: &RequestId) -> Option<Booking> {
         let b = self.bookings.remove(request)?;
         self.note_first(b.worker, &b.seqs, false);
+        self.note_changed(b.worker);
         let empty = if let Some(load) = self.workers.get_mut(&b.worker) {
             if !b.prefill_done {
                 load.prefill_tokens = load.prefill_tokens.saturating_sub(b.prefill_tokens);
@@ -404,7 +499,12 @@ impl LoadTracker {
         for id in &ids {
             self.remove_booking(id);
         }
+        let before = self.workers.len();
         self.workers.retain(|k, _| k.worker != worker);
+        if self.workers.len() != before {
+            // Entries without bookings (cannot normally remain): say everything changed.
+            self.changed = None;
+        }
         ids
     }
 }

@@ -8,9 +8,9 @@ use crate::events::KvEvent;
 use crate::fasthash::FastMap;
 use crate::hashing::BlockHashes;
 use crate::ids::{RequestId, WorkerId, WorkerRank};
-use crate::index::{OverlapScores, PrefixIndex};
+use crate::index::{OverlapScores, PrefixIndex, TierOverlap};
 use crate::latency::{Estimates, LatencyModel};
-use crate::load::{BookError, Change, LoadTracker, NewBooking};
+use crate::load::{BookError, Change, Changed, LoadFigures, LoadTracker, NewBooking};
 use crate::predicted::PredictedIndex;
 use crate::random::RandomSource;
 use crate::scheduler::{
@@ -100,6 +100,12 @@ pub struct Router {
     /// Every (worker, dp rank) with its role and capacity, sorted; rebuilt when workers change
     /// so that a decision does not re-collect and sort the fleet.
     targets: Vec<(WorkerRank, WorkerRole, WorkerCapacity)>,
+    /// Each target's load figures, in target order: a decision over 10,000 ranks reads them
+    /// in one pass over this array instead of probing the load map once per rank (a cache
+    /// miss each). Kept up to date from [`LoadTracker::take_changed`] before each decision.
+    figures: Vec<LoadFigures>,
+    /// Position of each target in `targets`.
+    target_pos: FastMap<WorkerRank, usize>,
     index: PrefixIndex,
     predicted: Option<PredictedIndex>,
     load: LoadTracker,
@@ -133,6 +139,16 @@ impl ReplicaHome {
     }
 }
 
+/// From entries sorted by position, the value at position `i` (passing over the ones before
+/// it: positions of targets filtered out of the decision).
+fn take_at<T: Copy>(
+    it: &mut std::iter::Peekable<std::slice::Iter<'_, (usize, T)>>,
+    i: usize,
+) -> Option<T> {
+    while it.next_if(|x| x.0 < i).is_some() {}
+    it.next_if(|x| x.0 == i).map(|x| x.1)
+}
+
 /// The most data-parallel ranks a worker may announce.
 pub const MAX_DP_SIZE: u32 = 1024;
 
@@ -161,6 +177,8 @@ impl Router {
             block_size,
             workers: FastMap::default(),
             targets: Vec::new(),
+            figures: Vec::new(),
+            target_pos: FastMap::default(),
             index: PrefixIndex::new(),
             predicted,
             load: LoadTracker::new(block_size),
@@ -315,6 +333,36 @@ impl Router {
             })
             .collect();
         self.targets.sort_unstable_by_key(|t| t.0);
+        self.target_pos = self
+            .targets
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.0, i))
+            .collect();
+        let _ = self.load.take_changed();
+        self.figures = self
+            .targets
+            .iter()
+            .map(|t| self.load.figures(&t.0))
+            .collect();
+    }
+
+    /// Brings `figures` up to date with the load tracker.
+    fn refresh_figures(&mut self) {
+        match self.load.take_changed() {
+            Changed::Some(workers) => {
+                for w in workers {
+                    if let Some(&i) = self.target_pos.get(&w) {
+                        self.figures[i] = self.load.figures(&w);
+                    }
+                }
+            }
+            Changed::All => {
+                for (f, t) in self.figures.iter_mut().zip(&self.targets) {
+                    *f = self.load.figures(&t.0);
+                }
+            }
+        }
     }
 
     /// Every (worker, dp rank) target of the given roles, sorted.
@@ -408,8 +456,27 @@ impl Router {
             return Err(RouteError::NoWorkers);
         }
         let overlaps = self.overlaps(req.hashes, now);
+        self.refresh_figures();
         let seqs = req.hashes.seqs();
         let home = req.home.filter(ReplicaHome::is_usable);
+        // What only some targets have, in target order, merged into the pass below: the
+        // overlap of those caching part of the prompt, the new blocks of those whose active
+        // bookings start like it. Every other target has none and all of them new.
+        let probe = self.load.new_blocks_probe(seqs);
+        let pos = |w: &WorkerRank| self.target_pos.get(w).copied();
+        let mut overlap_at: Vec<(usize, TierOverlap)> = overlaps
+            .scores
+            .iter()
+            .filter_map(|(w, o)| pos(w).map(|i| (i, *o)))
+            .collect();
+        overlap_at.sort_unstable_by_key(|x| x.0);
+        let mut new_at: Vec<(usize, usize)> = probe
+            .holders()
+            .filter_map(|w| pos(w).map(|i| (i, probe.of(w))))
+            .collect();
+        new_at.sort_unstable_by_key(|x| x.0);
+        let (mut next_overlap, mut next_new) =
+            (overlap_at.iter().peekable(), new_at.iter().peekable());
         let candidates: Vec<CandidateInput> = self
             .targets
             .iter()
@@ -418,21 +485,23 @@ impl Router {
                 roles.contains(&t.1) && allowed.as_ref().is_none_or(|a| a.contains(&t.0))
             })
             .map(|(i, &(t, _, capacity))| {
-                let load = self.load.load(&t);
+                let f = &self.figures[i];
+                let overlap = take_at(&mut next_overlap, i).unwrap_or_default();
+                let new = take_at(&mut next_new, i).unwrap_or(seqs.len());
                 CandidateInput {
                     home_discount: home
                         .map_or(0.0, |h| if i % h.of == h.rank { h.discount } else { 0.0 }),
                     worker: t,
-                    overlap: overlaps.get(&t),
-                    active_prefill_tokens: load.map_or(0, |l| l.prefill_tokens),
-                    active_blocks: load.map_or(0, |l| l.active_blocks()),
+                    overlap,
+                    active_prefill_tokens: f.prefill_tokens,
+                    active_blocks: f.active_blocks,
                     output_blocks: if self.config.track_output_blocks {
-                        load.map_or(0.0, |l| l.output_blocks)
+                        f.output_blocks
                     } else {
                         0.0
                     },
-                    new_blocks: self.load.new_blocks(&t, seqs),
-                    requests: load.map_or(0, |l| l.requests),
+                    new_blocks: new,
+                    requests: f.requests,
                     capacity,
                 }
             })

@@ -25,7 +25,7 @@
 use crate::config::{AdmissionConfig, RouterConfig, RouterPolicy};
 use crate::ids::WorkerRank;
 use crate::index::TierOverlap;
-use crate::latency::{Estimates, PredictInput, Predicted, predict};
+use crate::latency::{Estimates, Predicted, Predictor};
 use crate::random::RandomSource;
 use serde::Serialize;
 
@@ -229,92 +229,64 @@ pub fn schedule(
 ) -> (Outcome, Explanation) {
     let bs = req.block_size.max(1) as f64;
     let request_blocks = req.request_blocks().max(1) as f64;
-    let busy: Vec<Option<Busy>> = candidates.iter().map(|c| busy(admission, c)).collect();
+    // Admission off (the default): nobody is busy, and a 10,000-rank fleet needs no list.
+    let busy: Vec<Option<Busy>> = if admission.enabled() {
+        candidates.iter().map(|c| busy(admission, c)).collect()
+    } else {
+        Vec::new()
+    };
+    let busy_of = |i: usize| busy.get(i).copied().flatten();
     let min_active_prefill = candidates
         .iter()
-        .zip(&busy)
-        .filter(|(_, b)| b.is_none())
-        .map(|(c, _)| c.active_prefill_tokens)
+        .enumerate()
+        .filter(|(i, _)| busy_of(*i).is_none())
+        .map(|(_, c)| c.active_prefill_tokens)
         .min()
         .unwrap_or(0);
 
-    // One candidate's line. Large fleets at temperature 0 keep only (cost, overlap, worker,
-    // busy) per candidate and build full lines for the explained few: writing 10,000 lines of
-    // 200 bytes per decision cost more than scoring them.
-    let line = |c: &CandidateInput, b: Option<Busy>| -> CandidateScore {
-        let decay = if weights.track_prefill_tokens && weights.overlap_score_credit_decay > 0.0 {
-            let excess = c.active_prefill_tokens.saturating_sub(min_active_prefill) as f64 / bs;
-            1.0 / (1.0 + weights.overlap_score_credit_decay * excess / request_blocks)
-        } else {
-            1.0
-        };
-        let overlap = c.overlap.device();
-        let credit_blocks = weights.overlap_score_credit * decay * f64::from(overlap);
-        let prefill_blocks = if weights.track_prefill_tokens {
-            (c.active_prefill_tokens as f64 + req.isl_tokens as f64) / bs
-        } else {
-            0.0
-        };
-        let decode_blocks = if weights.track_active_blocks {
-            c.active_blocks as f64 + c.output_blocks + c.new_blocks as f64
-        } else {
-            0.0
-        };
-        let (cost, predicted) = match weights.policy {
-            RouterPolicy::Dynamo => (
-                weights.prefill_load_scale * (prefill_blocks - credit_blocks).max(0.0)
-                    + decode_blocks,
-                None,
-            ),
-            RouterPolicy::Kvgate => {
-                // Not tracking prefill tokens: no queue anywhere, only the request's own.
-                let queue = |t: u64| if weights.track_prefill_tokens { t } else { 0 };
-                let p = predict(
-                    &PredictInput {
-                        isl_tokens: req.isl_tokens as u64,
-                        credited_blocks: credit_blocks,
-                        block_size: req.block_size as u64,
-                        queued_prefill_tokens: queue(c.active_prefill_tokens),
-                        min_queued_prefill_tokens: queue(min_active_prefill),
-                        requests: c.requests,
-                        prefill_load_scale: weights.prefill_load_scale,
-                        memory: match c.capacity.total_kv_blocks {
-                            Some(total) if weights.track_active_blocks => {
-                                Some((decode_blocks, c.active_blocks, total))
-                            }
-                            _ => None,
-                        },
-                    },
-                    &req.estimates,
-                );
-                // Near-equal candidates tie, so that the cache decides between them.
-                ((p.total_ms() * 10.0).round() / 10.0, Some(p))
-            }
-        };
-        // A share of the whole predicted cost, queue included: under load, replicas that
-        // decide at once on one view differ mainly in which queue looks shortest.
-        let cost = if c.home_discount > 0.0 {
-            cost * (1.0 - c.home_discount)
-        } else {
-            cost
-        };
+    let scorer = Scorer {
+        weights,
+        isl_tokens: req.isl_tokens,
+        bs,
+        request_blocks,
+        min_active_prefill,
+        predictor: Predictor::new(
+            &req.estimates,
+            req.isl_tokens as u64,
+            req.block_size as u64,
+            // Not tracking prefill tokens: no queue anywhere, only the request's own.
+            if weights.track_prefill_tokens {
+                min_active_prefill
+            } else {
+                0
+            },
+            weights.prefill_load_scale,
+        ),
+    };
+    let terms = |c: &CandidateInput, explain: bool| scorer.terms(c, explain);
+    // One candidate's line in the explanation. Large fleets at temperature 0 keep only (cost,
+    // overlap, worker, busy) per candidate and build full lines for the explained few: writing
+    // 10,000 lines of 200 bytes per decision cost more than scoring them.
+    let line = |i: usize| -> CandidateScore {
+        let c = &candidates[i];
+        let t = terms(c, true);
         CandidateScore {
             worker: c.worker,
-            overlap_blocks: overlap,
+            overlap_blocks: t.overlap,
             host_overlap_blocks: c.overlap.get(crate::ids::StorageTier::HostPinned),
             disk_overlap_blocks: c.overlap.get(crate::ids::StorageTier::Disk),
             active_prefill_tokens: c.active_prefill_tokens,
             active_blocks: c.active_blocks,
             output_blocks: c.output_blocks,
             new_blocks: c.new_blocks,
-            prefill_blocks,
-            decay,
-            credit_blocks,
-            decode_blocks,
-            cost,
-            predicted,
+            prefill_blocks: t.prefill_blocks,
+            decay: t.decay,
+            credit_blocks: t.credit_blocks,
+            decode_blocks: t.decode_blocks,
+            cost: t.cost,
+            predicted: t.predicted,
             probability: None,
-            busy: b,
+            busy: busy_of(i),
         }
     };
 
@@ -336,35 +308,36 @@ pub fn schedule(
     let full = weights.temperature > 0.0 || candidates.len() <= MAX_EXPLAINED;
     let mut scores: Vec<CandidateScore> = Vec::new();
     let slim: Vec<Slim> = if full {
-        scores = candidates
-            .iter()
-            .zip(&busy)
-            .map(|(c, b)| line(c, *b))
-            .collect();
+        scores = (0..candidates.len()).map(line).collect();
         scores.iter().map(Slim::of).collect()
     } else {
         candidates
             .iter()
-            .zip(&busy)
-            .map(|(c, b)| Slim::of(&line(c, *b)))
+            .enumerate()
+            .map(|(i, c)| Slim {
+                cost: terms(c, false).cost,
+                overlap: c.overlap.device(),
+                worker: c.worker,
+                busy: busy_of(i).is_some(),
+            })
             .collect()
     };
     let eligible: Vec<usize> = (0..slim.len()).filter(|&i| !slim[i].busy).collect();
     // The explained lines: all of them in small fleets (and with sampling probabilities), else
     // the cheapest few rebuilt from their inputs.
-    let lines = |scores: Vec<CandidateScore>, chosen: Option<usize>| -> Vec<CandidateScore> {
+    let lines = |scores: Vec<CandidateScore>, idx: Option<Vec<usize>>, chosen: Option<usize>| {
         if full && scores.len() <= MAX_EXPLAINED {
             return scores;
         }
-        let idx = explained_indices(&slim, chosen);
+        let idx = idx.unwrap_or_else(|| explained_indices(&slim, chosen));
         if full {
             idx.iter().map(|&i| scores[i].clone()).collect()
         } else {
-            idx.iter().map(|&i| line(&candidates[i], busy[i])).collect()
+            idx.iter().map(|&i| line(i)).collect()
         }
     };
     if eligible.is_empty() {
-        explanation.candidates = lines(scores, None);
+        explanation.candidates = lines(scores, None, None);
         return (Outcome::Overloaded, explanation);
     }
 
@@ -393,8 +366,155 @@ pub fn schedule(
     ranked.push(slim[chosen].worker);
     ranked.extend(rest.iter().map(|&i| slim[i].worker));
     explanation.chosen = Some(slim[chosen].worker);
-    explanation.candidates = lines(scores, Some(chosen));
+    // At temperature 0 with nobody busy, the explained cheapest are the choice and the first
+    // fallbacks, already ordered: no second selection over the whole fleet.
+    let idx =
+        (!full && eligible.len() == slim.len() && rest.len() >= MAX_EXPLAINED - 1).then(|| {
+            let mut idx: Vec<usize> = std::iter::once(chosen)
+                .chain(rest.iter().copied().take(MAX_EXPLAINED - 1))
+                .collect();
+            idx.sort_unstable();
+            idx
+        });
+    explanation.candidates = lines(scores, idx, Some(chosen));
     (Outcome::Chosen { ranked }, explanation)
+}
+
+/// One decision's scoring: the weights and what every candidate shares.
+struct Scorer<'a> {
+    weights: &'a CostWeights,
+    isl_tokens: usize,
+    bs: f64,
+    request_blocks: f64,
+    min_active_prefill: u64,
+    predictor: Predictor,
+}
+
+impl Scorer<'_> {
+    /// Not tracking prefill tokens: no queue anywhere, only the request's own.
+    fn queue(&self, t: u64) -> u64 {
+        if self.weights.track_prefill_tokens {
+            t
+        } else {
+            0
+        }
+    }
+
+    fn decay(&self, c: &CandidateInput) -> f64 {
+        let w = self.weights;
+        if w.track_prefill_tokens && w.overlap_score_credit_decay > 0.0 {
+            let excess = c
+                .active_prefill_tokens
+                .saturating_sub(self.min_active_prefill) as f64
+                / self.bs;
+            1.0 / (1.0 + w.overlap_score_credit_decay * excess / self.request_blocks)
+        } else {
+            1.0
+        }
+    }
+
+    fn prefill_blocks(&self, c: &CandidateInput) -> f64 {
+        if self.weights.track_prefill_tokens {
+            (c.active_prefill_tokens as f64 + self.isl_tokens as f64) / self.bs
+        } else {
+            0.0
+        }
+    }
+
+    /// One candidate's cost and its components. Selection reads only the cost; the explanation
+    /// reads the rest, for the candidates it lists. With `explain` false, components the cost
+    /// does not need are left at 0: most of a big fleet caches nothing of the prompt, and its
+    /// decay (three divisions) cannot matter then. Always inlined, so that selection's calls
+    /// keep only the cost's arithmetic.
+    #[inline(always)]
+    fn terms(&self, c: &CandidateInput, explain: bool) -> Terms {
+        let overlap = c.overlap.device();
+        let decay = if explain || overlap > 0 {
+            self.decay(c)
+        } else {
+            1.0
+        };
+        let credit_blocks = if overlap > 0 {
+            self.weights.overlap_score_credit * decay * f64::from(overlap)
+        } else {
+            0.0
+        };
+        let prefill_blocks = if explain || self.weights.policy == RouterPolicy::Dynamo {
+            self.prefill_blocks(c)
+        } else {
+            0.0
+        };
+        let decode_blocks = if self.weights.track_active_blocks {
+            c.active_blocks as f64 + c.output_blocks + c.new_blocks as f64
+        } else {
+            0.0
+        };
+        let (cost, predicted) = match self.weights.policy {
+            RouterPolicy::Dynamo => (
+                self.weights.prefill_load_scale * (prefill_blocks - credit_blocks).max(0.0)
+                    + decode_blocks,
+                None,
+            ),
+            RouterPolicy::Kvgate => {
+                let p = self.predictor.predict(
+                    credit_blocks,
+                    self.queue(c.active_prefill_tokens),
+                    c.requests,
+                    match c.capacity.total_kv_blocks {
+                        Some(total) if self.weights.track_active_blocks => {
+                            Some((decode_blocks, c.active_blocks, total))
+                        }
+                        _ => None,
+                    },
+                );
+                // Near-equal candidates tie, so that the cache decides between them.
+                (round_tenth(p.total_ms()), Some(p))
+            }
+        };
+        // A share of the whole predicted cost, queue included: under load, replicas that
+        // decide at once on one view differ mainly in which queue looks shortest.
+        let cost = if c.home_discount > 0.0 {
+            cost * (1.0 - c.home_discount)
+        } else {
+            cost
+        };
+        Terms {
+            overlap,
+            decay,
+            credit_blocks,
+            prefill_blocks,
+            decode_blocks,
+            cost,
+            predicted,
+        }
+    }
+}
+
+/// A candidate's cost and the components the explanation shows.
+struct Terms {
+    overlap: u32,
+    decay: f64,
+    credit_blocks: f64,
+    prefill_blocks: f64,
+    decode_blocks: f64,
+    cost: f64,
+    predicted: Option<Predicted>,
+}
+
+/// `x` rounded to 0.1, half away from zero, as `(x * 10.0).round() / 10.0`. Costs are
+/// non-negative and far below 2^52, where the integer part truncates exactly and the
+/// fraction `t - trunc(t)` is exact too: no libm call per candidate. Anything else (NaN,
+/// infinities, negative or huge values) takes `f64::round`.
+fn round_tenth(x: f64) -> f64 {
+    let t = x * 10.0;
+    // Sign bit, not `>= 0`: -0.0 must stay -0.0 (total_cmp orders it first).
+    if t.is_sign_positive() && t < 4.0e15 {
+        let whole = t as u64 as f64;
+        let r = if t - whole >= 0.5 { whole + 1.0 } else { whole };
+        r / 10.0
+    } else {
+        t.round() / 10.0
+    }
 }
 
 /// What selection reads of a candidate's line.
@@ -522,4 +642,50 @@ fn sample_softmax(
         }
     }
     eligible[eligible.len() - 1]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::round_tenth;
+    use proptest::prelude::*;
+
+    fn reference(x: f64) -> f64 {
+        (x * 10.0).round() / 10.0
+    }
+
+    #[test]
+    fn rounding_to_a_tenth_matches_round_at_the_edges() {
+        for x in [
+            0.0,
+            -0.0,
+            0.05,
+            0.15,
+            0.049_999_999_999_999_996,
+            0.049_999_999_999_999_99,
+            1.25,
+            2.5e14,
+            4.5e14,
+            4.0e14 + 0.05,
+            1e300,
+            -3.25,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            f64::MIN_POSITIVE,
+        ] {
+            assert_eq!(round_tenth(x).to_bits(), reference(x).to_bits(), "{x}");
+        }
+        assert!(round_tenth(f64::NAN).is_nan());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(20_000))]
+        #[test]
+        fn rounding_to_a_tenth_is_round(x in 0.0f64..1e7, bits in any::<u64>()) {
+            prop_assert_eq!(round_tenth(x).to_bits(), reference(x).to_bits());
+            let y = f64::from_bits(bits);
+            if !y.is_nan() {
+                prop_assert_eq!(round_tenth(y).to_bits(), reference(y).to_bits(), "{}", y);
+            }
+        }
+    }
 }

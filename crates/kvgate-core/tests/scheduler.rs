@@ -1050,8 +1050,15 @@ fn big_fleets_rank_and_explain_a_bounded_few() {
             cand(WorkerRank::new(i, 0), overlap, queued, 0, 64)
         })
         .collect();
-    for temperature in [0.0, 5.0] {
-        let w = weights(|c| c.temperature = temperature);
+    for (temperature, policy) in [
+        (0.0, RouterPolicy::Dynamo),
+        (5.0, RouterPolicy::Dynamo),
+        (0.0, RouterPolicy::Kvgate),
+    ] {
+        let w = weights(|c| {
+            c.temperature = temperature;
+            c.policy = policy;
+        });
         let (outcome, e) = run(&w, &cands, 1024);
         let Outcome::Chosen { ranked } = outcome else {
             panic!("{outcome:?}")
@@ -1075,8 +1082,82 @@ fn big_fleets_rank_and_explain_a_bounded_few() {
         assert_eq!(&ranked[1..], &want[..]);
         if temperature == 0.0 {
             assert_eq!(ranked[0], WorkerRank::new(250, 0));
+            // Explained: the choice and the cheapest others, in worker order.
+            let mut want: Vec<WorkerRank> = ranked[..MAX_EXPLAINED].to_vec();
+            want.sort();
+            let got: Vec<WorkerRank> = e.candidates.iter().map(|c| c.worker).collect();
+            assert_eq!(got, want);
         }
     }
+}
+
+/// Many equal candidates: the choice is a random one of them, and the explanation lists the
+/// lowest-numbered 31 others besides it (the 32 cheapest by cost then worker, the choice in
+/// place of the last when it is not among them), with or without admission control.
+#[test]
+fn big_fleets_explain_the_choice_among_ties() {
+    use kvgate_core::scheduler::MAX_EXPLAINED;
+    let cands: Vec<CandidateInput> = (0..300u64)
+        .map(|i| {
+            cand(
+                WorkerRank::new(i, 0),
+                0,
+                if i < 5 { 4096 } else { 0 },
+                0,
+                64,
+            )
+        })
+        .collect();
+    let w = weights(|_| ());
+    let mut chosen_beyond = 0;
+    for seed in 0..20 {
+        for admission in [false, true] {
+            let a = if admission {
+                // Worker 0-4 hold 4096 queued tokens: busy above 1000.
+                AdmissionConfig {
+                    mode: AdmissionMode::TokenCapacity,
+                    active_prefill_tokens_threshold: Some(1000),
+                    ..AdmissionConfig::default()
+                }
+            } else {
+                AdmissionConfig::default()
+            };
+            let (outcome, e) = schedule(
+                &w,
+                &a,
+                ScoreRequest {
+                    isl_tokens: 1024,
+                    block_size: 16,
+                    estimates: Default::default(),
+                },
+                &cands,
+                &mut SplitMix64::new(seed),
+            );
+            let Outcome::Chosen { ranked } = outcome else {
+                panic!("{outcome:?}")
+            };
+            let chosen = ranked[0];
+            assert!(
+                chosen.worker.0 >= 5,
+                "{chosen:?}: the queued ones cost more"
+            );
+            // Cheapest 32 by (busy, cost, worker): workers 5..37 (all idle, equal cost).
+            let mut want: Vec<WorkerRank> = (5..5 + MAX_EXPLAINED as u64)
+                .map(|i| WorkerRank::new(i, 0))
+                .collect();
+            if !want.contains(&chosen) {
+                chosen_beyond += 1;
+                want[MAX_EXPLAINED - 1] = chosen;
+            }
+            want.sort();
+            let got: Vec<WorkerRank> = e.candidates.iter().map(|c| c.worker).collect();
+            assert_eq!(got, want, "seed {seed} admission {admission}");
+        }
+    }
+    assert!(
+        chosen_beyond > 0,
+        "some random choices fall beyond the first 32"
+    );
 }
 
 /// One candidate's cost, scored alone (costs do not depend on the other candidates here: no
@@ -1093,4 +1174,147 @@ fn w_cost(w: &CostWeights, cands: &[CandidateInput], r: WorkerRank) -> f64 {
         1024,
     );
     e.candidates.iter().find(|x| x.worker == r).unwrap().cost
+}
+
+/// The router keeps a copy of each target's load figures for speed: after any sequence of
+/// bookings, first tokens, output, moves, frees, sweeps and fleet changes, every candidate a
+/// decision scores carries exactly the load tracker's figures.
+#[derive(Clone, Debug)]
+enum LoadOp {
+    Route(u8, u8),
+    Book(u8, u8),
+    FirstToken(u8),
+    Output(u8, u16),
+    Rebook(u8, u8),
+    Free(u8),
+    Sweep,
+    AddWorker(u8),
+    RemoveWorker(u8),
+    Park(u8),
+    Stored(u8, u8, u8),
+}
+
+fn load_op() -> impl Strategy<Value = LoadOp> {
+    prop_oneof![
+        3 => (any::<u8>(), 0u8..6).prop_map(|(r, p)| LoadOp::Route(r % 24, p)),
+        2 => (any::<u8>(), 1u8..6).prop_map(|(r, w)| LoadOp::Book(r % 24, w)),
+        2 => any::<u8>().prop_map(|r| LoadOp::FirstToken(r % 24)),
+        2 => (any::<u8>(), any::<u16>()).prop_map(|(r, n)| LoadOp::Output(r % 24, n % 600)),
+        1 => (any::<u8>(), 1u8..6).prop_map(|(r, w)| LoadOp::Rebook(r % 24, w)),
+        2 => any::<u8>().prop_map(|r| LoadOp::Free(r % 24)),
+        1 => Just(LoadOp::Sweep),
+        1 => (1u8..6).prop_map(LoadOp::AddWorker),
+        1 => (1u8..6).prop_map(LoadOp::RemoveWorker),
+        1 => (1u8..6).prop_map(LoadOp::Park),
+        2 => (1u8..6, 0u8..2, 0u8..6).prop_map(|(w, d, p)| LoadOp::Stored(w, d, p)),
+    ]
+}
+
+proptest! {
+    #[test]
+    fn candidates_carry_the_load_trackers_figures(
+        ops in proptest::collection::vec(load_op(), 1..120),
+        policy in prop_oneof![Just(RouterPolicy::Dynamo), Just(RouterPolicy::Kvgate)],
+    ) {
+        let mut r = router(|c| {
+            c.policy = policy;
+            c.track_output_blocks = true;
+        });
+        let t0 = Instant::now();
+        let info = |w: u8| WorkerInfo {
+            id: WorkerId(u64::from(w)),
+            dp_size: 2,
+            role: WorkerRole::Aggregated,
+            capacity: WorkerCapacity::default(),
+        };
+        let id = |n: u8| RequestId::from(format!("r{n}"));
+        let mut rng = SplitMix64::new(7);
+        for (k, op) in ops.iter().enumerate() {
+            let now = t0 + Duration::from_millis(k as u64 * 10);
+            match *op {
+                LoadOp::Route(n, p) => {
+                    let _ = route(&mut r, &format!("r{n}"), &prompt(u32::from(p), 4), now);
+                }
+                LoadOp::Book(n, w) => {
+                    let h = prompt(u32::from(w), 3);
+                    let _ = r.book_decided(
+                        kvgate_core::load::NewBooking {
+                            request: id(n),
+                            worker: WorkerRank::new(u64::from(w), 1),
+                            seqs: h.seqs(),
+                            locals: &[],
+                            prefill_tokens: 48,
+                            expected_output_tokens: Some(64),
+                        },
+                        false,
+                        0,
+                        now,
+                    );
+                }
+                LoadOp::FirstToken(n) => {
+                    r.prefill_complete_at(&id(n), now);
+                }
+                LoadOp::Output(n, t) => {
+                    r.record_output(&id(n), u32::from(t));
+                }
+                LoadOp::Rebook(n, w) => {
+                    r.rebook(&id(n), WorkerRank::new(u64::from(w), 0), now);
+                }
+                LoadOp::Free(n) => {
+                    r.free_at(&id(n), now);
+                }
+                LoadOp::Sweep => {
+                    r.sweep(now, Duration::from_millis(300));
+                }
+                LoadOp::AddWorker(w) => r.upsert_worker(info(w)),
+                LoadOp::RemoveWorker(w) => {
+                    r.remove_worker(WorkerId(u64::from(w)));
+                }
+                LoadOp::Park(w) => {
+                    r.park_worker(WorkerId(u64::from(w)), now);
+                }
+                LoadOp::Stored(w, d, p) => {
+                    r.apply_event(&stored_event(
+                        WorkerRank::new(u64::from(w), u32::from(d)),
+                        &prompt(u32::from(p), 2),
+                    ));
+                }
+            }
+            // A dry run scores every target (or a subset): each line must show the tracker's
+            // figures, the index's overlap and the active blocks' new-block count.
+            let probe = RequestId::from("probe");
+            let h = prompt((k % 7) as u32, 4);
+            let subset: Vec<WorkerRank> = (1..6u64)
+                .flat_map(|w| [WorkerRank::new(w, 0), WorkerRank::new(w, 1)])
+                .filter(|x| !(x.worker.0 + u64::from(x.dp_rank.0) + k as u64).is_multiple_of(3))
+                .collect();
+            let overlap = r.overlaps(&h, now);
+            let Ok(d) = r.route(
+                RouteRequest {
+                    request: &probe,
+                    hashes: &h,
+                    expected_output_tokens: None,
+                    allowed: (k % 2 == 1).then_some(&subset[..]),
+                    book: false,
+                    home: None,
+                },
+                now,
+                &mut rng,
+            ) else {
+                continue;
+            };
+            prop_assert_eq!(d.explanation.candidates.len(), d.explanation.candidates_total);
+            for c in &d.explanation.candidates {
+                let f = r.load().figures(&c.worker);
+                prop_assert_eq!(c.active_prefill_tokens, f.prefill_tokens, "{:?}", c.worker);
+                prop_assert_eq!(c.active_blocks, f.active_blocks, "{:?}", c.worker);
+                prop_assert_eq!(c.output_blocks, f.output_blocks, "{:?}", c.worker);
+                prop_assert_eq!(c.overlap_blocks, overlap.device(&c.worker), "{:?}", c.worker);
+                prop_assert_eq!(c.new_blocks, r.load().new_blocks(&c.worker, h.seqs()), "{:?}", c.worker);
+                if let Some(p) = &c.predicted {
+                    prop_assert_eq!(p.requests, f.requests, "{:?}", c.worker);
+                }
+            }
+        }
+    }
 }
