@@ -106,6 +106,8 @@ pub struct Router {
     figures: Vec<LoadFigures>,
     /// Position of each target in `targets`.
     target_pos: FastMap<WorkerRank, usize>,
+    /// The candidate buffer, kept between decisions.
+    scratch: Vec<CandidateInput>,
     index: PrefixIndex,
     predicted: Option<PredictedIndex>,
     load: LoadTracker,
@@ -179,6 +181,7 @@ impl Router {
             targets: Vec::new(),
             figures: Vec::new(),
             target_pos: FastMap::default(),
+            scratch: Vec::new(),
             index: PrefixIndex::new(),
             predicted,
             load: LoadTracker::new(block_size),
@@ -477,35 +480,43 @@ impl Router {
         new_at.sort_unstable_by_key(|x| x.0);
         let (mut next_overlap, mut next_new) =
             (overlap_at.iter().peekable(), new_at.iter().peekable());
-        let candidates: Vec<CandidateInput> = self
-            .targets
-            .iter()
-            .enumerate()
-            .filter(|(_, t)| {
-                roles.contains(&t.1) && allowed.as_ref().is_none_or(|a| a.contains(&t.0))
-            })
-            .map(|(i, &(t, _, capacity))| {
-                let f = &self.figures[i];
-                let overlap = take_at(&mut next_overlap, i).unwrap_or_default();
-                let new = take_at(&mut next_new, i).unwrap_or(seqs.len());
-                CandidateInput {
-                    home_discount: home
-                        .map_or(0.0, |h| if i % h.of == h.rank { h.discount } else { 0.0 }),
-                    worker: t,
-                    overlap,
-                    active_prefill_tokens: f.prefill_tokens,
-                    active_blocks: f.active_blocks,
-                    output_blocks: if self.config.track_output_blocks {
-                        f.output_blocks
-                    } else {
-                        0.0
-                    },
-                    new_blocks: new,
-                    requests: f.requests,
-                    capacity,
-                }
-            })
-            .collect();
+        // The candidate list reuses last decision's buffer: at 10,000 ranks it is 1 MB, and a
+        // fresh one per decision costs page faults.
+        let mut candidates = std::mem::take(&mut self.scratch);
+        candidates.clear();
+        if candidates.capacity() > 4 * self.targets.len().max(64) {
+            // The fleet shrank a lot: give the memory back.
+            candidates = Vec::new();
+        }
+        candidates.extend(
+            self.targets
+                .iter()
+                .enumerate()
+                .filter(|(_, t)| {
+                    roles.contains(&t.1) && allowed.as_ref().is_none_or(|a| a.contains(&t.0))
+                })
+                .map(|(i, &(t, _, capacity))| {
+                    let f = &self.figures[i];
+                    let overlap = take_at(&mut next_overlap, i).unwrap_or_default();
+                    let new = take_at(&mut next_new, i).unwrap_or(seqs.len());
+                    CandidateInput {
+                        home_discount: home
+                            .map_or(0.0, |h| if i % h.of == h.rank { h.discount } else { 0.0 }),
+                        worker: t,
+                        overlap,
+                        active_prefill_tokens: f.prefill_tokens,
+                        active_blocks: f.active_blocks,
+                        output_blocks: if self.config.track_output_blocks {
+                            f.output_blocks
+                        } else {
+                            0.0
+                        },
+                        new_blocks: new,
+                        requests: f.requests,
+                        capacity,
+                    }
+                }),
+        );
         let isl = req.hashes.num_tokens();
         let (outcome, explanation) = schedule(
             &weights,
@@ -518,6 +529,7 @@ impl Router {
             &candidates,
             rng,
         );
+        self.scratch = candidates;
         let ranked = match outcome {
             Outcome::Chosen { ranked } => ranked,
             Outcome::Overloaded => return Err(RouteError::Overloaded(Box::new(explanation))),
