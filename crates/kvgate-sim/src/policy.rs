@@ -292,7 +292,9 @@ impl SglangCacheAware {
             if tree.len() > SGLANG_MAX_TREE_BLOCKS {
                 let mut by_age: Vec<(Instant, SeqHash)> =
                     tree.iter().map(|(h, t)| (*t, *h)).collect();
-                by_age.sort_unstable_by_key(|(t, _)| *t);
+                // By age, then hash: blocks of one request share a timestamp, and the map's
+                // order (random per process) must not choose among them.
+                by_age.sort_unstable();
                 for (_, h) in by_age.iter().take(tree.len() - SGLANG_MAX_TREE_BLOCKS) {
                     tree.remove(h);
                 }
