@@ -115,10 +115,16 @@ impl EventStats {
 /// state can no longer be trusted: under-reporting a cache costs a hit, over-reporting sends
 /// requests to blocks that are gone), then the ready events go into the index.
 pub fn apply_sequenced(router: &Mutex<Router>, stats: &EventStats, out: Sequenced) {
+    if let Ok(mut r) = router.lock() {
+        apply_sequenced_to(&mut r, stats, out);
+    }
+}
+
+/// [`apply_sequenced`] for a caller that already holds the router.
+pub fn apply_sequenced_to(r: &mut Router, stats: &EventStats, out: Sequenced) {
     if out.duplicate {
         stats.duplicates.fetch_add(1, Ordering::Relaxed);
     }
-    let Ok(mut r) = router.lock() else { return };
     let clear = |r: &mut Router, source: WorkerRank, event_id: u64| {
         clear_rank(r, source, event_id);
         stats.resyncs.fetch_add(1, Ordering::Relaxed);
@@ -132,7 +138,7 @@ pub fn apply_sequenced(router: &Mutex<Router>, stats: &EventStats, out: Sequence
             missing = gap.missing,
             "KV events lost; dropping this rank's indexed blocks to rebuild them from new events"
         );
-        clear(&mut r, gap.source, gap.first_missing);
+        clear(r, gap.source, gap.first_missing);
     }
     if out.restarted
         && let Some(first) = out.ready.first()
@@ -142,7 +148,7 @@ pub fn apply_sequenced(router: &Mutex<Router>, stats: &EventStats, out: Sequence
             dp_rank = first.source.dp_rank.0,
             "KV event publisher restarted"
         );
-        clear(&mut r, first.source, first.event_id);
+        clear(r, first.source, first.event_id);
     }
     for e in &out.ready {
         // Events of unknown workers are counted by the router itself.

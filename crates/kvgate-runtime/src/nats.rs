@@ -318,13 +318,13 @@ fn handle(
             stats.duplicates.fetch_add(1, Ordering::Relaxed);
             continue;
         }
+        // One router lock per event, for the check and the apply alike (decisions wait on
+        // it, so not one per message either).
+        let Ok(mut r) = router.lock() else { return };
         // A rank outside discovery is counted and dropped by the router, and never
         // tracked here (the sequencer would grow with whatever ids a publisher sends).
-        let known = router.lock().is_ok_and(|r| r.is_target(e.source));
-        if !known {
-            if let Ok(mut r) = router.lock() {
-                r.apply_event(&e);
-            }
+        if !r.is_target(e.source) {
+            r.apply_event(&e);
             continue;
         }
         // A restart nobody announced (a new publisher for the rank, its ids back): the old
@@ -342,13 +342,11 @@ fn handle(
             );
             stats.restart(reason.as_str());
             order.seq.reset(e.source);
-            if let Ok(mut r) = router.lock() {
-                crate::events::clear_rank(&mut r, e.source, e.event_id);
-            }
+            crate::events::clear_rank(&mut r, e.source, e.event_id);
             stats.resyncs.fetch_add(1, Ordering::Relaxed);
         }
         let out = order.seq.offer(e, now);
-        apply_sequenced(router, stats, out);
+        crate::events::apply_sequenced_to(&mut r, stats, out);
     }
     stats.apply_lag.observe_published(published);
 }
