@@ -49,6 +49,11 @@ pub struct BenchFleetArgs {
     /// Prompt lengths in tokens (16-token blocks).
     #[arg(long, value_delimiter = ',', default_value = "2048,8192")]
     pub prompt_tokens: Vec<usize>,
+    /// Tokens every prompt starts with, whatever its family (a deployment-wide system prompt):
+    /// then every rank caches it and has it active, the case where per-rank work on the
+    /// prompt's blocks would cost the most. 0: families share nothing.
+    #[arg(long, default_value_t = 0)]
+    pub system_prompt_tokens: usize,
     /// Print one JSON object as the last line.
     #[arg(long)]
     pub json: bool,
@@ -61,6 +66,7 @@ pub struct FleetPoint {
     pub ranks: usize,
     pub workers: usize,
     pub prompt_tokens: usize,
+    pub system_prompt_tokens: usize,
     pub requests: usize,
     pub in_flight: usize,
     pub decision_p50_us: f64,
@@ -78,12 +84,14 @@ pub struct FleetPoint {
     pub hit_rate: f64,
 }
 
-fn tokens(family: usize, unique: u64, n: usize) -> Vec<u32> {
-    // A family shares its first 3/4; the rest is the request's own.
+fn tokens(system: usize, family: usize, unique: u64, n: usize) -> Vec<u32> {
+    // Everyone shares the system prompt, a family its first 3/4; the rest is the request's own.
     let shared = n * 3 / 4;
     (0..n)
         .map(|i| {
-            if i < shared {
+            if i < system {
+                (i * 53 + 11) as u32 % 190_000
+            } else if i < shared {
                 (family * 7919 + i * 31) as u32 % 190_000
             } else {
                 ((unique.wrapping_mul(2_654_435_761) as usize + i * 17) % 190_000) as u32
@@ -160,7 +168,7 @@ fn one_fleet(a: &BenchFleetArgs, ranks: usize, prompt: usize) -> Result<FleetPoi
             let mut events = Vec::new();
             for k in 0..a.families_per_rank {
                 let fam = (rank_no * 131 + k * 977) % a.families.max(1);
-                let t = tokens(fam, 0, prompt);
+                let t = tokens(a.system_prompt_tokens, fam, 0, prompt);
                 let h = BlockHashes::from_tokens(&t[..prompt * 3 / 4], BLOCK, seed);
                 let blocks = h
                     .locals()
@@ -203,7 +211,11 @@ fn one_fleet(a: &BenchFleetArgs, ranks: usize, prompt: usize) -> Result<FleetPoi
     let hashes: Vec<BlockHashes> = (0..a.requests)
         .map(|i| {
             let fam = (i * 2_654_435_761usize) % a.families.max(1);
-            BlockHashes::from_tokens(&tokens(fam, i as u64 + 1, prompt), BLOCK, seed)
+            BlockHashes::from_tokens(
+                &tokens(a.system_prompt_tokens, fam, i as u64 + 1, prompt),
+                BLOCK,
+                seed,
+            )
         })
         .collect();
     let in_flight = ((ranks as f64 * a.in_flight_per_rank) as usize).max(1);
@@ -295,6 +307,7 @@ fn one_fleet(a: &BenchFleetArgs, ranks: usize, prompt: usize) -> Result<FleetPoi
         ranks,
         workers,
         prompt_tokens: prompt,
+        system_prompt_tokens: a.system_prompt_tokens.min(prompt),
         requests: decide.len(),
         in_flight,
         decision_p50_us: quantile(&decide, 0.5),
@@ -324,7 +337,11 @@ pub fn run(a: BenchFleetArgs) -> Result<(), String> {
     for &ranks in &a.ranks {
         for &prompt in &a.prompt_tokens {
             if !a.json {
-                eprintln!("bench fleet: {ranks} ranks, {prompt}-token prompts");
+                let system = match a.system_prompt_tokens.min(prompt) {
+                    0 => String::new(),
+                    n => format!(", all starting with one {n}-token system prompt"),
+                };
+                eprintln!("bench fleet: {ranks} ranks, {prompt}-token prompts{system}");
             }
             points.push(one_fleet(&a, ranks, prompt)?);
         }

@@ -86,7 +86,7 @@ fn decision(c: &mut Criterion) {
     use std::time::Instant;
 
     let mut g = c.benchmark_group("route_decision_8k_prompt");
-    for workers in [16u64, 100, 1000] {
+    for workers in [16u64, 100, 1000, 10_000] {
         let mut router = Router::new(RouterConfig::default(), 16).expect("valid config");
         for w in 0..workers {
             router.upsert_worker(WorkerInfo {

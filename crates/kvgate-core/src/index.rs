@@ -38,7 +38,7 @@ use crate::orphans::{Orphan, OrphanLot};
 /// `member << 2 | tier`.
 type Holder = u32;
 
-const TIERS: usize = 4;
+pub(crate) const TIERS: usize = 4;
 
 /// The most members (interned (worker, dp rank) pairs) an index can hold at once.
 pub const MAX_MEMBERS: usize = 1 << 28;

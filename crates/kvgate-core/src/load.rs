@@ -120,6 +120,11 @@ pub struct LoadTracker {
     /// when one of these starts with it: a decision probes only those workers' block maps,
     /// not all of a 10,000-rank fleet's.
     first_blocks: FastMap<SeqHash, FastMap<WorkerRank, u32>>,
+    /// How many workers hold each active block. Along one request's chain these counts only
+    /// fall, and a worker's active prefix can end only where they do: when a shared system
+    /// prompt is active on every rank, one count per level answers for all of them instead
+    /// of a binary search in each rank's own map (a cache miss per probe).
+    block_holders: FastMap<SeqHash, u32>,
     /// Workers whose figures changed since the last [`LoadTracker::take_changed`]; `None`
     /// when more than [`MAX_CHANGED`] did (the reader then refreshes every worker).
     changed: Option<Vec<WorkerRank>>,
@@ -152,6 +157,9 @@ pub struct NewBlocksProbe<'a> {
     seqs: &'a [SeqHash],
     /// Workers whose active bookings start with the request's first block (`None`: nobody's).
     holders: Option<&'a FastMap<WorkerRank, u32>>,
+    /// The active prefix lengths a holder can have, ascending: the levels `d` where fewer
+    /// workers hold `seqs[d]` than `seqs[d - 1]` (none hold `seqs[len]`).
+    depths: Vec<usize>,
 }
 
 impl NewBlocksProbe<'_> {
@@ -165,12 +173,61 @@ impl NewBlocksProbe<'_> {
     /// its bookings starts like the request).
     pub fn of(&self, worker: &WorkerRank) -> usize {
         match self.holders {
-            Some(h) if h.contains_key(worker) => self
-                .workers
-                .get(worker)
-                .map_or(self.seqs.len(), |l| l.new_blocks(self.seqs)),
+            Some(h) if h.contains_key(worker) => self.of_holder(worker),
             _ => self.seqs.len(),
         }
+    }
+
+    /// [`of`](Self::of) for a worker from [`holders`](Self::holders).
+    pub fn of_holder(&self, worker: &WorkerRank) -> usize {
+        let len = self.seqs.len();
+        match self.depths.as_slice() {
+            // Every holder's active prefix ends at the same level.
+            [d] => len - d,
+            depths => match self.workers.get(worker) {
+                Some(l) => {
+                    // The levels it holds are a prefix of `depths`.
+                    let held =
+                        depths.partition_point(|&d| l.blocks.contains_key(&self.seqs[d - 1]));
+                    len - held.checked_sub(1).map_or(0, |i| depths[i])
+                }
+                None => len,
+            },
+        }
+    }
+}
+
+/// The levels `d` in `(lo, hi]` where `count(d) < count(d - 1)`, ascending, given `count` (how
+/// many workers hold the `k`-th block of a chain) at both ends. Counts never rise along a
+/// chain, so a span whose ends agree holds no drop: the search probes O(drops x log len)
+/// levels.
+fn level_drops(
+    count: &dyn Fn(usize) -> u32,
+    (lo, at_lo): (usize, u32),
+    (hi, at_hi): (usize, u32),
+    out: &mut Vec<usize>,
+) {
+    if at_lo <= at_hi || hi <= lo {
+        return;
+    }
+    if hi == lo + 1 {
+        out.push(hi);
+        return;
+    }
+    let mid = lo + (hi - lo) / 2;
+    let at_mid = count(mid);
+    level_drops(count, (lo, at_lo), (mid, at_mid), out);
+    level_drops(count, (mid, at_mid), (hi, at_hi), out);
+}
+
+/// Adds one booking's blocks to a worker's refcounts, counting each block's new holder.
+fn hold_blocks(load: &mut WorkerLoad, holders: &mut FastMap<SeqHash, u32>, seqs: &[SeqHash]) {
+    for &s in seqs {
+        let c = load.blocks.entry(s).or_insert(0);
+        if *c == 0 {
+            *holders.entry(s).or_insert(0) += 1;
+        }
+        *c += 1;
     }
 }
 
@@ -200,6 +257,7 @@ impl LoadTracker {
             workers: FastMap::default(),
             bookings: HashMap::new(),
             first_blocks: FastMap::default(),
+            block_holders: FastMap::default(),
             changed: Some(Vec::new()),
         }
     }
@@ -249,10 +307,23 @@ impl LoadTracker {
     /// [`new_blocks`](Self::new_blocks) for one request over many workers: the request's
     /// first-block holders are looked up once, not once per candidate.
     pub fn new_blocks_probe<'a>(&'a self, seqs: &'a [SeqHash]) -> NewBlocksProbe<'a> {
+        let holders = seqs.first().and_then(|f| self.first_blocks.get(f));
+        let mut depths = Vec::new();
+        if let Some(h) = holders {
+            let count = |k: usize| {
+                if k >= seqs.len() {
+                    0
+                } else {
+                    self.block_holders.get(&seqs[k]).copied().unwrap_or(0)
+                }
+            };
+            level_drops(&count, (0, h.len() as u32), (seqs.len(), 0), &mut depths);
+        }
         NewBlocksProbe {
             workers: &self.workers,
             seqs,
-            holders: seqs.first().and_then(|f| self.first_blocks.get(f)),
+            holders,
+            depths,
         }
     }
 
@@ -335,9 +406,7 @@ impl LoadTracker {
             first_token_at: None,
         };
         load.prefill_tokens += booking.prefill_tokens;
-        for &s in &booking.seqs {
-            *load.blocks.entry(s).or_insert(0) += 1;
-        }
+        hold_blocks(load, &mut self.block_holders, &booking.seqs);
         load.output_blocks += booking.output_blocks(self.block_size);
         load.requests += 1;
         self.note_first(b.worker, b.seqs, true);
@@ -405,9 +474,7 @@ impl LoadTracker {
         let prefill = if b.prefill_done { 0 } else { b.prefill_tokens };
         let load = self.workers.entry(to).or_default();
         load.prefill_tokens += prefill;
-        for &s in &b.seqs {
-            *load.blocks.entry(s).or_insert(0) += 1;
-        }
+        hold_blocks(load, &mut self.block_holders, &b.seqs);
         let moved = Booking { worker: to, ..b };
         load.output_blocks += moved.output_blocks(self.block_size);
         load.requests += 1;
@@ -443,6 +510,12 @@ impl LoadTracker {
                     *c -= 1;
                     if *c == 0 {
                         load.blocks.remove(s);
+                        if let Some(n) = self.block_holders.get_mut(s) {
+                            *n -= 1;
+                            if *n == 0 {
+                                self.block_holders.remove(s);
+                            }
+                        }
                     }
                 }
             }
@@ -727,6 +800,12 @@ mod tests {
                     prop_assert_eq!(l.requests, *n);
                 }
                 prop_assert_eq!(t.workers.len(), want.len());
+                // Each active block's holder count is the number of workers holding it.
+                let mut holders: BTreeMap<SeqHash, u32> = BTreeMap::new();
+                for (_, blocks, _) in want.values() {
+                    for s in blocks { *holders.entry(*s).or_default() += 1; }
+                }
+                prop_assert_eq!(t.block_holders.iter().map(|(s, n)| (*s, *n)).collect::<BTreeMap<_, _>>(), holders);
                 // The first-block shortcut answers as a scan of the live bookings would.
                 for w in 0..3u64 {
                     let w = WorkerRank::new(w, 0);
@@ -736,6 +815,11 @@ mod tests {
                             q.iter().take_while(|s| blocks.contains(s)).count()
                         });
                         prop_assert_eq!(t.new_blocks(&w, &q), q.len() - held);
+                        let probe = t.new_blocks_probe(&q);
+                        prop_assert_eq!(probe.holders().any(|h| *h == w), held > 0);
+                        if held > 0 {
+                            prop_assert_eq!(probe.of_holder(&w), q.len() - held);
+                        }
                     }
                 }
             }
@@ -743,6 +827,7 @@ mod tests {
             for id in ids { t.free(&id); }
             prop_assert!(t.workers.is_empty());
             prop_assert!(t.first_blocks.is_empty());
+            prop_assert!(t.block_holders.is_empty());
         }
     }
 }

@@ -108,6 +108,13 @@ pub struct Router {
     target_pos: FastMap<WorkerRank, usize>,
     /// The candidate buffer, kept between decisions.
     scratch: Vec<CandidateInput>,
+    /// What only some targets have for a decision (overlap, new blocks), by target position;
+    /// written for those few, read in the pass over the fleet, reset right after. A shared
+    /// system prompt gives all 10,000 ranks an entry: this costs one position lookup each,
+    /// where a list sorted by position cost a sort.
+    sparse: Vec<SparseInput>,
+    /// Positions `sparse` holds something at.
+    touched: Vec<usize>,
     index: PrefixIndex,
     predicted: Option<PredictedIndex>,
     load: LoadTracker,
@@ -141,14 +148,20 @@ impl ReplicaHome {
     }
 }
 
-/// From entries sorted by position, the value at position `i` (passing over the ones before
-/// it: positions of targets filtered out of the decision).
-fn take_at<T: Copy>(
-    it: &mut std::iter::Peekable<std::slice::Iter<'_, (usize, T)>>,
-    i: usize,
-) -> Option<T> {
-    while it.next_if(|x| x.0 < i).is_some() {}
-    it.next_if(|x| x.0 == i).map(|x| x.1)
+/// One target's decision inputs that most targets lack: its overlap with the prompt, and its
+/// new blocks when some of its bookings start like the prompt.
+#[derive(Clone, Copy, Debug)]
+struct SparseInput {
+    overlap: TierOverlap,
+    /// `u32::MAX`: every block of the prompt is new there.
+    new_blocks: u32,
+}
+
+impl SparseInput {
+    const NONE: Self = Self {
+        overlap: TierOverlap([0; crate::index::TIERS]),
+        new_blocks: u32::MAX,
+    };
 }
 
 /// The most data-parallel ranks a worker may announce.
@@ -182,6 +195,8 @@ impl Router {
             figures: Vec::new(),
             target_pos: FastMap::default(),
             scratch: Vec::new(),
+            sparse: Vec::new(),
+            touched: Vec::new(),
             index: PrefixIndex::new(),
             predicted,
             load: LoadTracker::new(block_size),
@@ -342,6 +357,7 @@ impl Router {
             .enumerate()
             .map(|(i, t)| (t.0, i))
             .collect();
+        self.sparse = vec![SparseInput::NONE; self.targets.len()];
         let _ = self.load.take_changed();
         self.figures = self
             .targets
@@ -462,24 +478,24 @@ impl Router {
         self.refresh_figures();
         let seqs = req.hashes.seqs();
         let home = req.home.filter(ReplicaHome::is_usable);
-        // What only some targets have, in target order, merged into the pass below: the
-        // overlap of those caching part of the prompt, the new blocks of those whose active
-        // bookings start like it. Every other target has none and all of them new.
+        // What only some targets have, by position, read in the pass below: the overlap of
+        // those caching part of the prompt, the new blocks of those whose active bookings
+        // start like it. Every other target has none and all of them new.
         let probe = self.load.new_blocks_probe(seqs);
-        let pos = |w: &WorkerRank| self.target_pos.get(w).copied();
-        let mut overlap_at: Vec<(usize, TierOverlap)> = overlaps
-            .scores
-            .iter()
-            .filter_map(|(w, o)| pos(w).map(|i| (i, *o)))
-            .collect();
-        overlap_at.sort_unstable_by_key(|x| x.0);
-        let mut new_at: Vec<(usize, usize)> = probe
-            .holders()
-            .filter_map(|w| pos(w).map(|i| (i, probe.of(w))))
-            .collect();
-        new_at.sort_unstable_by_key(|x| x.0);
-        let (mut next_overlap, mut next_new) =
-            (overlap_at.iter().peekable(), new_at.iter().peekable());
+        for (w, o) in &overlaps.scores {
+            if let Some(&i) = self.target_pos.get(w) {
+                self.sparse[i].overlap = *o;
+                self.touched.push(i);
+            }
+        }
+        for w in probe.holders() {
+            if let Some(&i) = self.target_pos.get(w) {
+                // At most the prompt's length; a prompt of 2^32 blocks cannot be parsed.
+                self.sparse[i].new_blocks =
+                    u32::try_from(probe.of_holder(w)).unwrap_or(u32::MAX - 1);
+                self.touched.push(i);
+            }
+        }
         // The candidate list reuses last decision's buffer: at 10,000 ranks it is 1 MB, and a
         // fresh one per decision costs page faults.
         let mut candidates = std::mem::take(&mut self.scratch);
@@ -497,8 +513,15 @@ impl Router {
                 })
                 .map(|(i, &(t, _, capacity))| {
                     let f = &self.figures[i];
-                    let overlap = take_at(&mut next_overlap, i).unwrap_or_default();
-                    let new = take_at(&mut next_new, i).unwrap_or(seqs.len());
+                    let SparseInput {
+                        overlap,
+                        new_blocks,
+                    } = self.sparse[i];
+                    let new = if new_blocks == u32::MAX {
+                        seqs.len()
+                    } else {
+                        new_blocks as usize
+                    };
                     CandidateInput {
                         home_discount: home
                             .map_or(0.0, |h| if i % h.of == h.rank { h.discount } else { 0.0 }),
@@ -517,6 +540,9 @@ impl Router {
                     }
                 }),
         );
+        for i in self.touched.drain(..) {
+            self.sparse[i] = SparseInput::NONE;
+        }
         let isl = req.hashes.num_tokens();
         let (outcome, explanation) = schedule(
             &weights,

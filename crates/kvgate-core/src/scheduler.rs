@@ -348,20 +348,21 @@ pub fn schedule(
     };
 
     // Fallbacks: the best other eligible candidates by cost, ties by worker for stable output.
-    // Only the first MAX_FALLBACKS are ordered: selecting them is linear in the fleet, a full
-    // sort of 10,000 candidates is not.
+    // Only the first MAX_FALLBACKS are ordered: the cheapest one more than that, in one pass
+    // (the chosen is among them, or they are all cheaper than it).
     let by_cost = |&a: &usize, &b: &usize| {
         slim[a]
             .cost
             .total_cmp(&slim[b].cost)
             .then(slim[a].worker.cmp(&slim[b].worker))
     };
-    let mut rest: Vec<usize> = eligible.iter().copied().filter(|&i| i != chosen).collect();
-    if rest.len() > MAX_FALLBACKS {
-        rest.select_nth_unstable_by(MAX_FALLBACKS, by_cost);
-        rest.truncate(MAX_FALLBACKS);
+    let mut rest = smallest(eligible.iter().copied(), MAX_FALLBACKS + 1, by_cost);
+    match rest.iter().position(|&i| i == chosen) {
+        Some(p) => {
+            rest.remove(p);
+        }
+        None => rest.truncate(MAX_FALLBACKS),
     }
-    rest.sort_by(by_cost);
     let mut ranked = Vec::with_capacity(rest.len() + 1);
     ranked.push(slim[chosen].worker);
     ranked.extend(rest.iter().map(|&i| slim[i].worker));
@@ -544,6 +545,40 @@ pub const MAX_FALLBACKS: usize = 64;
 /// this many (the chosen one always among them, the count of all in `candidates_total`).
 pub const MAX_EXPLAINED: usize = 32;
 
+/// The `k` least of `items` by `cmp` (a total order), sorted. Items enter a buffer only when
+/// they beat the k-th least so far, and the buffer is cut back to `k` when it reaches `2k`:
+/// over a fleet most items cost one comparison, and nothing is sorted but the winners.
+fn smallest(
+    items: impl Iterator<Item = usize>,
+    k: usize,
+    cmp: impl Fn(&usize, &usize) -> std::cmp::Ordering,
+) -> Vec<usize> {
+    let mut buf: Vec<usize> = Vec::with_capacity(2 * k.max(1));
+    if k == 0 {
+        return buf;
+    }
+    let mut bound: Option<usize> = None;
+    for i in items {
+        if let Some(b) = bound
+            && cmp(&i, &b) != std::cmp::Ordering::Less
+        {
+            continue;
+        }
+        buf.push(i);
+        if buf.len() == 2 * k {
+            buf.select_nth_unstable_by(k - 1, &cmp);
+            buf.truncate(k);
+            bound = Some(buf[k - 1]);
+        }
+    }
+    if buf.len() > k {
+        buf.select_nth_unstable_by(k - 1, &cmp);
+        buf.truncate(k);
+    }
+    buf.sort_unstable_by(&cmp);
+    buf
+}
+
 /// The indices of the explained candidates, in candidate order: the [`MAX_EXPLAINED`]
 /// cheapest (eligible before busy), with `chosen` in place of the last if it is not among them.
 fn explained_indices(slim: &[Slim], chosen: Option<usize>) -> Vec<usize> {
@@ -646,8 +681,23 @@ fn sample_softmax(
 
 #[cfg(test)]
 mod tests {
-    use super::round_tenth;
+    use super::{round_tenth, smallest};
     use proptest::prelude::*;
+
+    proptest! {
+        /// The k least are the first k of a full sort, for any k, duplicates included.
+        #[test]
+        fn smallest_k_is_the_head_of_a_sort(
+            costs in proptest::collection::vec(0u8..20, 0..400),
+            k in 0usize..80,
+        ) {
+            let cmp = |a: &usize, b: &usize| costs[*a].cmp(&costs[*b]).then(a.cmp(b));
+            let mut all: Vec<usize> = (0..costs.len()).collect();
+            all.sort_by(cmp);
+            all.truncate(k);
+            prop_assert_eq!(smallest(0..costs.len(), k, cmp), all);
+        }
+    }
 
     fn reference(x: f64) -> f64 {
         (x * 10.0).round() / 10.0
