@@ -14,7 +14,8 @@ use crate::load::{BookError, Change, Changed, LoadFigures, LoadTracker, NewBooki
 use crate::predicted::PredictedIndex;
 use crate::random::RandomSource;
 use crate::scheduler::{
-    CandidateInput, CostWeights, Explanation, Outcome, ScoreRequest, WorkerCapacity, schedule,
+    CandidateInput, Candidates, CostWeights, Explanation, Outcome, ScoreRequest, WorkerCapacity,
+    schedule_over,
 };
 use serde::Serialize;
 use std::time::{Duration, Instant};
@@ -106,8 +107,9 @@ pub struct Router {
     figures: Vec<LoadFigures>,
     /// Position of each target in `targets`.
     target_pos: FastMap<WorkerRank, usize>,
-    /// The candidate buffer, kept between decisions.
-    scratch: Vec<CandidateInput>,
+    /// The candidates' target positions when only some targets are candidates, kept between
+    /// decisions.
+    positions: Vec<usize>,
     /// What only some targets have for a decision (overlap, new blocks), by target position;
     /// written for those few, read in the pass over the fleet, reset right after. A shared
     /// system prompt gives all 10,000 ranks an entry: this costs one position lookup each,
@@ -164,6 +166,69 @@ impl SparseInput {
     };
 }
 
+/// One decision's candidates as the scheduler reads them: the targets (all, or those at
+/// `positions`), each one's inputs assembled from the per-target arrays when it is scored.
+struct TargetView<'a> {
+    targets: &'a [(WorkerRank, WorkerRole, WorkerCapacity)],
+    figures: &'a [LoadFigures],
+    sparse: &'a [SparseInput],
+    positions: Option<&'a [usize]>,
+    /// The prompt's blocks: a target without an entry in `sparse` has all of them new.
+    prompt_blocks: usize,
+    home: Option<ReplicaHome>,
+    track_output_blocks: bool,
+}
+
+impl TargetView<'_> {
+    #[inline(always)]
+    fn position(&self, i: usize) -> usize {
+        self.positions.map_or(i, |p| p[i])
+    }
+}
+
+impl Candidates for TargetView<'_> {
+    fn count(&self) -> usize {
+        self.positions.map_or(self.targets.len(), <[usize]>::len)
+    }
+
+    #[inline(always)]
+    fn get(&self, i: usize) -> CandidateInput {
+        let i = self.position(i);
+        let (worker, _, capacity) = self.targets[i];
+        let f = &self.figures[i];
+        let SparseInput {
+            overlap,
+            new_blocks,
+        } = self.sparse[i];
+        CandidateInput {
+            home_discount: self
+                .home
+                .map_or(0.0, |h| if i % h.of == h.rank { h.discount } else { 0.0 }),
+            worker,
+            overlap,
+            active_prefill_tokens: f.prefill_tokens,
+            active_blocks: f.active_blocks,
+            output_blocks: if self.track_output_blocks {
+                f.output_blocks
+            } else {
+                0.0
+            },
+            new_blocks: if new_blocks == u32::MAX {
+                self.prompt_blocks
+            } else {
+                new_blocks as usize
+            },
+            requests: f.requests,
+            capacity,
+        }
+    }
+
+    #[inline(always)]
+    fn active_prefill_tokens(&self, i: usize) -> u64 {
+        self.figures[self.position(i)].prefill_tokens
+    }
+}
+
 /// The most data-parallel ranks a worker may announce.
 pub const MAX_DP_SIZE: u32 = 1024;
 
@@ -194,7 +259,7 @@ impl Router {
             targets: Vec::new(),
             figures: Vec::new(),
             target_pos: FastMap::default(),
-            scratch: Vec::new(),
+            positions: Vec::new(),
             sparse: Vec::new(),
             touched: Vec::new(),
             index: PrefixIndex::new(),
@@ -467,11 +532,25 @@ impl Router {
         }
         let allowed: Option<crate::fasthash::FastSet<WorkerRank>> =
             req.allowed.map(|a| a.iter().copied().collect());
-        let any = self
-            .targets
-            .iter()
-            .any(|t| roles.contains(&t.1) && allowed.as_ref().is_none_or(|a| a.contains(&t.0)));
-        if !any {
+        let keep = |t: &(WorkerRank, WorkerRole, WorkerCapacity)| {
+            roles.contains(&t.1) && allowed.as_ref().is_none_or(|a| a.contains(&t.0))
+        };
+        // The candidates' target positions when only some targets are (a role or an allowed
+        // subset); `None` when all are, the common case, with no list to build.
+        let mut positions = std::mem::take(&mut self.positions);
+        positions.clear();
+        let subset = !self.targets.iter().all(keep);
+        if subset {
+            positions.extend(
+                self.targets
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, t)| keep(t))
+                    .map(|(i, _)| i),
+            );
+        }
+        if self.targets.is_empty() || (subset && positions.is_empty()) {
+            self.positions = positions;
             return Err(RouteError::NoWorkers);
         }
         let overlaps = self.overlaps(req.hashes, now);
@@ -496,55 +575,17 @@ impl Router {
                 self.touched.push(i);
             }
         }
-        // The candidate list reuses last decision's buffer: at 10,000 ranks it is 1 MB, and a
-        // fresh one per decision costs page faults.
-        let mut candidates = std::mem::take(&mut self.scratch);
-        candidates.clear();
-        if candidates.capacity() > 4 * self.targets.len().max(64) {
-            // The fleet shrank a lot: give the memory back.
-            candidates = Vec::new();
-        }
-        candidates.extend(
-            self.targets
-                .iter()
-                .enumerate()
-                .filter(|(_, t)| {
-                    roles.contains(&t.1) && allowed.as_ref().is_none_or(|a| a.contains(&t.0))
-                })
-                .map(|(i, &(t, _, capacity))| {
-                    let f = &self.figures[i];
-                    let SparseInput {
-                        overlap,
-                        new_blocks,
-                    } = self.sparse[i];
-                    let new = if new_blocks == u32::MAX {
-                        seqs.len()
-                    } else {
-                        new_blocks as usize
-                    };
-                    CandidateInput {
-                        home_discount: home
-                            .map_or(0.0, |h| if i % h.of == h.rank { h.discount } else { 0.0 }),
-                        worker: t,
-                        overlap,
-                        active_prefill_tokens: f.prefill_tokens,
-                        active_blocks: f.active_blocks,
-                        output_blocks: if self.config.track_output_blocks {
-                            f.output_blocks
-                        } else {
-                            0.0
-                        },
-                        new_blocks: new,
-                        requests: f.requests,
-                        capacity,
-                    }
-                }),
-        );
-        for i in self.touched.drain(..) {
-            self.sparse[i] = SparseInput::NONE;
-        }
         let isl = req.hashes.num_tokens();
-        let (outcome, explanation) = schedule(
+        let view = TargetView {
+            targets: &self.targets,
+            figures: &self.figures,
+            sparse: &self.sparse,
+            positions: subset.then_some(positions.as_slice()),
+            prompt_blocks: seqs.len(),
+            home,
+            track_output_blocks: self.config.track_output_blocks,
+        };
+        let (outcome, explanation) = schedule_over(
             &weights,
             &self.config.admission,
             ScoreRequest {
@@ -552,10 +593,17 @@ impl Router {
                 block_size: self.block_size,
                 estimates: self.latency.estimates(),
             },
-            &candidates,
+            &view,
             rng,
         );
-        self.scratch = candidates;
+        for i in self.touched.drain(..) {
+            self.sparse[i] = SparseInput::NONE;
+        }
+        if positions.capacity() > 4 * self.targets.len().max(64) {
+            // The fleet shrank a lot: give the memory back.
+            positions = Vec::new();
+        }
+        self.positions = positions;
         let ranked = match outcome {
             Outcome::Chosen { ranked } => ranked,
             Outcome::Overloaded => return Err(RouteError::Overloaded(Box::new(explanation))),

@@ -25,7 +25,7 @@
 use crate::config::{AdmissionConfig, RouterConfig, RouterPolicy};
 use crate::ids::WorkerRank;
 use crate::index::TierOverlap;
-use crate::latency::{Estimates, Predicted, Predictor};
+use crate::latency::{Estimates, Predicted, Predictor, to_f64};
 use crate::random::RandomSource;
 use serde::Serialize;
 
@@ -52,6 +52,14 @@ impl From<&RouterConfig> for CostWeights {
             track_active_blocks: c.track_active_blocks,
             temperature: c.temperature,
         }
+    }
+}
+
+impl CostWeights {
+    /// The prefill queue the kvgate policy sees for `t` queued tokens: none anywhere when
+    /// prefill tokens are not tracked, only the request's own.
+    fn queue(&self, t: u64) -> u64 {
+        if self.track_prefill_tokens { t } else { 0 }
     }
 }
 
@@ -219,6 +227,29 @@ pub fn busy(a: &AdmissionConfig, c: &CandidateInput) -> Option<Busy> {
     None
 }
 
+/// What the scheduler reads of its candidates: how many, and each one's inputs on demand. A
+/// slice is one. The router's is a view over its per-target arrays: a 10,000-rank decision
+/// then builds each input in registers as it scores it, instead of first writing 10,000 of
+/// them (1.2 MB) to read them back.
+pub trait Candidates {
+    fn count(&self) -> usize;
+    fn get(&self, i: usize) -> CandidateInput;
+    /// Only the field the shortest-queue pass reads.
+    fn active_prefill_tokens(&self, i: usize) -> u64 {
+        self.get(i).active_prefill_tokens
+    }
+}
+
+impl Candidates for [CandidateInput] {
+    fn count(&self) -> usize {
+        self.len()
+    }
+    #[inline(always)]
+    fn get(&self, i: usize) -> CandidateInput {
+        self[i]
+    }
+}
+
 /// Scores every candidate (busy ones too, for the explanation) and selects one.
 pub fn schedule(
     weights: &CostWeights,
@@ -227,20 +258,32 @@ pub fn schedule(
     candidates: &[CandidateInput],
     rng: &mut dyn RandomSource,
 ) -> (Outcome, Explanation) {
+    schedule_over(weights, admission, req, candidates, rng)
+}
+
+/// [`schedule`] over any [`Candidates`].
+pub fn schedule_over<C: Candidates + ?Sized>(
+    weights: &CostWeights,
+    admission: &AdmissionConfig,
+    req: ScoreRequest,
+    candidates: &C,
+    rng: &mut dyn RandomSource,
+) -> (Outcome, Explanation) {
+    let n = candidates.count();
     let bs = req.block_size.max(1) as f64;
     let request_blocks = req.request_blocks().max(1) as f64;
     // Admission off (the default): nobody is busy, and a 10,000-rank fleet needs no list.
     let busy: Vec<Option<Busy>> = if admission.enabled() {
-        candidates.iter().map(|c| busy(admission, c)).collect()
+        (0..n)
+            .map(|i| busy(admission, &candidates.get(i)))
+            .collect()
     } else {
         Vec::new()
     };
     let busy_of = |i: usize| busy.get(i).copied().flatten();
-    let min_active_prefill = candidates
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| busy_of(*i).is_none())
-        .map(|(_, c)| c.active_prefill_tokens)
+    let min_active_prefill = (0..n)
+        .filter(|&i| busy_of(i).is_none())
+        .map(|i| candidates.active_prefill_tokens(i))
         .min()
         .unwrap_or(0);
 
@@ -254,12 +297,7 @@ pub fn schedule(
             &req.estimates,
             req.isl_tokens as u64,
             req.block_size as u64,
-            // Not tracking prefill tokens: no queue anywhere, only the request's own.
-            if weights.track_prefill_tokens {
-                min_active_prefill
-            } else {
-                0
-            },
+            weights.queue(min_active_prefill),
             weights.prefill_load_scale,
         ),
     };
@@ -268,7 +306,7 @@ pub fn schedule(
     // overlap, worker, busy) per candidate and build full lines for the explained few: writing
     // 10,000 lines of 200 bytes per decision cost more than scoring them.
     let line = |i: usize| -> CandidateScore {
-        let c = &candidates[i];
+        let c = &candidates.get(i);
         let t = terms(c, true);
         CandidateScore {
             worker: c.worker,
@@ -298,31 +336,35 @@ pub fn schedule(
         block_size: req.block_size,
         temperature: weights.temperature,
         min_active_prefill_tokens: min_active_prefill,
-        candidates_total: candidates.len(),
+        candidates_total: n,
         candidates: Vec::new(),
         chosen: None,
     };
-    if candidates.is_empty() {
+    if n == 0 {
         return (Outcome::NoCandidates, explanation);
     }
-    let full = weights.temperature > 0.0 || candidates.len() <= MAX_EXPLAINED;
+    let full = weights.temperature > 0.0 || n <= MAX_EXPLAINED;
     let mut scores: Vec<CandidateScore> = Vec::new();
     let slim: Vec<Slim> = if full {
-        scores = (0..candidates.len()).map(line).collect();
+        scores = (0..n).map(line).collect();
         scores.iter().map(Slim::of).collect()
     } else {
-        candidates
-            .iter()
-            .enumerate()
-            .map(|(i, c)| Slim {
-                cost: terms(c, false).cost,
-                overlap: c.overlap.device(),
-                worker: c.worker,
-                busy: busy_of(i).is_some(),
+        (0..n)
+            .map(|i| {
+                let c = candidates.get(i);
+                Slim {
+                    cost: terms(&c, false).cost,
+                    overlap: c.overlap.device(),
+                    worker: c.worker,
+                    busy: busy_of(i).is_some(),
+                }
             })
             .collect()
     };
-    let eligible: Vec<usize> = (0..slim.len()).filter(|&i| !slim[i].busy).collect();
+    // Eligible candidates by index, walked rather than listed: with nobody busy (admission off,
+    // the default) a list would be the whole fleet again.
+    let any_busy = slim.iter().any(|s| s.busy);
+    let eligible = || (0..slim.len()).filter(|&i| !any_busy || !slim[i].busy);
     // The explained lines: all of them in small fleets (and with sampling probabilities), else
     // the cheapest few rebuilt from their inputs.
     let lines = |scores: Vec<CandidateScore>, idx: Option<Vec<usize>>, chosen: Option<usize>| {
@@ -336,15 +378,16 @@ pub fn schedule(
             idx.iter().map(|&i| line(i)).collect()
         }
     };
-    if eligible.is_empty() {
+    if eligible().next().is_none() {
         explanation.candidates = lines(scores, None, None);
         return (Outcome::Overloaded, explanation);
     }
 
     let chosen = if weights.temperature > 0.0 {
-        sample_softmax(&mut scores, &eligible, weights.temperature, rng)
+        let listed: Vec<usize> = eligible().collect();
+        sample_softmax(&mut scores, &listed, weights.temperature, rng)
     } else {
-        argmin_random_ties(&slim, &eligible, weights.policy, rng)
+        argmin_random_ties(&slim, eligible(), weights.policy, rng)
     };
 
     // Fallbacks: the best other eligible candidates by cost, ties by worker for stable output.
@@ -356,7 +399,7 @@ pub fn schedule(
             .total_cmp(&slim[b].cost)
             .then(slim[a].worker.cmp(&slim[b].worker))
     };
-    let mut rest = smallest(eligible.iter().copied(), MAX_FALLBACKS + 1, by_cost);
+    let mut rest = smallest(eligible(), MAX_FALLBACKS + 1, by_cost);
     match rest.iter().position(|&i| i == chosen) {
         Some(p) => {
             rest.remove(p);
@@ -369,14 +412,13 @@ pub fn schedule(
     explanation.chosen = Some(slim[chosen].worker);
     // At temperature 0 with nobody busy, the explained cheapest are the choice and the first
     // fallbacks, already ordered: no second selection over the whole fleet.
-    let idx =
-        (!full && eligible.len() == slim.len() && rest.len() >= MAX_EXPLAINED - 1).then(|| {
-            let mut idx: Vec<usize> = std::iter::once(chosen)
-                .chain(rest.iter().copied().take(MAX_EXPLAINED - 1))
-                .collect();
-            idx.sort_unstable();
-            idx
-        });
+    let idx = (!full && !any_busy && rest.len() >= MAX_EXPLAINED - 1).then(|| {
+        let mut idx: Vec<usize> = std::iter::once(chosen)
+            .chain(rest.iter().copied().take(MAX_EXPLAINED - 1))
+            .collect();
+        idx.sort_unstable();
+        idx
+    });
     explanation.candidates = lines(scores, idx, Some(chosen));
     (Outcome::Chosen { ranked }, explanation)
 }
@@ -392,15 +434,6 @@ struct Scorer<'a> {
 }
 
 impl Scorer<'_> {
-    /// Not tracking prefill tokens: no queue anywhere, only the request's own.
-    fn queue(&self, t: u64) -> u64 {
-        if self.weights.track_prefill_tokens {
-            t
-        } else {
-            0
-        }
-    }
-
     fn decay(&self, c: &CandidateInput) -> f64 {
         let w = self.weights;
         if w.track_prefill_tokens && w.overlap_score_credit_decay > 0.0 {
@@ -446,7 +479,7 @@ impl Scorer<'_> {
             0.0
         };
         let decode_blocks = if self.weights.track_active_blocks {
-            c.active_blocks as f64 + c.output_blocks + c.new_blocks as f64
+            to_f64(c.active_blocks as u64) + c.output_blocks + to_f64(c.new_blocks as u64)
         } else {
             0.0
         };
@@ -459,7 +492,7 @@ impl Scorer<'_> {
             RouterPolicy::Kvgate => {
                 let p = self.predictor.predict(
                     credit_blocks,
-                    self.queue(c.active_prefill_tokens),
+                    self.weights.queue(c.active_prefill_tokens),
                     c.requests,
                     match c.capacity.total_kv_blocks {
                         Some(total) if self.weights.track_active_blocks => {
@@ -510,7 +543,7 @@ fn round_tenth(x: f64) -> f64 {
     let t = x * 10.0;
     // Sign bit, not `>= 0`: -0.0 must stay -0.0 (total_cmp orders it first).
     if t.is_sign_positive() && t < 4.0e15 {
-        let whole = t as u64 as f64;
+        let whole = t as i64 as f64;
         let r = if t - whole >= 0.5 { whole + 1.0 } else { whole };
         r / 10.0
     } else {
@@ -605,23 +638,20 @@ fn explained_indices(slim: &[Slim], chosen: Option<usize>) -> Vec<usize> {
 
 fn argmin_random_ties(
     scores: &[Slim],
-    eligible: &[usize],
+    eligible: impl Iterator<Item = usize> + Clone,
     policy: RouterPolicy,
     rng: &mut dyn RandomSource,
 ) -> usize {
     // total_cmp puts NaN last, so a NaN cost never wins over a number.
+    let first = eligible.clone().next();
     let Some(min) = eligible
-        .iter()
-        .map(|&i| scores[i].cost)
+        .clone()
+        .map(|i| scores[i].cost)
         .min_by(f64::total_cmp)
     else {
         return 0;
     };
-    let mut ties: Vec<usize> = eligible
-        .iter()
-        .copied()
-        .filter(|&i| scores[i].cost == min)
-        .collect();
+    let mut ties: Vec<usize> = eligible.filter(|&i| scores[i].cost == min).collect();
     if policy == RouterPolicy::Kvgate
         && let Some(most) = ties.iter().map(|&i| scores[i].overlap).max()
     {
@@ -629,7 +659,7 @@ fn argmin_random_ties(
     }
     match ties.len() {
         // Every cost is NaN (cannot happen with a validated config): take the first.
-        0 => eligible[0],
+        0 => first.unwrap_or(0),
         1 => ties[0],
         n => ties[rng.below(n)],
     }
@@ -659,12 +689,12 @@ fn sample_softmax(
         // A temperature so small that the spread underflows, or non-finite costs: the limit
         // of the distribution is the argmin.
         let slim: Vec<Slim> = scores.iter().map(Slim::of).collect();
-        return argmin_random_ties(&slim, eligible, RouterPolicy::Dynamo, rng);
+        return argmin_random_ties(&slim, eligible.iter().copied(), RouterPolicy::Dynamo, rng);
     };
     let total: f64 = weights.iter().sum();
     if !(total.is_finite() && total > 0.0) {
         let slim: Vec<Slim> = scores.iter().map(Slim::of).collect();
-        return argmin_random_ties(&slim, eligible, RouterPolicy::Dynamo, rng);
+        return argmin_random_ties(&slim, eligible.iter().copied(), RouterPolicy::Dynamo, rng);
     }
     for (k, &i) in eligible.iter().enumerate() {
         scores[i].probability = Some(weights[k] / total);
