@@ -231,6 +231,27 @@ fn hold_blocks(load: &mut WorkerLoad, holders: &mut FastMap<SeqHash, u32>, seqs:
     }
 }
 
+/// Takes one booking's blocks off a worker's refcounts, [`hold_blocks`] undone: a block the
+/// worker no longer holds at all loses it as a holder (and is forgotten with its last one).
+fn release_blocks(load: &mut WorkerLoad, holders: &mut FastMap<SeqHash, u32>, seqs: &[SeqHash]) {
+    for s in seqs {
+        let Some(c) = load.blocks.get_mut(s) else {
+            continue;
+        };
+        *c -= 1;
+        if *c > 0 {
+            continue;
+        }
+        load.blocks.remove(s);
+        if let Some(n) = holders.get_mut(s) {
+            *n -= 1;
+            if *n == 0 {
+                holders.remove(s);
+            }
+        }
+    }
+}
+
 /// A booking request: what the router decided to send where.
 #[derive(Clone, Debug)]
 pub struct NewBooking<'a> {
@@ -505,20 +526,7 @@ impl LoadTracker {
             if !b.prefill_done {
                 load.prefill_tokens = load.prefill_tokens.saturating_sub(b.prefill_tokens);
             }
-            for s in &b.seqs {
-                if let Some(c) = load.blocks.get_mut(s) {
-                    *c -= 1;
-                    if *c == 0 {
-                        load.blocks.remove(s);
-                        if let Some(n) = self.block_holders.get_mut(s) {
-                            *n -= 1;
-                            if *n == 0 {
-                                self.block_holders.remove(s);
-                            }
-                        }
-                    }
-                }
-            }
+            release_blocks(load, &mut self.block_holders, &b.seqs);
             load.output_blocks = (load.output_blocks - b.output_blocks(self.block_size)).max(0.0);
             load.requests = load.requests.saturating_sub(1);
             if load.requests == 0 {

@@ -793,12 +793,7 @@ impl RoutingService {
 
     /// The worker entry and target for `host:port` (what a gateway calls an endpoint).
     pub fn endpoint_worker(&self, endpoint: &str) -> Option<WorkerEntry> {
-        self.workers
-            .current()
-            .workers
-            .iter()
-            .find(|w| w.host_port() == Some(endpoint))
-            .cloned()
+        self.workers.by_endpoint(endpoint)
     }
 
     /// Router, event and accuracy series.

@@ -11,12 +11,14 @@ pub struct WorkerSet {
     inner: Arc<RwLock<Snapshot>>,
 }
 
-/// One version of the worker list, with its entries indexed by instance id (lookups per
-/// decision must not scan a fleet of thousands).
+/// One version of the worker list, with its entries indexed by instance id and by endpoint
+/// (lookups per request must not scan a fleet of thousands).
 #[derive(Clone)]
 struct Snapshot {
     file: Arc<WorkersFile>,
     by_id: Arc<HashMap<u64, usize>>,
+    /// `host:port` to the first entry serving it (several workers may share one endpoint).
+    by_endpoint: Arc<HashMap<String, usize>>,
 }
 
 impl Snapshot {
@@ -27,9 +29,16 @@ impl Snapshot {
             .enumerate()
             .map(|(i, w)| (w.instance_id().0, i))
             .collect();
+        let mut by_endpoint = HashMap::new();
+        for (i, w) in file.workers.iter().enumerate() {
+            if let Some(hp) = w.host_port() {
+                by_endpoint.entry(hp.to_string()).or_insert(i);
+            }
+        }
         Self {
             file: Arc::new(file),
             by_id: Arc::new(by_id),
+            by_endpoint: Arc::new(by_endpoint),
         }
     }
 }
@@ -63,6 +72,15 @@ impl WorkerSet {
 
     pub fn by_instance_id(&self, id: u64) -> Option<WorkerEntry> {
         self.with_instance(id, Clone::clone)
+    }
+
+    /// The first entry (in file order) whose endpoint is `host_port`.
+    pub fn by_endpoint(&self, host_port: &str) -> Option<WorkerEntry> {
+        let snap = self.snapshot();
+        snap.by_endpoint
+            .get(host_port)
+            .and_then(|&i| snap.file.workers.get(i))
+            .cloned()
     }
 
     /// Calls `f` on the entry with instance id `id`, without copying it.
@@ -123,5 +141,30 @@ impl WorkerSet {
                 }
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(workers: &str) -> WorkersFile {
+        WorkersFile::parse(&format!("model: m\nblock_size: 16\nworkers:\n{workers}"))
+            .unwrap_or_else(|e| panic!("workers file: {e}"))
+    }
+
+    #[test]
+    fn endpoints_map_to_the_first_entry_serving_them_and_follow_reloads() {
+        let set = WorkerSet::new(file(
+            "  - {name: a, url: \"http://10.0.0.1:8000\"}\n  - {name: b, url: \"http://10.0.0.2:8000/v1\"}\n  - {name: c, url: \"http://10.0.0.1:8000\"}\n",
+        ));
+        let name = |hp: &str| set.by_endpoint(hp).map(|w| w.name);
+        assert_eq!(name("10.0.0.1:8000").as_deref(), Some("a"));
+        assert_eq!(name("10.0.0.2:8000").as_deref(), Some("b"));
+        assert_eq!(name("10.0.0.3:8000"), None);
+        assert_eq!(name("10.0.0.1"), None);
+        set.replace(file("  - {name: c, url: \"http://10.0.0.1:8000\"}\n"));
+        assert_eq!(name("10.0.0.1:8000").as_deref(), Some("c"));
+        assert_eq!(name("10.0.0.2:8000"), None);
     }
 }
