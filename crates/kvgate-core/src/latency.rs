@@ -285,7 +285,7 @@ impl Predictor {
         let batch_ms = batch_unit * (1.0 + to_f64(requests as u64));
         let (memory_wait_ms, memory_excess_blocks) = match memory {
             Some((demand, active, total)) if total > 0 && demand > to_f64(total) => {
-                let excess = demand - total as f64;
+                let excess = demand - to_f64(total);
                 (excess / active.max(1) as f64 * self.residency_ms, excess)
             }
             _ => (0.0, 0.0),

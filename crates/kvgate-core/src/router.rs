@@ -107,6 +107,9 @@ pub struct Router {
     figures: Vec<LoadFigures>,
     /// Position of each target in `targets`.
     target_pos: FastMap<WorkerRank, usize>,
+    /// The roles among `targets` (at most three), so that a decision knows without a pass
+    /// over the fleet whether every target is a candidate.
+    target_roles: Vec<WorkerRole>,
     /// The candidates' target positions when only some targets are candidates, kept between
     /// decisions.
     positions: Vec<usize>,
@@ -259,6 +262,7 @@ impl Router {
             targets: Vec::new(),
             figures: Vec::new(),
             target_pos: FastMap::default(),
+            target_roles: Vec::new(),
             positions: Vec::new(),
             sparse: Vec::new(),
             touched: Vec::new(),
@@ -422,6 +426,12 @@ impl Router {
             .enumerate()
             .map(|(i, t)| (t.0, i))
             .collect();
+        self.target_roles.clear();
+        for t in &self.targets {
+            if !self.target_roles.contains(&t.1) {
+                self.target_roles.push(t.1);
+            }
+        }
         self.sparse = vec![SparseInput::NONE; self.targets.len()];
         let _ = self.load.take_changed();
         self.figures = self
@@ -539,7 +549,7 @@ impl Router {
         // subset); `None` when all are, the common case, with no list to build.
         let mut positions = std::mem::take(&mut self.positions);
         positions.clear();
-        let subset = !self.targets.iter().all(keep);
+        let subset = allowed.is_some() || !self.target_roles.iter().all(|r| roles.contains(r));
         if subset {
             positions.extend(
                 self.targets
