@@ -402,9 +402,47 @@ fn svg(results: &[(String, PolicyResult)], bound: f64, title: &str) -> String {
     out
 }
 
+/// Builds a policy a caller brings to the replay for one run: a peer the product does not link.
+/// `kvgate-peers`' replay bench registers Dynamo's own selector (`dynamo-selector`) this way.
+pub type PolicyFactory = fn(&SimConfig, u64) -> Result<Box<dyn Policy>, String>;
+
+static EXTRA_POLICIES: std::sync::Mutex<Vec<(&'static str, PolicyFactory)>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// Makes `name` a policy of `kvgate bench replay` (and its sweep) in this process. A name
+/// registered again replaces the earlier factory; built-in names cannot be taken.
+pub fn register_policy(name: &'static str, factory: PolicyFactory) -> Result<(), String> {
+    if POLICIES.contains(&name) || crate::replicas::Variant::parse(name).is_some() {
+        return Err(format!("{name:?} is a built-in policy"));
+    }
+    let mut extra = EXTRA_POLICIES
+        .lock()
+        .map_err(|_| "the policy registry is poisoned".to_string())?;
+    extra.retain(|(n, _)| *n != name);
+    extra.push((name, factory));
+    Ok(())
+}
+
+fn extra_policy(name: &str) -> Option<PolicyFactory> {
+    let extra = EXTRA_POLICIES.lock().ok()?;
+    extra.iter().find(|(n, _)| *n == name).map(|(_, f)| *f)
+}
+
+/// Every policy name this process knows, for error messages.
+fn known_policies() -> String {
+    let mut names: Vec<&str> = POLICIES.to_vec();
+    if let Ok(extra) = EXTRA_POLICIES.lock() {
+        names.extend(extra.iter().map(|(n, _)| *n));
+    }
+    names.join(", ")
+}
+
 fn policy(name: &str, cfg: &SimConfig, seed: u64) -> Result<Box<dyn Policy>, String> {
     if let Some(v) = crate::replicas::Variant::parse(name) {
         return v?.policy(cfg, seed);
+    }
+    if let Some(factory) = extra_policy(name) {
+        return factory(cfg, seed);
     }
     let fleet = fleet_view(cfg);
     let bs = cfg.engine.block_size;
@@ -421,7 +459,7 @@ fn policy(name: &str, cfg: &SimConfig, seed: u64) -> Result<Box<dyn Policy>, Str
         other => {
             return Err(format!(
                 "unknown policy {other:?} (known: {})",
-                POLICIES.join(", ")
+                known_policies()
             ));
         }
     })
@@ -516,10 +554,10 @@ pub fn run(mut a: BenchReplayArgs) -> Result<(), String> {
     for p in &a.policies {
         if let Some(v) = crate::replicas::Variant::parse(p) {
             v?;
-        } else if !POLICIES.contains(&p.as_str()) {
+        } else if !POLICIES.contains(&p.as_str()) && extra_policy(p).is_none() {
             return Err(format!(
                 "unknown policy {p:?} (known: {})",
-                POLICIES.join(", ")
+                known_policies()
             ));
         }
     }
@@ -742,4 +780,52 @@ fn run_sweep(
         print!("{}", crate::replicas::table(&r.variants, &a.policies));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn always_round_robin(_: &SimConfig, _: u64) -> Result<Box<dyn Policy>, String> {
+        Ok(Box::new(RoundRobin::default()))
+    }
+
+    #[test]
+    fn registered_policies_are_built_and_listed_but_built_in_names_are_not_taken() {
+        let cfg = SimConfig {
+            workers: 2,
+            engine: EngineConfig {
+                block_size: 16,
+                num_gpu_blocks: 64,
+                max_num_seqs: 4,
+                max_num_batched_tokens: 256,
+                enable_prefix_caching: true,
+                timing: TimingModel::default(),
+            },
+            tokens_per_trace_block: 16,
+            rate_scale: 1.0,
+            max_output_tokens: None,
+        };
+        let unknown = policy("test-extra", &cfg, 1).err().unwrap_or_default();
+        assert!(unknown.contains("unknown policy"), "{unknown}");
+        assert!(register_policy("dynamo", always_round_robin).is_err());
+        assert!(register_policy("kvgate@4/unsynced/random", always_round_robin).is_err());
+        assert!(register_policy("test-extra", always_round_robin).is_ok());
+        let p = policy("test-extra", &cfg, 1);
+        assert_eq!(
+            p.map(|p| p.name().to_string()).ok().as_deref(),
+            Some("round-robin")
+        );
+        assert!(
+            known_policies().ends_with("test-extra"),
+            "{}",
+            known_policies()
+        );
+        // A built-in name still builds the built-in.
+        let d = policy("dynamo", &cfg, 1);
+        assert_eq!(
+            d.map(|p| p.name().to_string()).ok().as_deref(),
+            Some("dynamo")
+        );
+    }
 }

@@ -349,11 +349,23 @@ pub fn schedule_over<C: Candidates + ?Sized>(
         scores = (0..n).map(line).collect();
         scores.iter().map(Slim::of).collect()
     } else {
+        // Neighbours in a big fleet are mostly in the same state (idle, or alike with nothing
+        // cached): their cost is the previous one's, with no arithmetic. The cost is a pure
+        // function of these inputs, so reusing it changes no bit.
+        let mut last: Option<(CandidateInput, f64)> = None;
         (0..n)
             .map(|i| {
                 let c = candidates.get(i);
+                let cost = match &last {
+                    Some((p, cost)) if same_cost_inputs(p, &c) => *cost,
+                    _ => {
+                        let cost = terms(&c, false).cost;
+                        last = Some((c, cost));
+                        cost
+                    }
+                };
                 Slim {
-                    cost: terms(&c, false).cost,
+                    cost,
                     overlap: c.overlap.device(),
                     worker: c.worker,
                     busy: busy_of(i).is_some(),
@@ -421,6 +433,20 @@ pub fn schedule_over<C: Candidates + ?Sized>(
     });
     explanation.candidates = lines(scores, idx, Some(chosen));
     (Outcome::Chosen { ranked }, explanation)
+}
+
+/// Whether two candidates' costs are necessarily equal: every input of the cost but the worker's
+/// name is the same (floats compared bit for bit).
+#[inline(always)]
+fn same_cost_inputs(a: &CandidateInput, b: &CandidateInput) -> bool {
+    a.overlap == b.overlap
+        && a.active_prefill_tokens == b.active_prefill_tokens
+        && a.active_blocks == b.active_blocks
+        && a.new_blocks == b.new_blocks
+        && a.requests == b.requests
+        && a.capacity == b.capacity
+        && a.output_blocks.to_bits() == b.output_blocks.to_bits()
+        && a.home_discount.to_bits() == b.home_discount.to_bits()
 }
 
 /// One decision's scoring: the weights and what every candidate shares.

@@ -1091,6 +1091,59 @@ fn big_fleets_rank_and_explain_a_bounded_few() {
     }
 }
 
+proptest! {
+    /// A big fleet (scored without full explanation lines, reusing a neighbour's cost when its
+    /// inputs are the same) gives every candidate the cost it has when scored alone: the
+    /// choice is a cheapest one and the fallbacks are the next cheapest, in order. The fleet is
+    /// one state and its variants in a single input each, so that neighbours are often equal
+    /// or differ in one input only; one idle candidate makes the shortest queue 0, as in the
+    /// lone scoring.
+    #[test]
+    fn big_fleets_cost_each_candidate_as_if_alone(
+        w in arb_weights(),
+        base in arb_cand(0),
+        picks in prop::collection::vec(0usize..10, 40..120),
+    ) {
+        use kvgate_core::scheduler::MAX_FALLBACKS;
+        let variant = |k: usize| {
+            let mut c = base;
+            match k {
+                1 => c.overlap.0[0] += 1,
+                2 => c.active_prefill_tokens += 16,
+                3 => c.active_blocks += 1,
+                4 => c.new_blocks += 1,
+                5 => c.requests += 1,
+                6 => c.output_blocks += 0.5,
+                7 => c.capacity.total_kv_blocks = Some(999),
+                8 => c.home_discount = 0.25,
+                9 => c.overlap.0[0] = c.overlap.0[0].saturating_sub(1),
+                _ => {}
+            }
+            c
+        };
+        let mut cands = vec![cand(WorkerRank::new(0, 0), 0, 0, 0, 64)];
+        for (k, &p) in picks.iter().enumerate() {
+            let mut c = variant(p);
+            c.worker = WorkerRank::new(k as u64 + 1, 0);
+            cands.push(c);
+        }
+        let (o, _) = run(&w, &cands, 1024);
+        let Outcome::Chosen { ranked } = o else { panic!("{o:?}") };
+        let mut all: Vec<(f64, WorkerRank)> =
+            cands.iter().map(|c| (w_cost(&w, &cands, c.worker), c.worker)).collect();
+        all.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        let cost_of = |r: WorkerRank| all.iter().find(|x| x.1 == r).unwrap().0;
+        prop_assert_eq!(cost_of(ranked[0]).to_bits(), all[0].0.to_bits());
+        let want: Vec<WorkerRank> = all
+            .iter()
+            .filter(|x| x.1 != ranked[0])
+            .take(MAX_FALLBACKS)
+            .map(|x| x.1)
+            .collect();
+        prop_assert_eq!(&ranked[1..], &want[..]);
+    }
+}
+
 /// Many equal candidates: the choice is a random one of them, and the explanation lists the
 /// lowest-numbered 31 others besides it (the 32 cheapest by cost then worker, the choice in
 /// place of the last when it is not among them), with or without admission control.
