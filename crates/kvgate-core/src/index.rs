@@ -362,6 +362,11 @@ impl PrefixIndex {
                 }
             }
         }
+        self.adopt(m, work);
+    }
+
+    /// Stores parked chains under the slots they now hang from, and the chains those unblock.
+    fn adopt(&mut self, m: u32, mut work: Vec<(u32, Orphan)>) {
         while let Some((prev, chain)) = work.pop() {
             self.orphans.count_adopted(chain.blocks.len());
             self.store_chain(m, chain.tier, prev, &chain.blocks);
@@ -527,7 +532,21 @@ impl PrefixIndex {
             }
             None => {
                 self.stats.unknown_removals += 1;
-                self.orphans.remove_block(m, tier, hash);
+                // A parked block removed: the rest of its chain now waits for it. Another tier
+                // of the member may hold that block already (an offload), and a `Stored` naming
+                // it as parent would resolve there: so the rest is adopted now, as a restore
+                // from a dump would place it.
+                if self.orphans.remove_block(m, tier, hash)
+                    && let Some(slot) = self.lookup(m, tier, hash)
+                {
+                    let work = self
+                        .orphans
+                        .take(m, hash)
+                        .into_iter()
+                        .map(|chain| (slot, chain))
+                        .collect();
+                    self.adopt(m, work);
+                }
             }
         }
     }

@@ -305,13 +305,7 @@ impl LoadTracker {
     }
 
     fn note_changed(&mut self, worker: WorkerRank) {
-        if let Some(v) = &mut self.changed {
-            if v.len() >= MAX_CHANGED {
-                self.changed = None;
-            } else {
-                v.push(worker);
-            }
-        }
+        note_change(&mut self.changed, worker);
     }
 
     /// The workers with an active booking that starts with `first` (see `first_blocks`).
@@ -460,9 +454,9 @@ impl LoadTracker {
         if let Some(load) = self.workers.get_mut(&b.worker) {
             load.prefill_tokens = load.prefill_tokens.saturating_sub(b.prefill_tokens);
         }
-        let worker = b.worker;
-        self.note_changed(worker);
-        self.bookings.get(request)
+        // The field, not the method: `b` still borrows the bookings, and is returned.
+        note_change(&mut self.changed, b.worker);
+        Some(b)
     }
 
     /// The request has generated `total_output_tokens` so far (moves predicted output load).
@@ -587,6 +581,18 @@ impl LoadTracker {
             self.changed = None;
         }
         ids
+    }
+}
+
+/// Records that `worker`'s figures changed, in the list of changes since the last read; past
+/// [`MAX_CHANGED`] the list gives up (`None`: every worker may have changed).
+fn note_change(changed: &mut Option<Vec<WorkerRank>>, worker: WorkerRank) {
+    if let Some(v) = changed {
+        if v.len() >= MAX_CHANGED {
+            *changed = None;
+        } else {
+            v.push(worker);
+        }
     }
 }
 

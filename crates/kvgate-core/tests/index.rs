@@ -653,3 +653,87 @@ fn unknown_removals_do_not_scan_the_parking_lot() {
     assert_eq!(idx.num_orphan_blocks(), 65_536);
     assert_eq!(idx.stats().unknown_removals, 2_000);
 }
+
+/// A parked chain split by a removal waits for the removed block. When the member already holds
+/// that block in another tier (an offload), the rest is placed at once, as a `Stored` naming
+/// that parent would be, so that a dump restores the same blocks (found by the model test).
+#[test]
+fn a_split_parked_chain_hangs_from_its_parent_in_another_tier() {
+    let seqs = sequences();
+    let ops = [
+        Op::Store {
+            w: 1,
+            tier: 0,
+            seq: 0,
+            from: 0,
+            len: 3,
+            alias: false,
+        },
+        Op::Store {
+            w: 1,
+            tier: 1,
+            seq: 0,
+            from: 3,
+            len: 1,
+            alias: false,
+        },
+        Op::Remove {
+            w: 1,
+            seq: 0,
+            at: 2,
+            alias: false,
+        },
+        // Blocks 3-4 on device; their parent (block 2) is gone: parked.
+        Op::Store {
+            w: 1,
+            tier: 0,
+            seq: 0,
+            from: 3,
+            len: 2,
+            alias: false,
+        },
+        // Block 3 removed from the parked chain: block 4 waits for block 3, held on the host.
+        Op::Remove {
+            w: 1,
+            seq: 0,
+            at: 3,
+            alias: false,
+        },
+    ];
+    let mut idx = PrefixIndex::new();
+    for (i, op) in ops.iter().enumerate() {
+        idx.apply(&to_event(op, i as u64, &seqs).unwrap());
+    }
+    assert_eq!(idx.num_orphan_blocks(), 0);
+    let h = BlockHashes::from_tokens(&seqs[0], BS, HashSeed::default());
+    let b4 = ext(h.seqs()[4]);
+    assert!(
+        idx.reachable_blocks().iter().all(|r| r.2 != b4),
+        "block 4 is placed but its prefix (block 2) is not held"
+    );
+    // Block 2 back on device: block 4 is reachable, and a dump restores exactly this.
+    idx.apply(
+        &to_event(
+            &Op::Store {
+                w: 1,
+                tier: 0,
+                seq: 1,
+                from: 1,
+                len: 2,
+                alias: false,
+            },
+            9,
+            &seqs,
+        )
+        .unwrap(),
+    );
+    assert!(idx.reachable_blocks().iter().any(|r| r.2 == b4));
+    let mut restored = PrefixIndex::new();
+    for e in idx.dump_events() {
+        restored.apply(&e);
+    }
+    assert_eq!(restored.reachable_blocks(), idx.reachable_blocks());
+    assert_eq!(idx.check_invariants(), Ok(()));
+    let s = idx.stats();
+    assert_eq!(s.orphans_parked - s.orphans_adopted - s.orphans_dropped, 0);
+}

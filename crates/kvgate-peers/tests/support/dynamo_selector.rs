@@ -55,8 +55,9 @@ pub struct DynamoSelector {
 }
 
 impl DynamoSelector {
-    /// Dynamo's selector with its default configuration (what `python -m dynamo.frontend
-    /// --router-mode kv` runs with no router flags).
+    /// Dynamo's selector with `KvRouterConfig::default()`: the router's documented defaults
+    /// (credit 1, no credit decay, prefill load scale 1, temperature 0, no queue). Ties are drawn
+    /// by the crate's unseeded generator, so two runs may part where costs tie.
     pub fn new(fleet: &[WorkerView], block_size: usize) -> Result<Self, String> {
         Self::with_config(fleet, block_size, KvRouterConfig::default())
     }
